@@ -1,0 +1,139 @@
+"""``lsc.spectral``: reparameterize every selected tensor of a model in place."""
+from __future__ import annotations
+
+from fnmatch import fnmatch
+from typing import Callable, Iterable, Union
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .blocking import choose_block_shape
+from .errors import LscError
+from .grouping import DEFAULT_MIN_GROUP_SYMBOLS
+from .parametrization import SpectralParametrization
+from .qnet import QuantizationNetwork
+from .state import LscState, SpectralEntry, attach_state
+
+__all__ = ["spectral", "selected_parameters"]
+
+Selector = Union[str, type, Callable[[str, torch.Tensor], bool]]
+
+
+def _matches(selector: Selector, name: str, module: nn.Module, tensor: torch.Tensor) -> bool:
+    if isinstance(selector, str):
+        return fnmatch(name, selector) or fnmatch(name.rsplit(".", 1)[-1], selector)
+    if isinstance(selector, type):
+        return isinstance(module, selector)
+    return bool(selector(name, tensor))
+
+
+def _as_list(x) -> list:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple, set)) else [x]
+
+
+def selected_parameters(model: nn.Module, include=None, exclude=None):
+    """(name, module, attr, param, [tied (name, module, attr)]) for every parameter lsc will compress.
+
+    A parameter is taken when it is floating point, non-empty, matches ``include``
+    (default: everything) and matches nothing in ``exclude``. Selectors are glob
+    patterns on the parameter name (``"encoder.*.weight"``, ``"bias"``), module
+    types (``nn.LayerNorm``), or callables ``(name, tensor) -> bool``.
+    """
+    include, exclude = _as_list(include), _as_list(exclude)
+    owners: dict[int, list] = {}
+    order: list[int] = []
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        for attr, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            name = f"{mod_name}.{attr}" if mod_name else attr
+            if id(p) not in owners:
+                owners[id(p)] = []
+                order.append(id(p))
+            if all(o[1] is not module or o[2] != attr for o in owners[id(p)]):
+                owners[id(p)].append((name, module, attr, p))
+    chosen = []
+    for pid in order:
+        (name, module, attr, p), *ties = owners[pid]
+        if not p.is_floating_point() or p.numel() == 0:
+            continue
+        if include and not any(_matches(s, name, module, p) for s in include):
+            continue
+        if any(_matches(s, name, module, p) for s in exclude):
+            continue
+        chosen.append((name, module, attr, p, [(n, m, a) for n, m, a, _ in ties]))
+    return chosen
+
+
+def _block_for(name: str, shape: tuple[int, ...], block_size) -> tuple[int, ...]:
+    if isinstance(block_size, dict) and "default" not in block_size:
+        block_size = {**block_size, "default": 8}
+    return choose_block_shape(shape, _per_tensor(block_size, name, shape))
+
+
+def _per_tensor(option, name: str, shape: tuple[int, ...]):
+    """Resolve an option given globally, as {glob: value, "default": value}, or as callable(name, shape)."""
+    if isinstance(option, dict):
+        for pattern, value in option.items():
+            if pattern != "default" and fnmatch(name, pattern):
+                return value
+        return option.get("default")
+    return option(name, shape) if callable(option) else option
+
+
+def spectral(model: nn.Module, *, block_size=8, init_bits: float = 10.0, include=None, exclude=None,
+             rate_weight: float = 1.0, leak: float = 0.0, min_group_symbols: int = DEFAULT_MIN_GROUP_SYMBOLS,
+             q_net_hidden: int = 32, bits_scale: float = 4.0, transform="dct") -> QuantizationNetwork:
+    """Reparameterize ``model`` in place and return the shared quantization network.
+
+    Every selected tensor becomes standardized block-DCT coefficients (the new
+    trainable parameter, reachable as ``module.parametrizations.<attr>.original``).
+    Pass ``q_net.parameters()`` to the optimizer together with the model's, and add
+    :func:`lsc.quantization_loss` to the task loss.
+
+    Args:
+        block_size: block edge per dimension (int), a per-dim tuple, a dict of
+            ``{glob: size, "default": size}``, or ``callable(name, shape) -> size``.
+            Blocks never exceed a dimension's size.
+        init_bits: starting bits per frequency (the step is 2^-bits in units of the
+            tensor's standard deviation).
+        include / exclude: glob patterns on parameter names, module types, or
+            ``callable(name, tensor) -> bool``. Non-float and empty tensors are never compressed.
+        rate_weight: multiplier of the rate term returned by ``quantization_loss``.
+        leak: fraction of the rounding residual kept in the training forward (0 = exact rounding).
+        min_group_symbols: smallest number of symbols that share one probability table.
+        transform: block transform name (``"dct"``), a dict ``{glob: name, "default": name}``
+            or ``callable(name, shape) -> name``.
+    """
+    if getattr(model, "_lsc", None) is not None or any(isinstance(m, SpectralParametrization) for m in model.modules()):
+        raise LscError("model is already a spectral model: lsc.spectral was called on it before")
+    chosen = selected_parameters(model, include, exclude)
+    if not chosen:
+        raise LscError("no floating-point parameters selected: nothing to compress (check include/exclude)")
+    for name, _, _, p, _ in chosen:
+        if p.is_meta:
+            raise LscError(f"{name}: is on the meta device; materialize the model (e.g. to_empty + load weights) before lsc.spectral")
+        if not bool(torch.isfinite(p.detach()).all()):
+            raise LscError(f"{name}: contains NaN or Inf; lsc cannot compress non-finite weights")
+    q_net = QuantizationNetwork(len(chosen), init_bits=init_bits, hidden=q_net_hidden, bits_scale=bits_scale)
+    q_net.to(chosen[0][3].device)
+    entries = []
+    for tid, (name, module, attr, p, ties) in enumerate(chosen):
+        block = _block_for(name, tuple(p.shape), block_size)
+        par = SpectralParametrization(name, tuple(p.shape), p.dtype, block, tid, len(chosen), q_net,
+                                      leak=leak, min_group_symbols=min_group_symbols,
+                                      transform=_per_tensor(transform, name, tuple(p.shape))).to(p.device)
+        parametrize.register_parametrization(module, attr, par, unsafe=True)
+        original = module.parametrizations[attr].original
+        for _, tmod, tattr in ties:
+            parametrize.register_parametrization(tmod, tattr, par, unsafe=True)
+            tmod.parametrizations[tattr].original = original  # one compressed copy, still tied
+        entries.append(SpectralEntry(name, module, attr, [n for n, _, _ in ties]))
+    config = dict(block_size=block_size if isinstance(block_size, (int, tuple, list)) else repr(block_size),
+                  init_bits=init_bits, leak=leak, min_group_symbols=min_group_symbols,
+                  transform=transform if isinstance(transform, str) else repr(transform))
+    attach_state(model, LscState(q_net, entries, config, float(rate_weight)))
+    return q_net

@@ -1,0 +1,54 @@
+"""Step sizes and rounding: the one definition of the integer coefficients.
+
+Bits are kept on a grid of 1/EXPONENT_RESOLUTION so that the per-frequency step
+2^-bits is an integer "exponent" that the file stores exactly. The eval-mode
+forward, the encoder, the decoder and the lazy loader all go through
+:func:`integer_coefficients` and :func:`dequantize`, so they agree to the bit.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "EXPONENT_RESOLUTION", "MIN_BITS", "MAX_BITS", "bits_to_exponent", "step_size",
+    "leaky_round", "integer_coefficients", "dequantize",
+]
+
+EXPONENT_RESOLUTION = 4  # quarter-bit steps: fine enough for rate control, cheap to store
+MIN_BITS = -12.0         # step 4096 in the standardized domain: every coefficient rounds to 0
+MAX_BITS = 24.0          # keeps |integer coefficient| well inside int32
+
+
+def bits_to_exponent(bits: torch.Tensor) -> torch.Tensor:
+    """Snap bits to the exponent grid (float tensor holding integers); straight-through gradient."""
+    b = bits.clamp(MIN_BITS, MAX_BITS) * EXPONENT_RESOLUTION
+    return b + (torch.round(b) - b).detach()
+
+
+def step_size(exponent: torch.Tensor) -> torch.Tensor:
+    """Quantization step 2^(-exponent / EXPONENT_RESOLUTION), float32 (float64 for float64 models)."""
+    e = exponent if exponent.is_floating_point() else exponent.to(torch.float32)
+    return torch.exp2(-e / EXPONENT_RESOLUTION)
+
+
+def leaky_round(x: torch.Tensor, leak: float = 0.0) -> torch.Tensor:
+    """round(x) + leak * (x - round(x)) whose gradient leaks through as the identity.
+
+    The seed's ``leaky_floor`` passed only ``leak`` (0.01) of the gradient, which
+    starves the coefficients; letting the full gradient through (a straight-through
+    estimator) keeps them learning, and because the rounding residual stays attached
+    to the step, the task loss also tells the bit allocation when a step is too coarse
+    (the gradient of learned step size quantization).
+    """
+    r = torch.round(x)
+    return x + ((r - x) * (1.0 - leak)).detach()
+
+
+def integer_coefficients(coeffs: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """The stored symbols: round(coeffs / step) as int64."""
+    return torch.round(coeffs / step).to(torch.int64)
+
+
+def dequantize(q: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Integer coefficients back to (quantized) transform coefficients in step's dtype."""
+    return q.to(step.dtype) * step

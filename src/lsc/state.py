@@ -1,0 +1,86 @@
+"""What ``lsc.spectral`` leaves on a model: the shared q_net and the list of spectral tensors.
+
+It is a plain attribute (``model._lsc``), not a submodule, so ``model.parameters()``
+never yields q_net's parameters (no duplicate-parameter warning in the optimizer),
+while ``model.state_dict()`` still carries q_net's state through hooks, so a
+spectral model's state dict remains a resumable training checkpoint.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import LscError
+from .parametrization import SpectralParametrization
+from .qnet import QuantizationNetwork
+
+__all__ = ["SpectralEntry", "LscState", "get_state", "QNET_PREFIX"]
+
+QNET_PREFIX = "_lsc_qnet."
+
+
+@dataclass
+class SpectralEntry:
+    """One compressed tensor: its canonical name, where it lives, and the names of its ties."""
+
+    name: str
+    module: nn.Module
+    attr: str
+    tied_names: list[str] = field(default_factory=list)
+
+    @property
+    def parametrization(self) -> SpectralParametrization:
+        return self.module.parametrizations[self.attr][0]
+
+    @property
+    def coefficients(self) -> torch.Tensor:
+        return self.module.parametrizations[self.attr].original
+
+
+@dataclass
+class LscState:
+    q_net: QuantizationNetwork
+    entries: list[SpectralEntry]
+    config: dict
+    rate_weight: float = 1.0
+
+    def __deepcopy__(self, memo):
+        import copy
+        return LscState(copy.deepcopy(self.q_net, memo), copy.deepcopy(self.entries, memo),
+                        copy.deepcopy(self.config, memo), self.rate_weight)
+
+
+def get_state(model: nn.Module) -> LscState:
+    """The lsc state of a spectral model (looks through DDP/compile wrappers)."""
+    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
+        st = getattr(m, "_lsc", None) if m is not None else None
+        if isinstance(st, LscState):
+            return st
+    raise LscError("model is not a spectral model: call lsc.spectral(model) first")
+
+
+def _state_dict_hook(module, state_dict, prefix, local_metadata):
+    st = module.__dict__.get("_lsc")
+    if st is not None:
+        for k, v in st.q_net.state_dict().items():
+            state_dict[prefix + QNET_PREFIX + k] = v
+    return state_dict
+
+
+def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    st = module.__dict__.get("_lsc")
+    if st is None:
+        return
+    own = {k[len(prefix + QNET_PREFIX):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix + QNET_PREFIX)}
+    if own:
+        st.q_net.load_state_dict(own, strict=strict)
+    elif strict:
+        missing_keys.extend(prefix + QNET_PREFIX + k for k in st.q_net.state_dict())
+
+
+def attach_state(model: nn.Module, state: LscState) -> None:
+    model._lsc = state
+    model._register_state_dict_hook(_state_dict_hook)
+    model._register_load_state_dict_pre_hook(_load_pre_hook, with_module=True)

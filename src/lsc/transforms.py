@@ -1,0 +1,82 @@
+"""Orthonormal block transforms applied along the in-block dimensions of a tensor.
+
+The n-D DCT-II is separable, so it is computed as one small matrix product per
+in-block dimension with a precomputed orthonormal DCT matrix. For blocks of
+at most a few hundred samples this is exact to float rounding, differentiable,
+and faster than an FFT-based DCT (the seed's external DCT cost ~30% of runtime).
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import torch
+
+__all__ = ["dct_matrix", "block_transform", "block_inverse_transform", "register_transform", "get_transform", "TRANSFORMS"]
+
+
+@lru_cache(maxsize=256)
+def _dct_matrix_cpu64(n: int) -> torch.Tensor:
+    k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
+    i = torch.arange(n, dtype=torch.float64).unsqueeze(0)
+    m = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
+    m[0] /= math.sqrt(2.0)
+    return m
+
+
+def dct_matrix(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Orthonormal DCT-II matrix D (n x n): coefficients = D @ x, x = D.T @ coefficients."""
+    if n < 1:
+        raise ValueError(f"DCT size must be >= 1, got {n}")
+    return _dct_matrix_cpu64(n).to(dtype=dtype, device=device)
+
+
+def _apply_along(x: torch.Tensor, matrices: list[torch.Tensor | None], first_dim: int) -> torch.Tensor:
+    """Multiply dimension ``first_dim + j`` of ``x`` by ``matrices[j]`` (left action), for each j."""
+    for j, m in enumerate(matrices):
+        if m is None:  # size-1 block dims: DCT of length 1 is the identity
+            continue
+        d = first_dim + j
+        x = torch.movedim(torch.movedim(x, d, -1) @ m.T, -1, d)
+    return x
+
+
+def dct_forward(blocks: torch.Tensor, block_shape: tuple[int, ...]) -> torch.Tensor:
+    """Forward n-D DCT over the trailing ``len(block_shape)`` dims of ``blocks``."""
+    k = len(block_shape)
+    mats = [None if b == 1 else dct_matrix(b, blocks.dtype, blocks.device) for b in block_shape]
+    return _apply_along(blocks, mats, blocks.dim() - k)
+
+
+def dct_inverse(coeffs: torch.Tensor, block_shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse n-D DCT over the trailing ``len(block_shape)`` dims of ``coeffs``."""
+    k = len(block_shape)
+    mats = [None if b == 1 else dct_matrix(b, coeffs.dtype, coeffs.device).T for b in block_shape]
+    return _apply_along(coeffs, mats, coeffs.dim() - k)
+
+
+# Registry of block transforms by the name stored in the file. Each entry is
+# (forward, inverse), both acting on the trailing len(block_shape) dims.
+TRANSFORMS: dict[str, tuple] = {"dct": (dct_forward, dct_inverse)}
+
+
+def register_transform(name: str, forward, inverse) -> None:
+    """Make a block transform selectable by name (``lsc.spectral(..., transform=name)``)."""
+    TRANSFORMS[name] = (forward, inverse)
+
+
+def get_transform(name: str):
+    try:
+        return TRANSFORMS[name]
+    except KeyError:
+        raise ValueError(f"unknown transform {name!r}; known: {sorted(TRANSFORMS)}") from None
+
+
+def block_transform(blocks: torch.Tensor, block_shape: tuple[int, ...], transform: str = "dct") -> torch.Tensor:
+    """Forward block transform ``transform`` over the trailing dims."""
+    return get_transform(transform)[0](blocks, block_shape)
+
+
+def block_inverse_transform(coeffs: torch.Tensor, block_shape: tuple[int, ...], transform: str = "dct") -> torch.Tensor:
+    """Inverse block transform ``transform`` over the trailing dims."""
+    return get_transform(transform)[1](coeffs, block_shape)
