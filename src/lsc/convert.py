@@ -123,14 +123,19 @@ def spectral(model: nn.Module, *, block_size=8, init_bits: float = 10.0, include
     entries = []
     for tid, (name, module, attr, p, ties) in enumerate(chosen):
         block = _block_for(name, tuple(p.shape), block_size)
+        dense = p.detach().clone() if ties else None
         par = SpectralParametrization(name, tuple(p.shape), p.dtype, block, tid, len(chosen), q_net,
                                       leak=leak, min_group_symbols=min_group_symbols,
                                       transform=_per_tensor(transform, name, tuple(p.shape))).to(p.device)
         parametrize.register_parametrization(module, attr, par, unsafe=True)
-        original = module.parametrizations[attr].original
+        plist = module.parametrizations[attr]
         for _, tmod, tattr in ties:
+            # parametrize rewrote the shared Parameter in place to hold coefficients, so the
+            # tie is registered on a dense copy and then pointed at the one shared original.
+            tmod._parameters[tattr] = nn.Parameter(dense.clone(), requires_grad=p.requires_grad)
             parametrize.register_parametrization(tmod, tattr, par, unsafe=True)
-            tmod.parametrizations[tattr].original = original  # one compressed copy, still tied
+            for key in [k for k in tmod.parametrizations[tattr]._parameters if k.startswith("original")]:
+                setattr(tmod.parametrizations[tattr], key, getattr(plist, key))
         entries.append(SpectralEntry(name, module, attr, [n for n, _, _ in ties]))
     config = dict(block_size=block_size if isinstance(block_size, (int, tuple, list)) else repr(block_size),
                   init_bits=init_bits, leak=leak, min_group_symbols=min_group_symbols,

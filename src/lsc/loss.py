@@ -6,26 +6,33 @@ import math
 import torch
 from torch import nn
 
-from .rate import RateEstimate, estimate_rate
+from .rate import FILE_OVERHEAD_BYTES, RateEstimate, estimate_rate, exact_bits, surrogate_bits_total
+from .quantizer import bits_to_exponent
 from .state import get_state
 
 __all__ = ["rate_estimate", "bits_per_weight", "quantization_loss", "report", "compressed_numel"]
 
 
-def rate_estimate(model: nn.Module) -> RateEstimate:
-    """Estimated coded size of every spectral tensor (differentiable total)."""
+def _rate_inputs(model: nn.Module):
+    """Per tensor: coefficients as (num_blocks, P), steps (P,), exponents (P,) — all differentiable."""
     st = get_state(model)
-    coeffs, steps, groups, ngroups, exps, orders = [], [], [], [], [], []
-    for entry in st.entries:
+    pars = [entry.parametrization for entry in st.entries]
+    batch = st.feature_batch(pars)
+    # one q_net pass for every tensor (a per-tensor call costs more in overhead than in arithmetic)
+    all_exps = bits_to_exponent(st.q_net(batch["features"], batch["ids"])).split(batch["sizes"])
+    coeffs, steps, exps = [], [], []
+    for entry, e in zip(st.entries, all_exps):
         par = entry.parametrization
-        e = par.exponent()
         step = par.step(e)
         coeffs.append(entry.coefficients.to(step.dtype).reshape(par.layout.num_blocks, par.layout.block_numel))
         steps.append(step.reshape(-1))
-        groups.append(par.groups)
-        ngroups.append(par.num_groups)
         exps.append(e)
-        orders.append(par.scan_order)
+    return st, coeffs, steps, exps, [p.groups for p in pars], [p.num_groups for p in pars], [p.scan_order for p in pars]
+
+
+def rate_estimate(model: nn.Module) -> RateEstimate:
+    """Estimated coded size of every spectral tensor: exact value, differentiable through a surrogate."""
+    _, coeffs, steps, exps, groups, ngroups, orders = _rate_inputs(model)
     return estimate_rate(coeffs, steps, groups, ngroups, exps, orders)
 
 
@@ -34,17 +41,33 @@ def compressed_numel(model: nn.Module) -> int:
 
 
 def bits_per_weight(model: nn.Module) -> torch.Tensor:
-    """Predicted size of the compressed tensors in the file, in bits per original weight."""
+    """Predicted size of the compressed tensors in the file, in bits per original weight (exact, fresh)."""
     return rate_estimate(model).total / compressed_numel(model)
 
 
 def quantization_loss(model: nn.Module, weight: float | None = None) -> torch.Tensor:
-    """``weight * bits_per_weight(model)``; ``weight`` defaults to ``rate_weight`` given to ``spectral``.
+    """``weight * bits_per_weight(model)``, cheap enough to add to every training step.
 
-    Raise the weight for a smaller file, lower it to favour accuracy.
+    ``weight`` defaults to the ``rate_weight`` given to ``spectral``: raise it for a
+    smaller file, lower it to favour accuracy. While gradients are on, the exact
+    coded size (a histogram pass with one host sync) is refreshed every
+    ``rate_refresh`` calls and tracked in between by the drift of the smooth
+    surrogate, whose gradient drives training either way.
     """
-    w = get_state(model).rate_weight if weight is None else float(weight)
-    return w * bits_per_weight(model)
+    st, coeffs, steps, exps, groups, ngroups, orders = _rate_inputs(model)
+    w = st.rate_weight if weight is None else float(weight)
+    if not torch.is_grad_enabled():
+        return w * estimate_rate(coeffs, steps, groups, ngroups, exps, orders).total / compressed_numel(model)
+    sur = surrogate_bits_total(coeffs, steps)
+    cache = st.rate_cache
+    if cache is None or cache["device"] != sur.device or st.rate_calls % st.rate_refresh == 0:
+        data, side = exact_bits([c.detach() for c in coeffs], [s.detach() for s in steps], groups, ngroups,
+                                [e.detach() for e in exps], orders)
+        exact = torch.stack([d + s for d, s in zip(data, side)]).sum().to(sur.dtype)
+        cache = st.rate_cache = dict(exact=exact, sur=sur.detach(), device=sur.device)
+    st.rate_calls += 1
+    total = cache["exact"] + (sur - cache["sur"]) + 8 * FILE_OVERHEAD_BYTES
+    return w * total / compressed_numel(model)
 
 
 def _fmt_bytes(n: float) -> str:
@@ -55,34 +78,36 @@ def _fmt_bytes(n: float) -> str:
 
 
 def report(model: nn.Module, print_table: bool = True) -> list[dict]:
-    """Per-tensor table: shape, block layout, estimated bits/weight and bytes; raw tensors too."""
+    """Per-tensor table of the real .lsc file: bytes (ANS stream + side info), bits/weight, and the estimate.
+
+    Runs the actual encoder (``lsc.compress_weights``), so ``sum(r["bytes"] for r in rows)``
+    equals the size of the file ``lsc.save`` writes; the last row is the file header.
+    Spectral rows also carry ``est_bytes``, what the training rate estimate predicts.
+    """
+    from .codec import compress_weights, file_info
+
     st = get_state(model)
     with torch.no_grad():
         est = rate_estimate(model)
+    est_bytes = {e.name: float(b) / 8 for e, b in zip(st.entries, est.per_tensor)}
+    params = {n for n, _ in model.named_parameters()}
+    info = file_info(compress_weights(model))
     rows = []
-    spectral_names = set()
-    for entry, bits in zip(st.entries, est.per_tensor):
-        par = entry.parametrization
-        n = math.prod(par.layout.shape)
-        spectral_names.add(entry.name)
-        spectral_names.update(entry.tied_names)
-        rows.append(dict(name=entry.name, kind="spectral", shape=par.layout.shape, block=par.layout.block_shape,
-                         dtype=str(par.orig_dtype).replace("torch.", ""), bits_per_weight=float(bits) / max(n, 1),
-                         bytes=float(bits) / 8, tied=list(entry.tied_names)))
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if ".parametrizations." in name or name in spectral_names:
-            continue
-        kind = "raw param" if isinstance(t, nn.Parameter) else "raw buffer"
-        rows.append(dict(name=name, kind=kind, shape=tuple(t.shape), block=None, dtype=str(t.dtype).replace("torch.", ""),
-                         bits_per_weight=8.0 * t.element_size(), bytes=float(t.numel() * t.element_size()), tied=[]))
+    for r in info["rows"]:
+        kind = "spectral" if r["kind"] == "spectral" else ("raw param" if r["name"] in params else "raw buffer")
+        rows.append(dict(r, kind=kind, est_bytes=est_bytes.get(r["name"])))
+    tot = info["totals"]
+    rows.append(dict(name="(file header)", kind="header", shape=(), block=None, dtype="-", numel=0, bits_per_weight=0.0,
+                     bytes=tot["header_bytes"], stream_bytes=0, side_bytes=tot["header_bytes"], tied=[], est_bytes=None))
     if print_table:
         w = max([len(r["name"]) for r in rows] + [4])
-        print(f"{'name':<{w}}  {'kind':<10}  {'shape':<18}  {'block':<14}  {'bits/w':>7}  {'bytes':>10}")
+        print(f"{'name':<{w}}  {'kind':<10}  {'shape':<18}  {'block':<14}  {'bits/w':>7}  {'bytes':>10}  {'side':>9}  {'est.':>10}")
         for r in rows:
             blk = "x".join(map(str, r["block"])) if r["block"] else "-"
             shp = "x".join(map(str, r["shape"])) or "scalar"
-            print(f"{r['name']:<{w}}  {r['kind']:<10}  {shp:<18}  {blk:<14}  {r['bits_per_weight']:7.3f}  {_fmt_bytes(r['bytes']):>10}")
-        total = sum(r["bytes"] for r in rows)
-        numel = sum(math.prod(r["shape"]) for r in rows)
-        print(f"total: {_fmt_bytes(total)} for {numel} values ({8 * total / max(numel, 1):.3f} bits/value, est.)")
+            e = _fmt_bytes(r["est_bytes"]) if r["est_bytes"] is not None else "-"
+            print(f"{r['name']:<{w}}  {r['kind']:<10}  {shp:<18}  {blk:<14}  {r['bits_per_weight']:7.3f}  "
+                  f"{_fmt_bytes(r['bytes']):>10}  {_fmt_bytes(r['side_bytes']):>9}  {e:>10}")
+        print(f"total: {tot['file_bytes']} bytes (= the .lsc file) for {tot['numel']} values "
+              f"({tot['bits_per_weight']:.3f} bits/value); training estimate {float(est.total) / 8:.0f} bytes")
     return rows

@@ -44,6 +44,8 @@ class SpectralParametrization(nn.Module):
         self.num_groups = int(groups.max()) + 1
         self.register_buffer("groups", torch.from_numpy(groups), persistent=False)
         self.register_buffer("scan_order", torch.from_numpy(np.array(morton_order(self.layout.block_shape))), persistent=False)
+        # Set by lsc.load(path, spectral_model): exponents read from a file override q_net's (None = use q_net).
+        self.register_buffer("frozen_exponent", None, persistent=False)
         object.__setattr__(self, "q_net", q_net)  # shared by all tensors; deliberately not a submodule
 
     # -- device handling: model.to(device) carries the shared q_net along (device only, never dtype)
@@ -57,28 +59,53 @@ class SpectralParametrization(nn.Module):
 
     def exponent(self) -> torch.Tensor:
         """Integer-valued float exponents per in-block position (row-major), straight-through to q_net."""
+        if self.frozen_exponent is not None:
+            return self.frozen_exponent
         return bits_to_exponent(self.q_net(self.features, self.tensor_id))
 
     def step(self, exponent: torch.Tensor) -> torch.Tensor:
         return step_size(exponent).to(self.mean.dtype).reshape(self.layout.block_shape)
 
-    def integer_state(self, coeffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(integer coefficients, int64 exponents): exactly what the file stores."""
-        with torch.no_grad():
-            e = self.exponent().to(torch.int64)
-            return integer_coefficients(coeffs.to(self.mean.dtype), self.step(e)), e
+    def integer_state(self, coeffs: torch.Tensor, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """(integer coefficients, int64 exponents): exactly what the file stores.
 
-    def forward(self, coeffs: torch.Tensor) -> torch.Tensor:
+        With ``check`` (the encoder's path) non-finite or out-of-range coefficients or
+        exponents raise LscError naming the tensor instead of casting garbage to int64;
+        the eval forward passes ``check=False`` (no host sync) and NaN-fills instead.
+        """
+        with torch.no_grad():
+            ef = self.exponent()
+            c = coeffs.to(self.mean.dtype)
+            if check:
+                if not bool(torch.isfinite(ef).all()):
+                    raise LscError(f"{self.name}: the quantization network produced NaN/Inf step sizes (training diverged?)")
+                if not bool(torch.isfinite(c).all()):
+                    raise LscError(f"{self.name}: spectral coefficients contain NaN or Inf (training diverged?)")
+            e = ef.to(torch.int64)
+            if check and c.numel() and float((c.abs() / self.step(e)).max()) >= 2.0 ** 52:
+                raise LscError(f"{self.name}: a spectral coefficient is too large to store as an integer at this step size")
+            return integer_coefficients(c, self.step(e)), e
+
+    def forward(self, *originals: torch.Tensor) -> torch.Tensor:
+        coeffs = originals[0]
         if self.training:
             e = self.exponent()
             step = self.step(e)
             c_hat = leaky_round(coeffs.to(step.dtype) / step, self.leak) * step
             return synthesize(c_hat, self.layout, self.mean, self.std, self.orig_dtype, self.transform)
-        q, e = self.integer_state(coeffs)
-        return reconstruct(q, e, self.layout, self.mean, self.std, self.orig_dtype, self.transform)
+        q, e = self.integer_state(coeffs, check=False)
+        w = reconstruct(q, e, self.layout, self.mean, self.std, self.orig_dtype, self.transform)
+        # NaN/Inf coefficients would cast to garbage integers: give NaN weights, never silently wrong ones
+        # (NaN exponents already yield infinite steps, hence NaN weights).
+        return w.masked_fill(~torch.isfinite(coeffs).all(), float("nan"))
 
     @torch.no_grad()
-    def right_inverse(self, weight: torch.Tensor) -> torch.Tensor:
+    def right_inverse(self, weight: torch.Tensor):
+        """Weight -> coefficients; a 1-tuple when the dtype changes (fp16/bf16 models keep fp32 coefficients)."""
+        coeffs = self._analyze(weight)
+        return (coeffs,) if coeffs.dtype != weight.dtype else coeffs
+
+    def _analyze(self, weight: torch.Tensor) -> torch.Tensor:
         if tuple(weight.shape) != self.layout.shape:
             raise LscError(f"{self.name}: cannot assign a tensor of shape {tuple(weight.shape)} to a spectral parameter of shape {self.layout.shape}")
         if weight.is_meta:

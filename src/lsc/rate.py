@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["elias_gamma_bits", "zigzag", "RateEstimate", "estimate_rate",
+__all__ = ["elias_gamma_bits", "zigzag", "RateEstimate", "estimate_rate", "exact_bits", "surrogate_bits", "surrogate_bits_total",
            "HEADER_BYTES_PER_TENSOR", "FILE_OVERHEAD_BYTES", "STREAM_OVERHEAD_BITS"]
 
 HEADER_BYTES_PER_TENSOR = 40   # compressed JSON entry per tensor (name, shape, stats, offsets, crc)
@@ -64,24 +64,39 @@ def logistic_code_length(coeffs: torch.Tensor, step: torch.Tensor, scale: torch.
     return -torch.log2(p.clamp_min(1e-30))
 
 
-def estimate_rate(coeffs: list[torch.Tensor], steps: list[torch.Tensor], groups: list[torch.Tensor],
-                  num_groups: list[int], exponents: list[torch.Tensor], scan_orders: list[torch.Tensor]) -> RateEstimate:
-    """Coded-size estimate for coefficient tensors of shape (num_blocks, P) with steps of shape (P,).
+def _logistic_scale(coeffs: torch.Tensor) -> torch.Tensor:
+    """Per-position logistic scale matching the mean |c| over blocks (sqrt(3)/pi * mean|c|)."""
+    return (coeffs.detach().abs().mean(0) * 0.6079271018540267).clamp_min(1e-8)
 
-    ``groups[t]`` maps each of the P positions to its group (0..num_groups[t]-1),
-    ``exponents[t]`` is the integer step exponent per position and ``scan_orders[t]``
-    the Morton order in which the exponent table is delta-coded.
+
+def surrogate_bits(coeffs: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Smooth stand-in for the coded size of (num_blocks, P) coefficients with steps (P,): gradient source only."""
+    return logistic_code_length(coeffs, step, _logistic_scale(coeffs)).sum()
+
+
+def surrogate_bits_total(coeffs: list[torch.Tensor], steps: list[torch.Tensor]) -> torch.Tensor:
+    """Sum of :func:`surrogate_bits` over tensors in one elementwise pass (a training-step hot path:
+    per-op overhead, not arithmetic, dominates for small models)."""
+    c = torch.cat([x.reshape(-1) for x in coeffs])
+    s = torch.cat([st.expand_as(x).reshape(-1) for x, st in zip(coeffs, steps)])
+    scale = torch.cat([_logistic_scale(x).expand_as(x).reshape(-1) for x in coeffs])
+    return logistic_code_length(c, s, scale).sum()
+
+
+@torch.no_grad()
+def exact_bits(coeffs: list[torch.Tensor], steps: list[torch.Tensor], groups: list[torch.Tensor],
+               num_groups: list[int], exponents: list[torch.Tensor], scan_orders: list[torch.Tensor]):
+    """Exact coded size per tensor as (data_bits, side_bits) lists of float64 scalars.
+
+    ``coeffs[t]`` has shape (num_blocks, P) and ``steps[t]`` shape (P,); ``groups[t]``
+    maps each of the P positions to its group (0..num_groups[t]-1), ``exponents[t]`` is
+    the integer step exponent per position and ``scan_orders[t]`` the Morton order in
+    which the exponent table is delta-coded.
     """
     if not coeffs:
         raise ValueError("no tensors to estimate")
     dev = coeffs[0].device
-    hard = [torch.round(c.detach() / s.detach()) for c, s in zip(coeffs, steps)]
-    surrogates = []
-    for c, s, g, ng in zip(coeffs, steps, groups, num_groups):
-        absmean = torch.zeros(ng, device=dev, dtype=c.dtype).index_add_(0, g, c.detach().abs().mean(0))
-        absmean = absmean / torch.bincount(g, minlength=ng).to(c.dtype)
-        scale = (absmean * 0.6079271018540267).clamp_min(1e-8)[g]  # logistic with the group's mean |c| (sqrt(3)/pi * ...)
-        surrogates.append(logistic_code_length(c, s, scale).sum())
+    hard = [torch.round(c / s) for c, s in zip(coeffs, steps)]
     lo, hi = [], []
     for q, g, ng in zip(hard, groups, num_groups):
         pmin, pmax = q.amin(0), q.amax(0)
@@ -93,37 +108,45 @@ def estimate_rate(coeffs: list[torch.Tensor], steps: list[torch.Tensor], groups:
     total_bins = int(width.sum())  # the one host synchronization
     bin_group = torch.repeat_interleave(torch.arange(width.numel(), device=dev), width, output_size=total_bins)
 
-    hard_counts = torch.zeros(total_bins, device=dev, dtype=torch.float64)
+    counts = torch.zeros(total_bins, device=dev, dtype=torch.float64)
     group_sizes = torch.zeros(width.numel(), device=dev, dtype=torch.float64)
     goff = 0
     for q, g, ng in zip(hard, groups, num_groups):
         gid = g + goff
         base = (starts[gid] - lo_all[gid]).to(q.dtype)  # bin of symbol s at position p: s + base[p]
-        hard_counts.index_add_(0, (q + base).to(torch.int64).flatten(), torch.ones(q.numel(), device=dev, dtype=torch.float64))
+        counts.index_add_(0, (q + base).to(torch.int64).flatten(), torch.ones(q.numel(), device=dev, dtype=torch.float64))
         group_sizes.index_add_(0, gid, torch.full_like(gid, q.shape[0], dtype=torch.float64))
         goff += ng
 
     n_log_n = _xlog2x(group_sizes)
-    hard_group = n_log_n - torch.zeros_like(n_log_n).index_add_(0, bin_group, _xlog2x(hard_counts))
+    entropy = n_log_n - torch.zeros_like(n_log_n).index_add_(0, bin_group, _xlog2x(counts))
     # Probability tables: zigzag(lo) and K = hi - lo + 1, then each count in [lo, hi], all Elias-gamma coded.
-    table_group = torch.zeros_like(n_log_n).index_add_(0, bin_group, elias_gamma_bits(hard_counts + 1))
+    table = torch.zeros_like(n_log_n).index_add_(0, bin_group, elias_gamma_bits(counts + 1))
     range_bits = elias_gamma_bits(zigzag(lo_all.to(torch.int64)) + 1) + elias_gamma_bits(width)
-    categorical = hard_group + table_group
     uniform = group_sizes * torch.log2(width.to(torch.float64))
     # Each group is coded with whichever is cheaper: its own probability table, or a
     # uniform code over [lo, hi] (small groups cannot pay for a table). One flag bit says which.
-    cheapest = torch.minimum(categorical, uniform) + range_bits + 1
+    cheapest = torch.minimum(entropy + table, uniform) + range_bits + 1
 
     data_bits, side_bits = [], []
     goff = 0
     for e, order, ng in zip(exponents, scan_orders, num_groups):
-        sur = surrogates[len(data_bits)]
-        d = cheapest[goff: goff + ng].sum().to(sur.dtype) + (sur - sur.detach())  # symbols and their tables
-        scan = e.detach().to(torch.int64)[order]
+        scan = e.to(torch.int64)[order]
         deltas = torch.diff(scan, prepend=torch.zeros(1, device=dev, dtype=torch.int64))
         exp_bits = elias_gamma_bits(zigzag(deltas) + 1).sum()
-        side = exp_bits + 8 * HEADER_BYTES_PER_TENSOR + STREAM_OVERHEAD_BITS
-        data_bits.append(d)
-        side_bits.append(side.to(d.dtype))
+        data_bits.append(cheapest[goff: goff + ng].sum())
+        side_bits.append(exp_bits + 8 * HEADER_BYTES_PER_TENSOR + STREAM_OVERHEAD_BITS)
         goff += ng
-    return RateEstimate(data_bits, side_bits)
+    return data_bits, side_bits
+
+
+def estimate_rate(coeffs: list[torch.Tensor], steps: list[torch.Tensor], groups: list[torch.Tensor],
+                  num_groups: list[int], exponents: list[torch.Tensor], scan_orders: list[torch.Tensor]) -> RateEstimate:
+    """Exact coded size as the value, the surrogate's gradient (see :func:`exact_bits` for the arguments)."""
+    data, side = exact_bits([c.detach() for c in coeffs], [s.detach() for s in steps], groups, num_groups,
+                            [e.detach() for e in exponents], scan_orders)
+    out = []
+    for d, c, s in zip(data, coeffs, steps):
+        sur = surrogate_bits(c, s)
+        out.append(d.to(sur.dtype) + (sur - sur.detach()))
+    return RateEstimate(out, [x.to(coeffs[0].dtype) for x in side])

@@ -36,7 +36,9 @@ class SpectralEntry:
 
     @property
     def coefficients(self) -> torch.Tensor:
-        return self.module.parametrizations[self.attr].original
+        """The trainable coefficients (``original``, or ``original0`` when they are wider than the weight)."""
+        plist = self.module.parametrizations[self.attr]
+        return plist.original if hasattr(plist, "original") else plist.original0
 
 
 @dataclass
@@ -45,11 +47,24 @@ class LscState:
     entries: list[SpectralEntry]
     config: dict
     rate_weight: float = 1.0
+    rate_refresh: int = 25          # training steps between exact (histogram) rate evaluations
+    rate_calls: int = 0
+    rate_cache: dict | None = None
+
+    def feature_batch(self, pars) -> dict:
+        """q_net inputs of all tensors concatenated (cached per device), for one batched q_net call."""
+        dev = pars[0].features.device
+        fb = getattr(self, "_feature_batch", None)
+        if fb is None or fb["features"].device != dev or len(fb["sizes"]) != len(pars):
+            feats = torch.cat([p.features for p in pars])
+            ids = torch.cat([torch.full((p.features.shape[0],), p.tensor_id, dtype=torch.int64, device=dev) for p in pars])
+            fb = self._feature_batch = dict(features=feats, ids=ids, sizes=[p.features.shape[0] for p in pars])
+        return fb
 
     def __deepcopy__(self, memo):
         import copy
         return LscState(copy.deepcopy(self.q_net, memo), copy.deepcopy(self.entries, memo),
-                        copy.deepcopy(self.config, memo), self.rate_weight)
+                        copy.deepcopy(self.config, memo), self.rate_weight, self.rate_refresh)
 
 
 def get_state(model: nn.Module) -> LscState:

@@ -15,7 +15,7 @@ import torch
 __all__ = ["dct_matrix", "block_transform", "block_inverse_transform", "register_transform", "get_transform", "TRANSFORMS"]
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=None)
 def _dct_matrix_cpu64(n: int) -> torch.Tensor:
     k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
     i = torch.arange(n, dtype=torch.float64).unsqueeze(0)
@@ -28,7 +28,39 @@ def dct_matrix(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
     """Orthonormal DCT-II matrix D (n x n): coefficients = D @ x, x = D.T @ coefficients."""
     if n < 1:
         raise ValueError(f"DCT size must be >= 1, got {n}")
-    return _dct_matrix_cpu64(n).to(dtype=dtype, device=device)
+    return _cached(("dct", n), dtype, device)
+
+
+# Blocks of at most this many positions are transformed by one GEMM with the Kronecker
+# product of the per-dim DCT matrices: more flops than the separable form, but one large
+# well-shaped matrix product instead of k tiny ones plus k transposing copies (measured
+# ~3x faster per training step on the digits CNN and MiniLM).
+KRON_MAX_POSITIONS = 256
+
+_MATRICES: dict = {}
+
+
+def _cached(key, dtype, device) -> torch.Tensor:
+    """Transform matrices built once in float64 on the CPU, then cached per dtype and device."""
+    full = (key, dtype, torch.device(device) if device is not None else torch.device("cpu"))
+    m = _MATRICES.get(full)
+    if m is None:
+        kind, arg = key
+        if kind == "dct":
+            base = _dct_matrix_cpu64(arg)
+        else:  # kron of the DCT matrices of a block shape
+            base = torch.ones(1, 1, dtype=torch.float64)
+            for b in arg:
+                base = torch.kron(base, _dct_matrix_cpu64(b))
+        m = _MATRICES[full] = base.to(dtype=dtype, device=full[2])
+    return m
+
+
+def _kron_apply(x: torch.Tensor, block_shape: tuple[int, ...], inverse: bool) -> torch.Tensor:
+    p = math.prod(block_shape)
+    k = _cached(("kron", tuple(block_shape)), x.dtype, x.device)
+    flat = x.reshape(*x.shape[: x.dim() - len(block_shape)], p)
+    return (flat @ (k if inverse else k.T)).reshape(x.shape)
 
 
 def _apply_along(x: torch.Tensor, matrices: list[torch.Tensor | None], first_dim: int) -> torch.Tensor:
@@ -44,6 +76,8 @@ def _apply_along(x: torch.Tensor, matrices: list[torch.Tensor | None], first_dim
 def dct_forward(blocks: torch.Tensor, block_shape: tuple[int, ...]) -> torch.Tensor:
     """Forward n-D DCT over the trailing ``len(block_shape)`` dims of ``blocks``."""
     k = len(block_shape)
+    if 1 < math.prod(block_shape) <= KRON_MAX_POSITIONS and sum(b > 1 for b in block_shape) > 1:
+        return _kron_apply(blocks, block_shape, inverse=False)
     mats = [None if b == 1 else dct_matrix(b, blocks.dtype, blocks.device) for b in block_shape]
     return _apply_along(blocks, mats, blocks.dim() - k)
 
@@ -51,6 +85,8 @@ def dct_forward(blocks: torch.Tensor, block_shape: tuple[int, ...]) -> torch.Ten
 def dct_inverse(coeffs: torch.Tensor, block_shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse n-D DCT over the trailing ``len(block_shape)`` dims of ``coeffs``."""
     k = len(block_shape)
+    if 1 < math.prod(block_shape) <= KRON_MAX_POSITIONS and sum(b > 1 for b in block_shape) > 1:
+        return _kron_apply(coeffs, block_shape, inverse=True)
     mats = [None if b == 1 else dct_matrix(b, coeffs.dtype, coeffs.device).T for b in block_shape]
     return _apply_along(coeffs, mats, coeffs.dim() - k)
 

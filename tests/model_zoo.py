@@ -1,0 +1,61 @@
+"""Small models of every module type lsc must handle, shared by the test modules."""
+import torch
+from torch import nn
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.body = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 50, bias=False)
+        self.head.weight = self.emb.weight  # tied, as in language models
+
+    def forward(self, idx):
+        return self.head(torch.tanh(self.body(self.emb(idx))))
+
+
+class HighRank(nn.Module):
+    def __init__(self, rank=10):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(*([2] * (rank - 1)), 3))
+        self.scale = nn.Parameter(torch.tensor(1.5))  # 0-D parameter
+
+    def forward(self, x):
+        return x * self.w.sum() * self.scale
+
+
+class RNNs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(6, 8, num_layers=2, batch_first=True)
+        self.gru = nn.GRU(8, 5, batch_first=True)
+
+    def forward(self, x):
+        return self.gru(self.lstm(x)[0])[0]
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, x):
+        return self.norm(self.mha(x, x, x, need_weights=False)[0] + x)
+
+
+def cases():
+    """(name, model factory, input factory) for every supported module type."""
+    return [
+        ("linear", lambda: nn.Sequential(nn.Linear(12, 20), nn.ReLU(), nn.Linear(20, 3)), lambda: torch.randn(4, 12)),
+        ("conv1d", lambda: nn.Conv1d(3, 6, 5), lambda: torch.randn(2, 3, 16)),
+        ("conv2d_bn", lambda: nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval(), lambda: torch.randn(2, 3, 9, 9)),
+        ("conv3d", lambda: nn.Conv3d(2, 4, 3), lambda: torch.randn(1, 2, 6, 6, 6)),
+        ("conv_transpose", lambda: nn.ConvTranspose2d(4, 3, 3, stride=2), lambda: torch.randn(2, 4, 5, 5)),
+        ("embedding", lambda: nn.Embedding(30, 12), lambda: torch.randint(0, 30, (3, 7))),
+        ("rnns", RNNs, lambda: torch.randn(2, 5, 6)),
+        ("attention_layernorm", Attention, lambda: torch.randn(2, 5, 16)),
+        ("tied", Tied, lambda: torch.randint(0, 50, (2, 6))),
+        ("rank10_and_scalar", HighRank, lambda: torch.randn(3)),
+    ]

