@@ -300,14 +300,17 @@ def _decode_spectral(m: dict, data) -> dict:
     data = bytes(data)
     side, ans = data[:m["side"]], data[m["side"]:]
     q_scan, e_scan = decode_symbols(side, ans, layout.block_numel, layout.num_blocks, bounds, m["name"])
-    q = np.empty((layout.num_blocks, layout.block_numel), dtype=np.int64)
-    q[:, order] = q_scan.T
+    # Rows of q_scan follow the scan; one contiguous row gather puts them in row-major
+    # position order, then torch's blocked transpose copy gives (num_blocks, P). A strided
+    # numpy scatter here cost more than the entropy decoding itself on MiniLM.
+    rank = torch.from_numpy(np.argsort(order))
+    q = torch.from_numpy(q_scan)[rank].T.contiguous()
     e = np.empty(layout.block_numel, dtype=np.int64)
     e[order] = e_scan
     cdt = compute_dtype_for(dtype)
     mean = _tensor_from_bytes(bytes.fromhex(m["mean"]), cdt, [])
     std = _tensor_from_bytes(bytes.fromhex(m["std"]), cdt, [])
-    q_t, e_t = torch.from_numpy(q), torch.from_numpy(e)
+    q_t, e_t = q, torch.from_numpy(e)
     w = reconstruct(q_t, e_t, layout, mean, std, dtype, m["transform"])
     return {"weight": w, "q": q_t, "exponent": e_t, "mean": mean, "std": std, "layout": layout}
 
@@ -382,14 +385,22 @@ def _read(src) -> bytes:
         return f.read()
 
 
-def load(path, model: nn.Module | None = None, *, strict: bool = True):
+def load(path, model: nn.Module | None = None, *, strict: bool = True, lazy=False, **lazy_options):
     """Read a .lsc file (path or bytes).
 
     Without ``model``: returns the plain state_dict. With a plain ``model``: loads it
     (``load_state_dict(strict=strict)``) and returns the model. With a spectral model:
     sets its coefficients, statistics and (frozen) exponents so that its eval-mode
     weights equal the file's decoded weights bit for bit, and returns the model.
+    ``lazy=True`` (or ``"packed"`` / ``"entropy"``): keep the weights compressed in memory
+    and decode each one when its module runs (see :func:`lsc.lazy.load_lazy`; options
+    such as ``cache=N`` are passed through).
     """
+    if lazy:  # issue 5: per-layer decompression on the fly
+        from ..lazy import load_lazy
+        if model is None:
+            raise LscError("lazy loading needs the model to load into: lsc.load(path, model, lazy=True)")
+        return load_lazy(path, model, mode="packed" if lazy is True else lazy, strict=strict, **lazy_options)
     header, streams, _ = _parts_from_bytes(_read(path))
     is_spectral = model is not None and getattr(_unwrap(model), "_lsc", None) is not None
     plain, spec = _decode_all(header, streams, keep_integers=is_spectral)
