@@ -288,3 +288,43 @@ def test_rate_controller_rejects_bad_targets(digits):
 
 def test_transforms_registered():
     assert {"dct", "wavelet", "wavelet53"} <= set(TRANSFORMS)
+
+
+def test_lossy_buffers_round_trip_through_the_file_exactly(tmp_path):
+    """save(buffer_tolerance=...) stores BatchNorm statistics quantized; after quantize_buffers_ the
+    in-memory model and the file agree bit for bit, and the file is smaller than with exact buffers."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 36, 4))
+    model.train()
+    for _ in range(3):
+        model(torch.randn(8, 3, 8, 8))  # non-trivial running statistics
+    model.eval()
+    lsc.spectral(model, init_bits=6)
+    exact = lsc.save(model, tmp_path / "exact.lsc")
+    tol = 2.0 ** -6
+    lossy = lsc.save(model, tmp_path / "lossy.lsc", buffer_tolerance=tol)
+    assert lossy < exact
+    lsc.quantize_buffers_(model, tol)
+    plain = lsc.load(tmp_path / "lossy.lsc")
+    for name, b in model.named_buffers():
+        if name in plain:
+            assert torch.equal(plain[name], b), name
+    info = lsc.file_info(tmp_path / "lossy.lsc")
+    assert info["totals"]["file_bytes"] == lossy
+    fresh = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 36, 4)).eval()
+    fresh.load_state_dict(plain)
+    x = torch.randn(2, 3, 8, 8)
+    assert torch.equal(fresh(x), model(x))
+
+
+def test_factored_file_loads_into_an_unfactored_plain_model(tmp_path):
+    torch.manual_seed(0)
+    make = lambda: nn.Sequential(nn.Linear(32, 24), nn.ReLU(), nn.Linear(24, 5))
+    model = make()
+    lsc.factorize(model, rank=0.5, min_saving=0.0, min_numel=0)
+    lsc.spectral(model, init_bits=12)
+    model.eval()
+    lsc.save(model, tmp_path / "f.lsc")
+    plain = lsc.load(tmp_path / "f.lsc", make().eval())
+    x = torch.randn(4, 32)
+    torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-5)  # folding U @ V is a new matmul

@@ -39,6 +39,7 @@ __all__ = ["BN_EPS", "buffer_rules", "quantized_values", "encode_buffers", "deco
 
 BN_EPS = 1e-5
 _MAGIC = b"LSCB1"
+MAX_DECODED_VALUES = 1 << 26  # float buffers are statistics (BatchNorm etc.): far smaller in practice
 
 
 def float_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -176,14 +177,19 @@ def decode_buffers(blob: bytes) -> dict[str, torch.Tensor]:
     if blob[:5] != _MAGIC:
         raise ValueError("not an lsc buffer blob")
     (hlen,) = struct.unpack("<I", blob[5:9])
-    tol, entries = json.loads(zlib.decompress(blob[9:9 + hlen]))
+    tol, entries = json.loads(zlib.decompress(blob[9:9 + hlen], bufsize=1 << 16))
     pos = 9 + hlen
+    total = sum(math.prod(int(x) for x in e[1]) for e in entries)
+    if total > MAX_DECODED_VALUES or any(not 0 <= int(e[6]) <= 64 for e in entries):
+        raise ValueError(f"buffer blob claims {total} values or an invalid bit width")  # no giant allocation
     vals: dict[str, np.ndarray] = {}
     syms = {}
     meta = {}
     for name, shape, dtype, kind, extra, lo, width in entries:
         n = math.prod(shape)
         nbytes = (n * width + 7) // 8
+        if pos + nbytes > len(blob):
+            raise ValueError(f"buffer blob is truncated inside {name!r}")
         syms[name] = _unpack(lo, width, blob[pos:pos + nbytes], n)
         pos += nbytes
         meta[name] = (shape, dtype, _rule_from(_KINDS[kind], extra, tol, name))

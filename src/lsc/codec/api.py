@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .. import buffers as buffers_mod
 from ..blocking import BlockLayout
 from ..errors import LscError, LscFormatError
 from ..grouping import position_groups
@@ -38,6 +39,7 @@ __all__ = ["compress_weights", "decompress_weights", "save", "load", "file_info"
            "HEADER_KEY"]
 
 HEADER_KEY = "__lsc__"
+BUFFERS_KEY = "__lsc_buffers__"  # the one stream holding quantized float buffers, when asked for
 MAX_TENSOR_NUMEL = 1 << 34
 MAX_BLOCK_NUMEL = 1 << 20
 _ZLIB_MAX_RATIO = 1100  # deflate cannot expand data more than ~1032x
@@ -106,13 +108,23 @@ def _encode_raw(name: str, t: torch.Tensor) -> tuple[dict, bytes]:
     return meta, comp if use_zlib else data
 
 
-def compress_weights(model: nn.Module, *, scan: str = "morton") -> dict[str, torch.Tensor]:
+def _encode_buffers(model: nn.Module, tol: float) -> tuple[dict, bytes]:
+    if not tol > 0:
+        raise LscError(f"buffer_tolerance must be > 0, got {tol}")
+    blob = buffers_mod.encode_buffers(buffers_mod.float_buffers(model), tol, buffers_mod._bn_eps(model))
+    return {"name": BUFFERS_KEY, "kind": "buffers", "shape": [len(blob)], "dtype": "uint8"}, blob
+
+
+def compress_weights(model: nn.Module, *, scan: str = "morton", buffer_tolerance: float | None = None) -> dict[str, torch.Tensor]:
     """Entropy-code a spectral model -> self-contained dict of uint8 tensors (torch.save-able).
 
     ``decompress_weights`` turns it back into a plain state_dict with the original
     model's keys; ``to_bytes`` gives the exact bytes of the .lsc file ``lsc.save`` writes.
     ``scan`` ("morton" or "rowmajor") is the in-block scan; keep the default (the
-    training rate estimate assumes it).
+    training rate estimate assumes it). With ``buffer_tolerance`` (e.g. ``2**-8``) float
+    buffers such as BatchNorm statistics are quantized (see :mod:`lsc.buffers`) instead
+    of stored exactly; ``lsc.quantize_buffers_(model, tol)`` makes the in-memory model
+    match the file bit for bit.
     """
     if scan not in _SCANS:
         raise LscError(f"unknown scan {scan!r}; use 'morton' or 'rowmajor'")
@@ -121,6 +133,11 @@ def compress_weights(model: nn.Module, *, scan: str = "morton") -> dict[str, tor
     covered = set()
     metas, streams = [], []
     with torch.no_grad():
+        if buffer_tolerance is not None:
+            meta, data = _encode_buffers(model, float(buffer_tolerance))
+            metas.append(meta)
+            streams.append(data)
+            covered.update(buffers_mod.float_buffers(model))
         for entry in st.entries:
             meta, data = _encode_spectral(entry, min_group, scan)
             metas.append(meta)
@@ -224,6 +241,9 @@ def _check_header(header: dict) -> list[dict]:
             nbytes = math.prod(shape) * _DTYPES[m["dtype"]].itemsize
             if (not m["zlib"] and m["len"] != nbytes) or (m["zlib"] and nbytes > _ZLIB_MAX_RATIO * m["len"] + 64):
                 _fail(f"header: {name}: stream length {m['len']} cannot hold {nbytes} bytes of data")
+        elif kind == "buffers":
+            if name != BUFFERS_KEY or m["dtype"] != "uint8" or shape != [m["len"]]:
+                _fail(f"header: {name}: invalid buffers stream")
         elif kind == "spectral":
             if m["dtype"] not in _SPECTRAL_DTYPES:
                 _fail(f"header: {name}: spectral tensors must be floating point")
@@ -332,6 +352,9 @@ def _decode_all(header: dict, streams, keep_integers: bool = False):
                 t = d["weight"]
                 if keep_integers:
                     spectral[m["name"]] = d
+            elif m["kind"] == "buffers":
+                plain.update(buffers_mod.decode_buffers(bytes(s)))
+                continue
             else:
                 t = _decode_raw(m, s)
         except LscFormatError:
@@ -354,9 +377,12 @@ def decompress_weights(compressed: dict[str, torch.Tensor]) -> "OrderedDict[str,
 
 # --------------------------------------------------------------------------- files
 
-def save(model: nn.Module, path) -> int:
-    """Write the .lsc file of a spectral model atomically (temp file + rename); returns its size in bytes."""
-    data = to_bytes(compress_weights(model))
+def save(model: nn.Module, path, *, buffer_tolerance: float | None = None) -> int:
+    """Write the .lsc file of a spectral model atomically (temp file + rename); returns its size in bytes.
+
+    ``buffer_tolerance``: quantize float buffers too (see :func:`compress_weights`).
+    """
+    data = to_bytes(compress_weights(model, buffer_tolerance=buffer_tolerance))
     _atomic_write(os.fspath(path), data)
     return len(data)
 
@@ -407,6 +433,10 @@ def load(path, model: nn.Module | None = None, *, strict: bool = True, lazy=Fals
     if model is None:
         return plain
     if not is_spectral:
+        from ..lowrank import FACTOR_KEY, fold_factored_state_dict
+        own = model.state_dict()
+        if any(FACTOR_KEY.match(k) and k not in own for k in plain):  # a factored file into an unfactored model
+            plain = fold_factored_state_dict(plain, model)
         model.load_state_dict(plain, strict=strict)
         return model
     _load_into_spectral(model, header, plain, spec, strict)
@@ -474,8 +504,13 @@ def file_info(src) -> dict[str, Any]:
     else:
         header, streams, hsize = _parts_from_bytes(_read(src))
     rows = []
-    for m in header["tensors"]:
+    for m, s in zip(header["tensors"], streams):
         numel = math.prod(m["shape"])
+        if m["kind"] == "buffers":
+            try:
+                numel = sum(t.numel() for t in buffers_mod.decode_buffers(bytes(s)).values())
+            except Exception as exc:
+                raise LscFormatError(f"{m['name']}: cannot decode ({type(exc).__name__}: {exc})") from None
         side = m.get("side", 0) if m["kind"] == "spectral" else 0
         rows.append({"name": m["name"], "kind": m["kind"], "shape": tuple(m["shape"]), "dtype": m["dtype"],
                      "block": tuple(m["block"]) if m["kind"] == "spectral" else None, "numel": numel,
