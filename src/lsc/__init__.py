@@ -24,3 +24,5 @@ from .posttraining import PostTrainingResult, compress_posttraining, load_checkp
 __all__ += ["compress_posttraining", "PostTrainingResult", "load_checkpoint"]
 from .distributed import SpectralTrainingModule, save_on_rank0, unwrap_spectral
 __all__ += ["SpectralTrainingModule", "save_on_rank0", "unwrap_spectral"]
+from .lazy import lazy_info, load_lazy, set_cache, track_decode_memory
+__all__ += ["load_lazy", "lazy_info", "set_cache", "track_decode_memory"]

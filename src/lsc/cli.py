@@ -1,0 +1,361 @@
+"""The ``lsc`` command line: demo, compress, info, decompress, plot.
+
+    lsc demo                                   # fine-tune + compress a digits CNN end to end
+    lsc compress model.safetensors -o m.lsc --max-error 0.05
+    lsc info m.lsc
+    lsc decompress m.lsc -o m.safetensors
+    lsc plot m.lsc -o bits.png
+
+Errors a person can act on (missing file, not a checkpoint, unsupported dtype,
+corrupt .lsc) print one line, ``lsc: error: <what and where>``, and exit 1;
+``--verbose`` adds the traceback. Progress bars go to stderr and only on a
+terminal; ``--quiet`` turns them (and the chatter) off.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user-facing error raised by the CLI itself (bad option combination, bad output path)."""
+
+
+# ----------------------------------------------------------------- formatting
+
+def fmt_bytes(n: float) -> str:
+    n = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:,.0f} B" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1000
+    return f"{n:.2f} GB"  # pragma: no cover
+
+
+def fmt_shape(shape) -> str:
+    return "x".join(str(int(s)) for s in shape) if len(shape) else "scalar"
+
+
+def _out(args, *a, **k):
+    if not getattr(args, "quiet", False):
+        print(*a, **k)
+
+
+def _progress_flag(args):
+    """None: tqdm decides (bars only on a TTY); False: no bars."""
+    return False if getattr(args, "quiet", False) else None
+
+
+def _check_input(path: str, what: str = "file") -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise CliError(f"{p}: no such {what}")
+    if p.is_dir():
+        raise CliError(f"{p}: is a directory, expected a {what}")
+    return p
+
+
+def _check_output(path: str, inputs=()) -> Path:
+    p = Path(path)
+    parent = p.parent if str(p.parent) else Path(".")
+    if not parent.exists():
+        raise CliError(f"{p}: output directory {parent} does not exist")
+    if p.is_dir():
+        raise CliError(f"{p}: is a directory; give an output file name")
+    for i in inputs:
+        try:
+            if p.exists() and p.resolve() == Path(i).resolve():
+                raise CliError(f"{p}: output would overwrite the input")
+        except OSError:
+            pass
+    return p
+
+
+# ----------------------------------------------------------------- commands
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+    run_demo(out=args.output, steps=args.steps, rate_weight=args.rate_weight, epochs=args.epochs,
+             seed=args.seed, progress=_progress_flag(args), quiet=args.quiet)
+    return 0
+
+
+def cmd_compress(args) -> int:
+    from .posttraining import _check_dtypes, compress_posttraining, load_checkpoint
+    src = _check_input(args.checkpoint, "checkpoint file")
+    if args.bits is not None and args.max_error:
+        raise CliError("give either --bits or --max-error, not both")
+    max_error = None if args.bits is not None else _parse_max_error(args.max_error or [])
+    out = _check_output(args.output or str(src.with_suffix(".lsc")), [src])
+    t0 = time.perf_counter()
+    sd = load_checkpoint(src)
+    _check_dtypes(sd)
+    n_float = sum(t.numel() for t in sd.values() if t.is_floating_point())
+    fp32 = sum(4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size() for t in sd.values())
+    _out(args, f"{src}: {len(sd)} tensors, {n_float:,} float weights ({fmt_bytes(fp32)} as fp32)")
+    rule = f"--bits {args.bits:g}" if args.bits is not None else "--max-error " + _describe(max_error)
+    res = compress_posttraining(sd, bits=args.bits, max_error=max_error, path=out, block_size=args.block_size,
+                                exclude=args.exclude or None, min_bits=args.min_bits, max_bits=args.max_bits,
+                                max_error_1d=args.max_error_1d, progress=_progress_flag(args))
+    secs = time.perf_counter() - t0
+    size = res.file_bytes
+    worst = max(res.tensors, key=lambda t: t["rel_error"]) if res.tensors else None
+    _out(args, f"compressed {len(res.tensors)} tensors post-training ({rule}, no data, no fine-tuning)")
+    _out(args, f"  bits/frequency: mean {res.mean_bits:.2f}, min {min(t['bits'] for t in res.tensors):.2f}, "
+               f"max {max(t['bits'] for t in res.tensors):.2f}")
+    if worst is not None:
+        _out(args, f"  largest relative error ||W-W^||/||W||: {worst['rel_error']:.4f} ({worst['name']})")
+    unmet = [t for t in res.tensors if t.get("bound") is not None and t["rel_error"] > t["bound"]]
+    if unmet:
+        _out(args, f"  note: {len(unmet)} tensor(s) cannot meet their bound within --max-bits {args.max_bits:g}: "
+                   + ", ".join(t["name"] for t in unmet[:3]))
+    _out(args, f"wrote {out}: {fmt_bytes(size)} ({8 * size / max(n_float, 1):.3f} bits/weight), "
+               f"{fp32 / size:.1f}x smaller than fp32, in {secs:.1f} s")
+    return 0
+
+
+def _parse_max_error(values: list[str]):
+    """["0.05", "embeddings.*=0.08"] -> 0.05 or {"embeddings.*": 0.08, "default": 0.05}."""
+    default, overrides = DEFAULT_MAX_ERROR, {}
+    for v in values:
+        glob, sep, num = v.rpartition("=")
+        try:
+            e = float(num)
+        except ValueError:
+            raise CliError(f"--max-error {v!r}: expected a number or GLOB=NUMBER") from None
+        if not (e >= 0 and math.isfinite(e)):
+            raise CliError(f"--max-error {v!r}: the bound must be a finite number >= 0")
+        if sep:
+            overrides[glob] = e
+        else:
+            default = e
+    return {**overrides, "default": default} if overrides else default
+
+
+def _describe(max_error) -> str:
+    if isinstance(max_error, dict):
+        parts = [f"{max_error['default']:g}"] + [f"{k}={v:g}" for k, v in max_error.items() if k != "default"]
+        return " ".join(parts)
+    return f"{max_error:g}"
+
+
+def cmd_info(args) -> int:
+    from .codec import file_info
+    p = _check_input(args.file, ".lsc file")
+    info = file_info(p)
+    rows = info["rows"]
+    total = os.path.getsize(p)
+    if args.json:
+        import json
+        print(json.dumps(info, indent=1, default=_json_default))
+        return 0
+    w = max([len(r["name"]) for r in rows] + [4])
+    print(f"{p}: {len(rows)} tensors")
+    print(f"{'name':<{w}}  {'kind':<8}  {'shape':<16}  {'dtype':<8}  {'bits/w':>7}  {'bytes':>11}  {'share':>6}")
+    order = sorted(rows, key=lambda r: -r["bytes"]) if args.sort == "bytes" else rows
+    for r in order:
+        print(f"{r['name']:<{w}}  {r.get('kind', ''):<8}  {fmt_shape(r['shape']):<16}  {r.get('dtype', ''):<8}  "
+              f"{r['bits_per_weight']:7.3f}  {r['bytes']:>11,}  {100 * r['bytes'] / total:5.1f}%")
+    numel = sum(math.prod(r["shape"]) for r in rows)
+    fnumel = sum(math.prod(r["shape"]) for r in rows if _is_float(r.get("dtype", "float32")))
+    fp32 = 4 * fnumel + sum(_raw_bytes(r) for r in rows if not _is_float(r.get("dtype", "float32")))
+    fp16 = 2 * fnumel + sum(_raw_bytes(r) for r in rows if not _is_float(r.get("dtype", "float32")))
+    tensor_bytes = sum(r["bytes"] for r in rows)
+    print(f"total: {total:,} B file ({tensor_bytes:,} B tensors + {total - tensor_bytes:,} B header/container) "
+          f"for {numel:,} values, {8 * total / max(fnumel, 1):.3f} bits/weight")
+    print(f"ratio: {fp32 / total:.1f}x vs fp32 ({fmt_bytes(fp32)}), {fp16 / total:.1f}x vs fp16 ({fmt_bytes(fp16)})")
+    return 0
+
+
+def _is_float(dtype: str) -> bool:
+    return "float" in dtype
+
+
+_ITEMSIZE = {"int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1, "uint16": 2, "uint32": 4, "uint64": 8}
+
+
+def _raw_bytes(r) -> int:
+    return math.prod(r["shape"]) * _ITEMSIZE.get(r.get("dtype", ""), 4)
+
+
+def _json_default(o):
+    try:
+        import numpy as np
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+        if isinstance(o, np.generic):
+            return o.item()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, (tuple, set)):
+        return list(o)
+    return str(o)
+
+
+def cmd_decompress(args) -> int:
+    from . import load
+    src = _check_input(args.file, ".lsc file")
+    out = _check_output(args.output, [src])
+    fmt = out.suffix.lower()
+    if fmt not in (".safetensors", ".pt", ".pth", ".bin"):
+        raise CliError(f"{out}: unknown output format {fmt or '(no suffix)'}; use .safetensors, .pt or .pth")
+    t0 = time.perf_counter()
+    sd = load(src)
+    write_checkpoint(sd, out)
+    n = sum(t.numel() for t in sd.values())
+    _out(args, f"wrote {out}: {len(sd)} tensors, {n:,} values, {fmt_bytes(out.stat().st_size)} "
+               f"(from {fmt_bytes(src.stat().st_size)}) in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def write_checkpoint(sd: dict, out: Path) -> None:
+    """Dense state_dict -> .safetensors (shared tensors cloned, as safetensors requires) or torch.save."""
+    import torch
+    if out.suffix.lower() == ".safetensors":
+        from safetensors.torch import save_file
+        seen, dense = set(), {}
+        for k, t in sd.items():
+            t = t.detach().cpu().contiguous()
+            key = (t.untyped_storage().data_ptr(), t.storage_offset()) if t.numel() else None
+            if key is not None and key in seen:
+                t = t.clone()
+            elif key is not None:
+                seen.add(key)
+            dense[k] = t
+        save_file(dense, str(out))
+    else:
+        torch.save({k: t.detach().cpu() for k, t in sd.items()}, str(out))
+
+
+def cmd_plot(args) -> int:
+    from .plots import plot_bits, rows_from_file
+    src = _check_input(args.file, ".lsc file")
+    out = _check_output(args.output, [src])
+    if out.suffix.lower() not in (".png", ".pdf", ".svg"):
+        raise CliError(f"{out}: unknown image format {out.suffix or '(no suffix)'}; use .png, .svg or .pdf")
+    rows = rows_from_file(src)
+    plot_bits(rows, out, title=args.title or f"{src.name}: bits per frequency and bytes per tensor",
+              max_heatmaps=args.max_heatmaps)
+    _out(args, f"wrote {out}: {sum(r['bits'] is not None for r in rows)} heatmaps, bytes of {len(rows)} tensors")
+    return 0
+
+
+DEFAULT_MAX_ERROR = 0.05
+
+
+# ----------------------------------------------------------------- parser
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="show tracebacks on errors")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars, print only errors (and the table for info)")
+    ap = argparse.ArgumentParser(prog="lsc", parents=[common],
+                                 description="Learned Spectral Compression: make PyTorch models much smaller.")
+    from . import __version__
+    ap.add_argument("--version", action="version", version=f"lsc {__version__}")
+    sub = ap.add_subparsers(dest="command", metavar="COMMAND")
+
+    d = sub.add_parser("demo", parents=[common], help="fine-tune and compress a digits CNN end to end (~1 min)",
+                       description="Train a small CNN on sklearn's digits, convert it with lsc.spectral, fine-tune "
+                                   "with the rate loss, save the .lsc file, reload it into a fresh model and compare.")
+    d.add_argument("-o", "--output", default="demo.lsc", help="file to write (default: demo.lsc)")
+    d.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the demo's tuned value)")
+    d.add_argument("--rate-weight", type=float, default=None, help="weight of the rate loss")
+    d.add_argument("--epochs", type=int, default=None, help="epochs of plain training before compression")
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(func=cmd_demo)
+
+    c = sub.add_parser("compress", parents=[common], help="post-training (data-free) compression of a checkpoint",
+                       description="Compress a .pt/.pth state_dict or .safetensors file without data or fine-tuning: "
+                                   "block DCT, per-tensor quantization step, entropy coding.")
+    c.add_argument("checkpoint", help=".pt / .pth (torch.save'd state_dict) or .safetensors")
+    c.add_argument("-o", "--output", help="output .lsc file (default: CHECKPOINT with suffix .lsc)")
+    g = c.add_mutually_exclusive_group()
+    g.add_argument("--bits", type=float, help="bits per frequency for every tensor (quarter-bit steps)")
+    g.add_argument("--max-error", action="append", metavar="E|GLOB=E",
+                   help="per-tensor bound on ||W-W^||/||W||, bits found by binary search (default "
+                        f"{DEFAULT_MAX_ERROR}); repeat as GLOB=E to give matching tensors their own bound")
+    c.add_argument("--max-error-1d", type=float, default=None, metavar="E1",
+                   help="bound for biases and norm scales (1-D tensors; default: max-error / 20)")
+    c.add_argument("--block-size", type=int, default=8, help="DCT block edge per dimension (default 8)")
+    c.add_argument("--exclude", action="append", metavar="GLOB", help="keep matching tensors uncompressed (repeatable)")
+    c.add_argument("--min-bits", type=float, default=-4.0, help="search range low end (default -4)")
+    c.add_argument("--max-bits", type=float, default=16.0, help="search range high end (default 16)")
+    c.set_defaults(func=cmd_compress)
+
+    i = sub.add_parser("info", parents=[common], help="per-tensor table of a .lsc file",
+                       description="Show every tensor of a .lsc file: shape, bits per weight, bytes, share of the file; "
+                                   "totals and the ratio to fp32 and fp16.")
+    i.add_argument("file")
+    i.add_argument("--sort", choices=["file", "bytes"], default="file", help="row order (default: as in the file)")
+    i.add_argument("--json", action="store_true", help="print the raw file_info as JSON")
+    i.set_defaults(func=cmd_info)
+
+    x = sub.add_parser("decompress", parents=[common], help="write a dense .safetensors / .pt checkpoint",
+                       description="Decode a .lsc file to a dense state_dict for any runtime.")
+    x.add_argument("file")
+    x.add_argument("-o", "--output", required=True, help="out.safetensors or out.pt")
+    x.set_defaults(func=cmd_decompress)
+
+    p = sub.add_parser("plot", parents=[common], help="bits-per-frequency heatmaps and bytes per layer",
+                       description="Plot the bit allocation of every tensor (one heatmap per tensor, low frequencies "
+                                   "top left) and the bytes each tensor takes.")
+    p.add_argument("file")
+    p.add_argument("-o", "--output", required=True, help="image file (.png, .svg, .pdf)")
+    p.add_argument("--title", default=None)
+    p.add_argument("--max-heatmaps", type=int, default=24, help="heatmaps for at most this many (largest) tensors")
+    p.set_defaults(func=cmd_plot)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    args.verbose = getattr(args, "verbose", False)
+    args.quiet = getattr(args, "quiet", False)
+    if not getattr(args, "command", None):
+        ap.print_help(sys.stderr)
+        return EXIT_USAGE
+    from .errors import LscError
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("lsc: interrupted", file=sys.stderr)
+        return 130
+    except (CliError, LscError) as e:
+        msg = str(e)
+        where = getattr(args, "file", None) or getattr(args, "checkpoint", None)
+        if where and not isinstance(e, CliError) and not msg.startswith(str(where)):
+            msg = f"{where}: {msg}"
+        return _fail(args, e, msg)
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+        return _fail(args, e, f"{where}{e.strerror or e}")
+    except MemoryError as e:
+        return _fail(args, e, "out of memory")
+    except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
+        msg = str(e).strip().splitlines()
+        return _fail(args, e, f"unexpected {type(e).__name__}: {msg[0] if msg else ''} (run with --verbose for details)")
+
+
+def _fail(args, exc: BaseException, message: str) -> int:
+    if args.verbose:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    print(f"lsc: error: {message}", file=sys.stderr)
+    return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

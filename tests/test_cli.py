@@ -1,0 +1,187 @@
+"""The ``lsc`` command line, end to end through the real entry points (subprocesses).
+
+All commands are independent (the .lsc inputs are written in-process by the
+fixture), so they run concurrently to keep this file fast.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import lsc
+from lsc.posttraining import compress_posttraining
+from lsc.zoo import DigitsCNN
+
+LSC_SCRIPT = shutil.which("lsc", path=str(Path(sys.executable).parent)) or shutil.which("lsc")
+
+
+def _cmd(*args, script=False):
+    if script and LSC_SCRIPT:
+        return [LSC_SCRIPT, *args]
+    return [sys.executable, "-m", "lsc", *args]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    torch.manual_seed(0)
+    sd = DigitsCNN().state_dict()
+    torch.save(sd, d / "cnn.pt")
+    from safetensors.torch import save_file
+    save_file(sd, str(d / "cnn.safetensors"))
+    compress_posttraining(sd, max_error=0.05, path=d / "cnn.lsc", progress=False)
+    data = (d / "cnn.lsc").read_bytes()
+    (d / "corrupt.lsc").write_bytes(data[:-40] + bytes(b ^ 0x5A for b in data[-40:]))
+    (d / "truncated.lsc").write_bytes(data[: len(data) // 2])
+    (d / "notes.pt").write_text("not a checkpoint\n")
+    if hasattr(torch, "float8_e4m3fn"):
+        torch.save({"w": torch.zeros(4, 4).to(torch.float8_e4m3fn)}, d / "fp8.pt")
+    else:  # pragma: no cover
+        torch.save({"w": torch.zeros(4, 4, dtype=torch.complex64)}, d / "fp8.pt")
+    return d, sd
+
+
+RUNS = {
+    # name: (args, uses console script)
+    "compress_pt": (["compress", "{d}/cnn.pt", "-o", "{d}/out_pt.lsc", "--max-error", "0.05"], True),
+    "compress_st": (["compress", "{d}/cnn.safetensors", "-o", "{d}/out_st.lsc", "--bits", "4", "-q"], False),
+    "info": (["info", "{d}/cnn.lsc"], True),
+    "decompress_st": (["decompress", "{d}/cnn.lsc", "-o", "{d}/dense.safetensors"], False),
+    "decompress_pt": (["decompress", "{d}/cnn.lsc", "-o", "{d}/dense.pt"], True),
+    "plot": (["plot", "{d}/cnn.lsc", "-o", "{d}/bits.png"], False),
+    "demo": (["demo", "-o", "{d}/demo.lsc", "--epochs", "1", "--steps", "4"], False),
+    # error paths
+    "err_missing": (["compress", "{d}/nope.pt", "-o", "{d}/x.lsc"], False),
+    "err_not_ckpt": (["compress", "{d}/notes.pt", "-o", "{d}/x.lsc"], True),
+    "err_dtype": (["compress", "{d}/fp8.pt", "-o", "{d}/x.lsc"], False),
+    "err_corrupt": (["info", "{d}/corrupt.lsc"], False),
+    "err_truncated": (["decompress", "{d}/truncated.lsc", "-o", "{d}/y.pt"], True),
+    "err_not_lsc": (["info", "{d}/cnn.pt"], False),
+    "err_bad_suffix": (["decompress", "{d}/cnn.lsc", "-o", "{d}/dense.npz"], False),
+    "err_verbose": (["-v", "info", "{d}/corrupt.lsc"], False),
+    "err_both_rules": (["compress", "{d}/cnn.pt", "--bits", "4", "--max-error", "0.1"], False),
+    "err_no_command": ([], True),
+}
+
+
+@pytest.fixture(scope="module")
+def runs(files):
+    d, _ = files
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+    def go(item):
+        name, (args, script) = item
+        argv = _cmd(*[a.format(d=d) for a in args], script=script)
+        p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=300, cwd=d)
+        return name, p
+
+    with ThreadPoolExecutor(max_workers=4) as ex:
+        return dict(ex.map(go, RUNS.items()))
+
+
+def _ok(p):
+    assert p.returncode == 0, p.stderr
+    return p.stdout
+
+
+def test_compress_checkpoint(runs, files):
+    d, sd = files
+    out = _ok(runs["compress_pt"])
+    assert "wrote" in out and "smaller than fp32" in out and "--max-error 0.05" in out
+    dec = lsc.load(d / "out_pt.lsc")
+    assert set(dec) == set(sd)
+    for k, v in sd.items():
+        assert torch.linalg.vector_norm(dec[k] - v) <= 0.05 * torch.linalg.vector_norm(v) + 1e-12
+    assert _ok(runs["compress_st"]) == ""  # --quiet
+    assert set(lsc.load(d / "out_st.lsc")) == set(sd)
+
+
+def test_info_table(runs, files, capsys):
+    d, sd = files
+    out = _ok(runs["info"])
+    for k in sd:
+        assert k in out
+    assert "vs fp32" in out and "vs fp16" in out and "share" in out
+    size = (d / "cnn.lsc").stat().st_size
+    assert f"{size:,} B file" in out
+    import json
+    from lsc.cli import main
+    assert main(["info", str(d / "cnn.lsc"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["totals"]["file_bytes"] == size
+
+
+def test_decompress_both_formats(runs, files):
+    d, sd = files
+    _ok(runs["decompress_st"])
+    _ok(runs["decompress_pt"])
+    ref = lsc.load(d / "cnn.lsc")
+    from safetensors.torch import load_file
+    for got in (load_file(str(d / "dense.safetensors")), torch.load(d / "dense.pt", weights_only=True)):
+        assert set(got) == set(sd)
+        for k in sd:
+            assert got[k].dtype == sd[k].dtype and torch.equal(got[k], ref[k])
+    DigitsCNN().load_state_dict(torch.load(d / "dense.pt", weights_only=True))
+
+
+def test_plot_png(runs, files):
+    d, _ = files
+    assert "heatmaps" in _ok(runs["plot"])
+    assert (d / "bits.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_end_to_end(runs, files):
+    d, _ = files
+    out = _ok(runs["demo"])
+    for word in ("fp32 size", "file size", "ratio", "accuracy before", "accuracy after"):
+        assert word in out
+    fresh = lsc.load(d / "demo.lsc", model=DigitsCNN())
+    assert isinstance(fresh, DigitsCNN)
+
+
+def test_help_lists_every_subcommand(capsys):
+    from lsc.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    for sub in ("demo", "compress", "info", "decompress", "plot"):
+        assert sub in out
+
+
+@pytest.mark.parametrize("name, needle", [
+    ("err_missing", "nope.pt: no such"),
+    ("err_not_ckpt", "notes.pt: not a PyTorch checkpoint"),
+    ("err_dtype", "w: unsupported dtype"),
+    ("err_corrupt", "corrupt.lsc"),
+    ("err_truncated", "truncated.lsc: truncated"),
+    ("err_not_lsc", "cnn.pt: not an lsc file"),
+    ("err_bad_suffix", "unknown output format .npz"),
+])
+def test_errors_are_one_actionable_line(runs, name, needle):
+    p = runs[name]
+    assert p.returncode == 1
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1, p.stderr
+    assert lines[0].startswith("lsc: error: ") and needle in lines[0], lines[0]
+    assert "Traceback" not in p.stderr
+
+
+def test_verbose_shows_traceback(runs):
+    p = runs["err_verbose"]
+    assert p.returncode == 1
+    assert "Traceback" in p.stderr and p.stderr.strip().splitlines()[-1].startswith("lsc: error: ")
+
+
+def test_usage_errors(runs):
+    assert runs["err_both_rules"].returncode == 2 and "not allowed with" in runs["err_both_rules"].stderr
+    p = runs["err_no_command"]
+    assert p.returncode == 2
+    for sub in ("demo", "compress", "info", "decompress", "plot"):
+        assert sub in p.stderr

@@ -1,0 +1,226 @@
+"""Post-training (data-free) compression: containers, the bit search, the error bound, checkpoints."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lsc
+from lsc.posttraining import (_search_exponent, compress_posttraining, load_checkpoint, module_from_state_dict,
+                              relative_error)
+from lsc.quantizer import EXPONENT_RESOLUTION
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Small tensors: one intra-op thread is fastest (and immune to an oversubscribed CI box)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(48, 64), nn.LayerNorm(64), nn.Linear(64, 40))
+        self.bn = nn.BatchNorm1d(40)
+        self.head = nn.Linear(40, 10)
+
+
+def _state(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    m = Small()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.distributions.Laplace(0.0, 0.1).sample(p.shape) + 0.01)
+        m.bn.running_mean.uniform_(-1, 1)
+        m.bn.running_var.uniform_(0.5, 2)
+        m.bn.num_batches_tracked.fill_(7)
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in m.state_dict().items()}
+
+
+def test_container_keeps_keys_buffers_and_ties():
+    sd = _state()
+    sd["tied.weight"] = sd["head.weight"]  # same storage: one shared parameter
+    root = module_from_state_dict(sd)
+    assert list(root.state_dict().keys()) == list(sd.keys())
+    assert root.get_submodule("tied").weight is root.get_submodule("head").weight
+    assert "num_batches_tracked" in dict(root.bn.named_buffers())
+    assert isinstance(root.enc.get_submodule("0").weight, nn.Parameter)
+
+
+@pytest.mark.parametrize("bad", ["a..b", ".a", "a."])
+def test_container_rejects_unrepresentable_keys(bad):
+    with pytest.raises(lsc.LscError, match="key"):
+        module_from_state_dict({bad: torch.zeros(3)})
+
+
+def test_max_error_bound_holds_in_the_file_and_search_is_minimal(tmp_path):
+    sd = _state()
+    E = 0.04
+    path = tmp_path / "m.lsc"
+    res = compress_posttraining(sd, max_error=E, rdo=0, path=path, progress=False)
+    dec = lsc.load(path)
+    assert set(dec) == set(sd)
+    for row in res.tensors:
+        bound = E if len(row["shape"]) >= 2 else E / 20
+        assert row["bound"] == pytest.approx(bound)
+        err = relative_error(dec[row["name"]], sd[row["name"]])
+        assert err == pytest.approx(row["rel_error"], rel=1e-6, abs=1e-9)
+        assert err <= bound
+    # minimal: a quarter bit fewer on the big matrix breaks the bound
+    big = max(res.tensors, key=lambda r: r["numel"])
+    coarser = compress_posttraining(sd, bits=big["bits"] - 1 / EXPONENT_RESOLUTION, rdo=0, progress=False)
+    assert next(r for r in coarser.tensors if r["name"] == big["name"])["rel_error"] > E
+    assert torch.equal(dec["bn.num_batches_tracked"], sd["bn.num_batches_tracked"])
+    # the decoded state_dict loads into the real architecture
+    Small().load_state_dict(dec)
+
+
+def test_rdo_fills_slack_and_shrinks_file(tmp_path):
+    sd = _state()
+    plain = compress_posttraining(sd, max_error=0.05, rdo=0, path=tmp_path / "a.lsc", progress=False)
+    auto = compress_posttraining(sd, max_error=0.05, rdo="auto", path=tmp_path / "b.lsc", progress=False)
+    assert auto.file_bytes < plain.file_bytes
+    dec = lsc.load(tmp_path / "b.lsc")
+    for row in auto.tensors:
+        assert relative_error(dec[row["name"]], sd[row["name"]]) <= row["bound"]
+
+
+def test_tighter_error_means_bigger_file(tmp_path):
+    sd = _state()
+    sizes = [compress_posttraining(sd, max_error=e, path=tmp_path / f"{e}.lsc", progress=False).file_bytes
+             for e in (0.1, 0.03)]
+    assert sizes[0] < sizes[1]
+
+
+def test_fixed_bits_sets_every_exponent(tmp_path):
+    sd = _state()
+    res = compress_posttraining(sd, bits=5.25, path=tmp_path / "m.lsc", progress=False)
+    st = lsc.state.get_state(res.model)
+    for entry in st.entries:
+        assert bool((entry.parametrization.exponent() == 21).all())
+    assert all(r["bits"] == 5.25 for r in res.tensors)
+    assert all(r["rel_error"] < 0.02 for r in res.tensors)
+    from lsc.plots import exponent_tables
+    tables = exponent_tables(tmp_path / "m.lsc")
+    assert set(tables) == {r["name"] for r in res.tensors}
+    assert all(int(t.min()) == int(t.max()) == 21 for t in tables.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_other_float_dtypes_round_trip(tmp_path, dtype):
+    sd = _state(dtype=dtype)
+    res = compress_posttraining(sd, max_error=0.05, path=tmp_path / "m.lsc", progress=False)
+    dec = lsc.load(tmp_path / "m.lsc")
+    for k, v in sd.items():
+        assert dec[k].dtype == v.dtype and dec[k].shape == v.shape
+    big = max(res.tensors, key=lambda r: r["numel"])
+    assert relative_error(dec[big["name"]], sd[big["name"]]) <= 0.05
+
+
+def test_model_in_place_and_reload_into_fresh_model(tmp_path):
+    torch.manual_seed(0)
+    model = Small().eval()
+    x = torch.randn(16, 48)
+    ref = model.head(model.bn(model.enc(x)))
+    res = compress_posttraining(model, max_error=0.01, path=tmp_path / "m.lsc", progress=False)
+    assert res.model is model and lsc.state.get_state(model) is not None
+    fresh = Small().eval()
+    lsc.load(tmp_path / "m.lsc", model=fresh)
+    out = fresh.head(fresh.bn(fresh.enc(x)))
+    assert relative_error(out, ref) < 0.05
+    with torch.no_grad():  # the spectral model in memory and the file agree exactly
+        assert torch.equal(model.enc[0].weight, fresh.enc[0].weight)
+
+
+def test_exclude_keeps_tensors_raw(tmp_path):
+    sd = _state()
+    compress_posttraining(sd, max_error=0.05, exclude=["bn.*"], path=tmp_path / "m.lsc", progress=False)
+    info = {r["name"]: r for r in lsc.file_info(tmp_path / "m.lsc")["rows"]}
+    assert info["bn.weight"]["kind"] == "raw" and info["enc.0.weight"]["kind"] == "spectral"
+    assert torch.equal(lsc.load(tmp_path / "m.lsc")["bn.running_var"], sd["bn.running_var"])
+
+
+def test_argument_errors():
+    sd = _state()
+    with pytest.raises(lsc.LscError, match="exactly one"):
+        compress_posttraining(sd, progress=False)
+    with pytest.raises(lsc.LscError, match="exactly one"):
+        compress_posttraining(sd, bits=4, max_error=0.1, progress=False)
+    with pytest.raises(lsc.LscError, match="max_error"):
+        compress_posttraining(sd, max_error=-1, progress=False)
+    with pytest.raises(lsc.LscError, match="bits"):
+        compress_posttraining(sd, bits=100, progress=False)
+    with pytest.raises(lsc.LscError, match="state_dict"):
+        compress_posttraining([1, 2], max_error=0.1, progress=False)
+
+
+@pytest.mark.parametrize("dtype", ["float8_e4m3fn", "complex64"])
+def test_unsupported_dtype_is_named(dtype):
+    if not hasattr(torch, dtype):
+        pytest.skip(f"torch has no {dtype}")
+    sd = {"ok.weight": torch.randn(4, 4), "bad.weight": torch.zeros(4, 4).to(getattr(torch, dtype))}
+    with pytest.raises(lsc.LscError, match=r"bad\.weight: unsupported"):
+        compress_posttraining(sd, max_error=0.1, progress=False)
+
+
+def test_search_exponent_finds_smallest_passing():
+    def err(e):  # non-increasing, crosses 0.1 between 13 and 14
+        return 2.0 ** (-e / 4) * 1.1
+    for guess in (None, 0, 13, 14, 40):
+        e, v = _search_exponent(err, -16, 64, 0.1, guess)
+        assert v <= 0.1 and err(e - 1) > 0.1, (guess, e)
+    assert _search_exponent(err, -16, 64, 1e-12)[0] == 64      # unreachable: finest step
+    assert _search_exponent(err, -16, 64, 1e9)[0] == -16       # anything goes: coarsest step
+
+
+def test_zero_tensor_and_scalar(tmp_path):
+    sd = {"z.weight": torch.zeros(8, 8), "s.scale": torch.tensor(3.5), "w.weight": torch.randn(16, 16)}
+    compress_posttraining(sd, max_error=0.01, path=tmp_path / "m.lsc", progress=False)
+    dec = lsc.load(tmp_path / "m.lsc")
+    assert torch.equal(dec["z.weight"], sd["z.weight"])
+    assert abs(float(dec["s.scale"]) - 3.5) <= 3.5 * 0.01 / 20 + 1e-6
+
+
+# ----------------------------------------------------------------- checkpoints
+
+def test_load_checkpoint_formats_and_wrappers(tmp_path):
+    sd = _state()
+    torch.save(sd, tmp_path / "a.pt")
+    torch.save({"epoch": 3, "state_dict": sd}, tmp_path / "b.pth")
+    from safetensors.torch import save_file
+    save_file(sd, str(tmp_path / "c.safetensors"))
+    for name in ("a.pt", "b.pth", "c.safetensors"):
+        got = load_checkpoint(tmp_path / name)
+        assert set(got) == set(sd) and all(torch.equal(got[k], sd[k]) for k in sd)
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(lsc.LscError, match="no such file"):
+        load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(lsc.LscError, match="directory"):
+        load_checkpoint(tmp_path)
+    (tmp_path / "text.pt").write_text("hello")
+    with pytest.raises(lsc.LscError, match="not a PyTorch checkpoint .neither"):
+        load_checkpoint(tmp_path / "text.pt")
+    (tmp_path / "bad.safetensors").write_bytes(b"\x00" * 20)
+    with pytest.raises(lsc.LscError, match="safetensors"):
+        load_checkpoint(tmp_path / "bad.safetensors")
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    with pytest.raises(lsc.LscError, match="does not contain a state_dict"):
+        load_checkpoint(tmp_path / "list.pt")
+    torch.save(nn.Linear(2, 2), tmp_path / "pickled_module.pt")  # needs full unpickling: refused
+    with pytest.raises(lsc.LscError, match="state_dict"):
+        load_checkpoint(tmp_path / "pickled_module.pt")
+
+
+def test_result_summary_properties(tmp_path):
+    res = compress_posttraining(_state(), bits=4, progress=False)
+    assert res.numel == sum(r["numel"] for r in res.tensors)
+    assert math.isclose(res.mean_bits, 4.0)
+    assert 0 < res.max_rel_error < 0.05
+    assert res.file_bytes is None and res.path is None
