@@ -57,6 +57,7 @@ RUNS = {
     "decompress_pt": (["decompress", "{d}/cnn.lsc", "-o", "{d}/dense.pt"], True),
     "plot": (["plot", "{d}/cnn.lsc", "-o", "{d}/bits.png"], False),
     "demo": (["demo", "-o", "{d}/demo.lsc", "--epochs", "1", "--steps", "4"], False),
+    "demo_target": (["demo", "-q", "-o", "{d}/target.lsc", "--epochs", "2", "--steps", "30", "--target-bytes", "30000"], True),
     # error paths
     "err_missing": (["compress", "{d}/nope.pt", "-o", "{d}/x.lsc"], False),
     "err_not_ckpt": (["compress", "{d}/notes.pt", "-o", "{d}/x.lsc"], True),
@@ -143,6 +144,13 @@ def test_demo_end_to_end(runs, files):
         assert word in out
     fresh = lsc.load(d / "demo.lsc", model=DigitsCNN())
     assert isinstance(fresh, DigitsCNN)
+
+
+def test_demo_hits_a_size_target(runs, files):
+    d, _ = files
+    _ok(runs["demo_target"])
+    size = os.path.getsize(d / "target.lsc")
+    assert abs(size - 30000) <= 0.05 * 30000, size
 
 
 def test_help_lists_every_subcommand(capsys):

@@ -86,7 +86,7 @@ def _check_output(path: str, inputs=()) -> Path:
 def cmd_demo(args) -> int:
     from .demo import run_demo
     run_demo(out=args.output, steps=args.steps, rate_weight=args.rate_weight, epochs=args.epochs,
-             seed=args.seed, progress=_progress_flag(args), quiet=args.quiet)
+             seed=args.seed, progress=_progress_flag(args), quiet=args.quiet, target_bytes=args.target_bytes)
     return 0
 
 
@@ -273,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("-o", "--output", default="demo.lsc", help="file to write (default: demo.lsc)")
     d.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the demo's tuned value)")
     d.add_argument("--rate-weight", type=float, default=None, help="weight of the rate loss")
+    d.add_argument("--target-bytes", type=float, default=None,
+                   help="file size to hit (within 5%%): the rate weight is steered during fine-tuning")
     d.add_argument("--epochs", type=int, default=None, help="epochs of plain training before compression")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)

@@ -66,8 +66,11 @@ def train_base(data, epochs: int, seed: int, progress=None):
     return model.eval()
 
 
-def finetune(model, data, steps: int, seed: int, progress=None):
-    """Fine-tune a spectral model on cross-entropy + rate loss; cosine-decayed learning rates."""
+def finetune(model, data, steps: int, seed: int, progress=None, controller=None):
+    """Fine-tune a spectral model on cross-entropy + rate loss; cosine-decayed learning rates.
+
+    With a :class:`lsc.RateController` the rate term is its Lagrangian loss (size target).
+    """
     import lsc
     x_tr, y_tr, _, _ = data
     st = lsc.state.get_state(model)
@@ -82,7 +85,7 @@ def finetune(model, data, steps: int, seed: int, progress=None):
         for s in range(steps):
             idx = next(batches)
             ce = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
-            rate = lsc.quantization_loss(model)
+            rate = controller.loss() if controller is not None else lsc.quantization_loss(model)
             loss = ce + rate
             opt.zero_grad()
             loss.backward()
@@ -90,14 +93,20 @@ def finetune(model, data, steps: int, seed: int, progress=None):
             sched.step()
             bar.update()
             if s % 10 == 0 or s == steps - 1:
-                bpw = float(rate.detach()) / st.rate_weight if st.rate_weight else float(lsc.bits_per_weight(model).detach())
+                w = controller.weight if controller is not None else st.rate_weight
+                bpw = float(rate.detach()) / w if w else float(lsc.bits_per_weight(model).detach())
                 bar.set_postfix(ce=f"{float(ce.detach()):.3f}", est=f"{bpw * n / 8:,.0f} B")
     return model.eval()
 
 
 def run_demo(out: str = "demo.lsc", steps: Optional[int] = None, rate_weight: Optional[float] = None,
-             epochs: Optional[int] = None, seed: int = 0, progress: Optional[bool] = None, quiet: bool = False) -> dict:
-    """Run the demo; print a summary unless ``quiet``; return the numbers as a dict."""
+             epochs: Optional[int] = None, seed: int = 0, progress: Optional[bool] = None, quiet: bool = False,
+             target_bytes: Optional[float] = None) -> dict:
+    """Run the demo; print a summary unless ``quiet``; return the numbers as a dict.
+
+    ``target_bytes``: steer the rate weight during fine-tuning (:class:`lsc.RateController`)
+    so that the file lands within 5% of this size.
+    """
     import lsc
     from .zoo import DigitsCNN, evaluate, load_digits_split
 
@@ -125,10 +134,16 @@ def run_demo(out: str = "demo.lsc", steps: Optional[int] = None, rate_weight: Op
         torch.manual_seed(seed)
         lsc.spectral(model, block_size=DEMO_BLOCK, init_bits=DEMO_INIT_BITS, rate_weight=rate_weight)
         t1 = time.perf_counter()
-        finetune(model, data, steps, seed, progress)
+        ctrl = None
+        if target_bytes is not None:
+            ctrl = lsc.RateController(model, target_bytes=float(target_bytes), total_steps=steps)
+        finetune(model, data, steps, seed, progress, ctrl)
+        if ctrl is not None:  # land on the target with the real encoder's byte count
+            ctrl.finalize(measure=lambda m: len(lsc.codec.to_bytes(lsc.compress_weights(m))))
         tuned = evaluate(model, x_te, y_te)
         t_tune = time.perf_counter() - t1
-        say(f"fine-tuned with lsc.quantization_loss (rate weight {rate_weight:g}) for {steps} steps: "
+        how = f"size target {target_bytes:,.0f} B" if ctrl is not None else f"rate weight {rate_weight:g}"
+        say(f"fine-tuned with lsc.quantization_loss ({how}) for {steps} steps: "
             f"test accuracy {tuned['accuracy']:.2%} [{t_tune:.0f} s]")
 
         lsc.save(model, out)
@@ -142,7 +157,7 @@ def run_demo(out: str = "demo.lsc", steps: Optional[int] = None, rate_weight: Op
     res = dict(params=n, fp32_bytes=fp32, file_bytes=size, ratio=fp32 / size, bits_per_weight=8 * size / n,
                acc_before=before["accuracy"], acc_after=after["accuracy"], acc_spectral=tuned["accuracy"],
                nll_before=before["nll"], nll_after=after["nll"], seconds=total_s, path=str(out),
-               steps=steps, epochs=epochs, rate_weight=rate_weight)
+               steps=steps, epochs=epochs, rate_weight=rate_weight, target_bytes=target_bytes)
     say(f"wrote {out} and reloaded it into a fresh DigitsCNN:")
     say(f"  fp32 size        {fp32:>10,} B")
     say(f"  file size        {size:>10,} B  ({8 * size / n:.3f} bits/weight)")
