@@ -4,25 +4,31 @@
     loss = task_loss + lsc.quantization_loss(model)   # learn what each frequency is worth
     lsc.save(model, "model.lsc")                      # entropy-coded, exact, pickle-free
 """
-from .codec import compress_weights, decompress_weights, file_info, load, save
-from .convert import spectral
-from .errors import LscError, LscFormatError
-from .loss import bits_per_weight, quantization_loss, rate_estimate, report
-from .qnet import QuantizationNetwork
-
-__version__ = "0.1.0"
-__all__ = ["spectral", "quantization_loss", "bits_per_weight", "rate_estimate", "report",
-           "QuantizationNetwork", "LscError", "LscFormatError",
-           "compress_weights", "decompress_weights", "save", "load", "file_info"]
 from . import wavelets  # noqa: F401  registers transform="wavelet" (CDF 9/7) and "wavelet53" (LeGall 5/3)
 from .buffers import choose_buffer_tolerance, decode_buffers, encode_buffers, quantize_buffers_
-from .lowrank import factorize, fold_factored_state_dict
-from .target import RateController
-__all__ += ["factorize", "fold_factored_state_dict", "RateController", "encode_buffers", "decode_buffers",
-            "quantize_buffers_", "choose_buffer_tolerance"]
-from .posttraining import PostTrainingResult, compress_posttraining, load_checkpoint
-__all__ += ["compress_posttraining", "PostTrainingResult", "load_checkpoint"]
+from .codec import compress_weights, decompress_weights, file_info, load, save
+from .convert import spectral
 from .distributed import SpectralTrainingModule, save_on_rank0, unwrap_spectral
-__all__ += ["SpectralTrainingModule", "save_on_rank0", "unwrap_spectral"]
+from .errors import LscError, LscFormatError
 from .lazy import lazy_info, load_lazy, set_cache, track_decode_memory
-__all__ += ["load_lazy", "lazy_info", "set_cache", "track_decode_memory"]
+from .loss import bits_per_weight, quantization_loss, rate_estimate, report
+from .lowrank import factorize, fold_factored_state_dict
+from .posttraining import PostTrainingResult, compress_posttraining, load_checkpoint
+from .qnet import QuantizationNetwork
+from .target import RateController
+
+__version__ = "0.1.0"
+__all__ = [
+    # training
+    "spectral", "quantization_loss", "bits_per_weight", "rate_estimate", "report", "QuantizationNetwork",
+    "RateController", "factorize",
+    # files
+    "compress_weights", "decompress_weights", "save", "load", "file_info", "fold_factored_state_dict",
+    "encode_buffers", "decode_buffers", "quantize_buffers_", "choose_buffer_tolerance",
+    # post-training, inference, distributed
+    "compress_posttraining", "PostTrainingResult", "load_checkpoint",
+    "load_lazy", "lazy_info", "set_cache", "track_decode_memory",
+    "SpectralTrainingModule", "save_on_rank0", "unwrap_spectral",
+    # errors
+    "LscError", "LscFormatError",
+]

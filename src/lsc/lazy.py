@@ -1,0 +1,631 @@
+"""Inference that keeps weights compressed in memory: per-layer decompression on the fly.
+
+``lsc.load(path, model, lazy=True)`` (or :func:`load_lazy`) loads a .lsc file into a
+plain model so that every spectral tensor stays in memory in compact form and is
+decoded just before the module that owns it runs, then released:
+
+* each compressed parameter is replaced by an empty placeholder and a
+  ``torch.nn.utils.parametrize`` parametrization whose forward decodes the tensor
+  from a compact store, so the model keeps its class and ``module.weight``
+  still works (it decodes on access);
+* forward pre/post hooks on every module owning such a tensor open a *scope*:
+  inside it each tensor is decoded at most once (a module that reads its weight
+  twice, nn.MultiheadAttention reading ``out_proj.weight``, RNNs reading
+  ``_flat_weights``) and everything decoded is dropped when the module returns.
+  Tied tensors share one store and are decoded once per use;
+* decoding ends in :func:`lsc.reconstruct.reconstruct`, the decoder of the eval
+  forward and of the file loader, so outputs equal the densely loaded model's
+  bit for bit (on the device that decodes).
+
+Two in-memory representations (``mode``):
+
+``"entropy"``  the file's ANS streams themselves (smallest; constriction decodes
+               on the CPU at every use, then the inverse transform runs on the
+               model's device);
+``"packed"``   integer coefficients bit-packed per frequency position
+               (:mod:`lsc.packing`; somewhat larger, unpacked by integer tensor ops
+               on the model's device, no CPU work).
+
+``cache=N`` keeps the N most recently decoded tensors (an LRU) to trade memory for
+speed. Large tensors (more than ``chunk_numel`` elements) are reconstructed
+block-row chunk by chunk into the output so that decoding needs little more than
+the output itself; on the first decode on each device the chunked result is
+checked bit for bit against a whole-tensor :func:`reconstruct` (matrix-product
+kernels may differ with the row count) and chunking is turned off for that tensor
+if they differ.
+
+Lazy models are for inference (the decoded weights carry no gradient);
+``model.to(device)`` moves the compact stores too.
+"""
+from __future__ import annotations
+
+import contextlib
+import tracemalloc
+import types
+import weakref
+from collections import OrderedDict
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from .blocking import BlockLayout
+from .codec import api as _api
+from .codec.elias import BitReader, unzigzag
+from .codec.entropy import MAX_CATEGORICAL_K, MAX_EXPONENT, _categorical, _decode_uniform, decode_symbols, group_bounds
+from .errors import LscError, LscFormatError
+from .grouping import position_groups
+from .packing import PackedCoefficients, int_dtype_for
+from .reconstruct import compute_dtype_for, reconstruct
+
+__all__ = ["load_lazy", "lazy_info", "LazyParametrization", "DecodeMemoryTracker", "MODES"]
+
+MODES = ("entropy", "packed")
+DEFAULT_CHUNK_NUMEL = 1 << 19
+MIN_CHUNK_NUMEL = 1 << 14
+
+
+# --------------------------------------------------------------------------- integer coefficients
+
+def _read_meta(m: dict):
+    dtype = _api._DTYPES[m["dtype"]]
+    layout = BlockLayout(tuple(m["shape"]), tuple(m["block"]))
+    cdt = compute_dtype_for(dtype)
+    mean = _api._tensor_from_bytes(bytes.fromhex(m["mean"]), cdt, []).clone()
+    std = _api._tensor_from_bytes(bytes.fromhex(m["std"]), cdt, []).clone()
+    order = _api._SCANS[m["scan"]](layout.block_shape)
+    bounds = group_bounds(position_groups(layout, m["min_group"], m["scan"]), order)
+    return dtype, layout, mean, std, order, bounds
+
+
+def _codec_integers(m: dict, data: bytes, layout, order, bounds) -> tuple[np.ndarray, np.ndarray]:
+    """(q (num_blocks, P) int64, exponents (P,) int64) with the codec's own decoder (row-major positions)."""
+    side, ans = data[:m["side"]], data[m["side"]:]
+    q_scan, e_scan = decode_symbols(side, ans, layout.block_numel, layout.num_blocks, bounds, m["name"])
+    q = np.empty((layout.num_blocks, layout.block_numel), dtype=np.int64)
+    q[:, order] = q_scan.T
+    e = np.empty(layout.block_numel, dtype=np.int64)
+    e[order] = e_scan
+    return q, e
+
+
+def _stream_integers(side: bytes, ans: bytes, layout, order, bounds, what: str) -> np.ndarray:
+    """Same symbols as :func:`lsc.codec.entropy.decode_symbols`, decoded group by group straight into a
+    (num_blocks, P) array of the narrowest integer dtype (no int64 copy of the whole tensor)."""
+    P, nb = layout.block_numel, layout.num_blocks
+    r = BitReader(side, what)
+    r.gamma(P)  # exponents: kept decoded in the store
+    G = bounds.size - 1
+    modes = r.bits(G).astype(bool)
+    rng = r.gamma(2 * G)
+    los = unzigzag(rng[0::2] - np.uint64(1))
+    ks = rng[1::2]
+    if np.any(ks > np.uint64(1 << 62)) or np.any(modes & (ks > np.uint64(MAX_CATEGORICAL_K))) or np.any(modes & (ks < 2)):
+        raise LscFormatError(f"{what}: invalid symbol range in a group model")
+    ks = ks.astype(np.int64)
+    counts_all = r.gamma(int(ks[modes].sum())).astype(np.int64) - 1
+    r.finish()
+    lo_all = int(los.min()) if G else 0
+    hi_all = int((los + ks - 1).max()) if G else 0
+    # allocated by torch (so decode-memory tracking sees it) and filled through a NumPy view
+    q_t = torch.empty((nb, P), dtype=int_dtype_for(lo_all, hi_all))
+    q = q_t.numpy()
+    import constriction
+    words = np.frombuffer(ans, dtype=np.uint32) if np.little_endian else np.frombuffer(ans, dtype="<u4").astype(np.uint32)
+    coder = constriction.stream.stack.AnsCoder(words) if words.size else constriction.stream.stack.AnsCoder()
+    toff = 0
+    for g in range(G):
+        a, b = int(bounds[g]), int(bounds[g + 1])
+        n = (b - a) * nb
+        k, lo = int(ks[g]), int(los[g])
+        cols = order[a:b]
+        if modes[g]:
+            counts = counts_all[toff:toff + k]
+            toff += k
+            if int(counts.sum()) != n:
+                raise LscFormatError(f"{what}: group {g} table counts {int(counts.sum())} symbols, expected {n}")
+            s = coder.decode(_categorical(counts), n) if n else np.zeros(0, dtype=np.int32)
+        elif k > 1 and n:
+            s = _decode_uniform(coder, n, k)
+        else:
+            q[:, cols] = lo
+            continue
+        q[:, cols] = np.asarray(s).reshape(b - a, nb).T  # no int64 temporary: offset in place
+        if lo:
+            q[:, cols] += np.asarray(lo, dtype=q.dtype)
+    if not coder.is_empty():
+        raise LscFormatError(f"{what}: entropy-coded stream has unused data")
+    return q_t
+
+
+# --------------------------------------------------------------------------- compact stores
+
+class _Store(nn.Module):
+    """One compressed tensor in compact form; ``decode(device)`` -> the dense weight."""
+
+    def __init__(self, m: dict, layout: BlockLayout, dtype, mean, std, exponent: np.ndarray, chunk_numel: int):
+        super().__init__()
+        self.name, self.layout, self.dtype, self.transform = m["name"], layout, dtype, m["transform"]
+        self.register_buffer("mean", mean, persistent=False)
+        self.register_buffer("std", std, persistent=False)
+        self.register_buffer("exponent", torch.from_numpy(np.ascontiguousarray(exponent)), persistent=False)
+        self.chunks = self._plan(chunk_numel)
+        self.chunk_ok: dict[torch.device, bool] = {}
+        self.last = None  # weakref to the last decoded tensor (for tests and introspection)
+
+    def _plan(self, chunk_numel: int):
+        L = self.layout
+        # chunks of numel/8 elements, between MIN_CHUNK_NUMEL and chunk_numel: decoding temporaries stay a
+        # fraction of the output for mid-size tensors and bounded for huge ones
+        chunk_numel = max(min(MIN_CHUNK_NUMEL, chunk_numel), min(chunk_numel, L.numel // 8))
+        if not L.shape or L.numel <= chunk_numel or L.grid[0] < 2:
+            return None
+        per_row = L.num_blocks // L.grid[0] * L.block_numel
+        step = max(1, chunk_numel // per_row)
+        cuts = list(range(0, L.grid[0], step)) + [L.grid[0]]
+        if len(cuts) > 2 and cuts[-1] - cuts[-2] < step // 2:  # no small last chunk
+            del cuts[-2]
+        return None if len(cuts) <= 2 else list(zip(cuts[:-1], cuts[1:]))
+
+    @property
+    def compact_nbytes(self) -> int:
+        raise NotImplementedError
+
+    def _rows(self, source, r0: int, r1: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _source(self, device):
+        raise NotImplementedError
+
+    def _reconstruct(self, q, layout, device):
+        return reconstruct(q, self.exponent.to(device), layout, self.mean.to(device), self.std.to(device),
+                           self.dtype, self.transform)
+
+    def decode_chunk(self, src, g0: int, g1: int, device) -> torch.Tensor:
+        """Rows of block rows g0..g1-1 (one entry of ``self.chunks``) of the weight."""
+        L = self.layout
+        rpb, b0 = L.num_blocks // L.grid[0], L.block_shape[0]
+        sub = BlockLayout((min(L.shape[0], g1 * b0) - g0 * b0,) + L.shape[1:], L.block_shape)
+        return self._reconstruct(self._rows(src, g0 * rpb, g1 * rpb), sub, device)
+
+    def gather_rows(self, idx: torch.Tensor, device) -> torch.Tensor | None:
+        """weight[idx] decoding only the chunks that hold the rows (None if chunking is not verified here)."""
+        device = torch.device(device)
+        if not self.chunks or not self.chunk_ok.get(device) or len(self.layout.shape) != 2:
+            return None
+        uniq, inv = torch.unique(idx, return_inverse=True)
+        b0 = self.layout.block_shape[0]
+        table = torch.empty((uniq.numel(), self.layout.shape[1]), dtype=self.dtype, device=device)
+        bounds = torch.tensor([[g0 * b0, g1 * b0] for g0, g1 in self.chunks], device=uniq.device)
+        cuts = torch.searchsorted(uniq, bounds.reshape(-1)).reshape(-1, 2).tolist()
+        src = None
+        for (g0, g1), (i0, i1) in zip(self.chunks, cuts):
+            if i1 > i0:
+                src = self._source(device) if src is None else src
+                w = self.decode_chunk(src, g0, g1, device)
+                table[i0:i1] = w[uniq[i0:i1] - g0 * b0]
+        return torch.nn.functional.embedding(inv, table)
+
+    def decode(self, device) -> torch.Tensor:
+        device = torch.device(device)
+        L = self.layout
+        src = self._source(device)
+        ok = self.chunk_ok.get(device) if self.chunks else False
+        if not ok:  # no chunks, chunking found inexact on this device, or first decode here (check below)
+            full = self._reconstruct(self._rows(src, 0, L.num_blocks), L, device)
+            if ok is False:
+                return full
+        out = torch.empty(L.shape, dtype=self.dtype, device=device)
+        for g0, g1 in self.chunks:
+            w = self.decode_chunk(src, g0, g1, device)
+            out[g0 * L.block_shape[0]: g0 * L.block_shape[0] + w.shape[0]].copy_(w)
+        if ok is None:  # first decode on this device: chunked must equal whole, bit for bit
+            ok = self.chunk_ok[device] = bool(torch.equal(out, full))
+            if not ok:
+                return full
+        return out
+
+
+class _EntropyStore(_Store):
+    """Mode "entropy": the file's side information and ANS stream, decoded on the CPU per use."""
+
+    def __init__(self, m, data: bytes, verify: bool, chunk_numel: int):
+        dtype, layout, mean, std, order, bounds = _read_meta(m)
+        self.__dict__["_order"], self.__dict__["_bounds"] = order, bounds
+        side, ans = data[:m["side"]], data[m["side"]:]
+        r = BitReader(side, m["name"])
+        e_scan = np.cumsum(unzigzag(r.gamma(layout.block_numel) - np.uint64(1)))
+        if e_scan.size and np.abs(e_scan).max() > MAX_EXPONENT:
+            raise LscFormatError(f"{m['name']}: step exponent out of range")
+        e = np.empty(layout.block_numel, dtype=np.int64)
+        e[order] = e_scan
+        super().__init__(m, layout, dtype, mean, std, e, chunk_numel)
+        self.side, self.ans = bytes(side), bytes(ans)  # plain attributes: stay on the CPU
+        if verify:
+            q_ref, e_ref = _codec_integers(m, data, layout, order, bounds)
+            q = _stream_integers(self.side, self.ans, layout, order, bounds, self.name).numpy()
+            if not (np.array_equal(q, q_ref) and np.array_equal(e, e_ref)):
+                raise LscError(f"{self.name}: lazy entropy decoder disagrees with the codec")
+
+    @property
+    def compact_nbytes(self) -> int:
+        return len(self.side) + len(self.ans) + sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def _source(self, device):
+        q = _stream_integers(self.side, self.ans, self.layout, self.__dict__["_order"], self.__dict__["_bounds"], self.name)
+        return q.to(device)
+
+    def _rows(self, source, r0, r1):
+        return source[r0:r1]
+
+
+class _PackedStore(_Store):
+    """Mode "packed": integer coefficients bit-packed per frequency position, unpacked on the model's device."""
+
+    def __init__(self, m, data: bytes, verify: bool, chunk_numel: int):
+        dtype, layout, mean, std, order, bounds = _read_meta(m)
+        q, e = _codec_integers(m, data, layout, order, bounds)
+        super().__init__(m, layout, dtype, mean, std, e, chunk_numel)
+        self.packed = PackedCoefficients(q, mean.dtype)
+        if verify and not np.array_equal(self.packed.rows(0, layout.num_blocks).numpy(), q):
+            raise LscError(f"{self.name}: bit packing does not round-trip")
+
+    @property
+    def compact_nbytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def _source(self, device):
+        if self.packed.lo.device != device:
+            self.packed.to(device)
+        return self.packed
+
+    def _rows(self, source, r0, r1):
+        return source.rows(r0, r1)
+
+
+# --------------------------------------------------------------------------- runtime: scopes, cache, hooks
+
+class _Runtime:
+    """Per-model state: open decode scopes (one memo per running module), the LRU cache, counters."""
+
+    def __init__(self, mode: str, cache: int):
+        self.mode, self.capacity = mode, int(cache)
+        self.scopes: list[dict] = []
+        self.cache: OrderedDict = OrderedDict()
+        self.decodes = 0
+        self.stores: list[_Store] = []
+        self.tracker: DecodeMemoryTracker | None = None
+
+    def get(self, store: _Store, device) -> torch.Tensor:
+        key = id(store)
+        for memo in reversed(self.scopes):
+            if key in memo:
+                return memo[key]
+        ckey = (key, torch.device(device))
+        if self.capacity and ckey in self.cache:
+            self.cache.move_to_end(ckey)
+            w = self.cache[ckey]
+        else:
+            ctx = (self.tracker.tracking(numpy=isinstance(store, _EntropyStore)) if self.tracker is not None
+                   else contextlib.nullcontext())
+            with ctx, torch.no_grad():
+                w = store.decode(device)
+            self.decodes += 1
+            store.last = weakref.ref(w)
+            if self.capacity:
+                self.cache[ckey] = w
+                while len(self.cache) > self.capacity:
+                    self.cache.popitem(last=False)
+        if self.scopes:
+            self.scopes[-1][key] = w
+        return w
+
+    def embedding(self, module: nn.Embedding, store: _Store, device, idx: torch.Tensor) -> torch.Tensor:
+        """An nn.Embedding forward that decodes only the chunks holding the looked-up rows (copies only, so
+        bitwise equal to the dense lookup); falls back to the whole weight when that is not possible."""
+        key = id(store)
+        full = next((memo[key] for memo in reversed(self.scopes) if key in memo), None)
+        if full is None and self.capacity:
+            full = self.cache.get((key, torch.device(device)))
+        if full is None and module.max_norm is None and not idx.is_floating_point():
+            ctx = (self.tracker.tracking(numpy=isinstance(store, _EntropyStore)) if self.tracker is not None
+                   else contextlib.nullcontext())
+            with ctx, torch.no_grad():
+                out = store.gather_rows(idx, device)
+            if out is not None:
+                self.decodes += 1
+                return out
+        return nn.functional.embedding(idx, module.weight, module.padding_idx, module.max_norm, module.norm_type,
+                                       module.scale_grad_by_freq, module.sparse)
+
+    def clear_cache(self) -> None:
+        self.cache.clear()
+
+
+class LazyParametrization(nn.Module):
+    """``weight = decode(store)``: the placeholder ``original`` only tells the device."""
+
+    def __init__(self, store: _Store, runtime: _Runtime):
+        super().__init__()
+        self.store = store  # a submodule, so model.to(device) moves packed data and statistics
+        self.__dict__["runtime"] = runtime  # plain attribute: shared by all tensors, not a submodule
+
+    @property
+    def runtime(self) -> _Runtime:
+        return self.__dict__["runtime"]
+
+    def forward(self, placeholder: torch.Tensor) -> torch.Tensor:
+        return self.__dict__["runtime"].get(self.store, placeholder.device)
+
+    def extra_repr(self) -> str:
+        return f"{self.store.name}: {self.__dict__['runtime'].mode}, {self.store.compact_nbytes} bytes"
+
+
+def _embedding_forward(self, input):
+    par = self.parametrizations.weight[0]
+    return par.runtime.embedding(self, par.store, self.parametrizations.weight.original.device, input)
+
+
+def _pre_hook(runtime):
+    def hook(module, args):
+        runtime.scopes.append({})
+    return hook
+
+
+def _post_hook(runtime):
+    def hook(module, args, output):
+        if runtime.scopes:
+            runtime.scopes.pop()
+        if isinstance(module, nn.RNNBase):
+            # RNNs keep strong references to their weights in _flat_weights: drop them (the next
+            # forward sees dead weakrefs, re-reads the weights, i.e. decodes them in its own scope).
+            module.__dict__["_flat_weights"] = [None] * len(module._flat_weights_names)
+        return None
+    return hook
+
+
+# --------------------------------------------------------------------------- loading
+
+def _resolve(model: nn.Module, name: str):
+    mod_name, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(mod_name) if mod_name else model
+    except AttributeError:
+        return None, attr
+    return module, attr
+
+
+def _target_device(model: nn.Module) -> torch.device:
+    for t in list(model.parameters()) + list(model.buffers()):
+        if not t.is_meta:
+            return t.device
+    return torch.device("cpu")
+
+
+@torch.no_grad()
+def load_lazy(src, model: nn.Module, *, mode: str = "packed", cache: int = 0, strict: bool = True,
+              verify: bool = True, chunk_numel: int = DEFAULT_CHUNK_NUMEL) -> nn.Module:
+    """Load a .lsc file (path, bytes, or compressed dict) into a plain ``model``, keeping weights compressed.
+
+    Every spectral tensor of the file becomes a parametrization of its module that
+    decodes it when read (``module.weight``) and holds nothing dense between uses;
+    other tensors (raw-coded buffers, parameters lsc did not compress) are loaded
+    normally. The model may live on any device, or on the meta device (raw tensors
+    are then assigned and everything decodes on the CPU; move it with ``.to``).
+
+    Args:
+        mode: ``"packed"`` (bit-packed integers, decoded by tensor ops on the model's
+            device; fast) or ``"entropy"`` (the ANS streams; smallest, CPU entropy decoding per use).
+        cache: keep the N most recently decoded tensors (0: decode at every use).
+        strict: the file and the model must hold exactly the same tensors.
+        verify: check at load time that the in-memory form decodes to the codec's integers.
+        chunk_numel: tensors larger than this are reconstructed in chunks of about this many elements.
+
+    Returns the model (in place), in eval mode. ``lazy_info(model)`` reports the memory it holds.
+    """
+    if mode not in MODES:
+        raise LscError(f"unknown lazy mode {mode!r}; use one of {MODES}")
+    if getattr(model, "_lsc", None) is not None:
+        raise LscError("lazy loading takes a plain model; load into a spectral model with lsc.load(path, model)")
+    if getattr(model, "_lsc_lazy", None) is not None:
+        raise LscError("model was already loaded lazily")
+    if isinstance(src, dict):
+        header, streams, _ = _api._parts_from_dict(src)
+    else:
+        header, streams, _ = _api._parts_from_bytes(_api._read(src))
+    device = _target_device(model)
+    runtime = _Runtime(mode, cache)
+    raw: dict[str, torch.Tensor] = {}
+    plan = []
+    for m, s in zip(header["tensors"], streams):
+        names = [m["name"], *m.get("tied", [])]
+        try:
+            if m["kind"] == "spectral":
+                store = (_PackedStore if mode == "packed" else _EntropyStore)(m, bytes(s), verify, chunk_numel)
+                plan.append((store, names))
+                continue
+            t = _api._decode_raw(m, s)
+        except (LscError, KeyboardInterrupt, SystemExit, GeneratorExit):
+            raise
+        except BaseException as exc:  # constriction can raise (or panic) on crafted data
+            raise LscFormatError(f"{m['name']}: cannot decode ({type(exc).__name__}: {exc})") from None
+        for n in names:
+            raw[n] = t
+    spectral_names = {n for _, names in plan for n in names}
+    own = set(model.state_dict())
+    missing = sorted(own - set(raw) - spectral_names)
+    unexpected = sorted((set(raw) | spectral_names) - own)
+    if strict and (missing or unexpected):
+        raise LscError(f"file does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    owners: dict[int, nn.Module] = {}
+    for store, names in plan:
+        store.to(device)
+        runtime.stores.append(store)
+        for n in names:
+            module, attr = _resolve(model, n)
+            if module is None or n not in own:
+                continue
+            old = module._parameters.get(attr)
+            if old is None:
+                raise LscError(f"{n}: lazy loading replaces parameters only, and this is not a parameter of the model")
+            if tuple(old.shape) != store.layout.shape:
+                raise LscError(f"{n}: file has shape {store.layout.shape}, model has {tuple(old.shape)}")
+            if parametrize.is_parametrized(module, attr):
+                raise LscError(f"{n}: is already parametrized")
+            dev = device if old.is_meta else old.device
+            module._parameters[attr] = nn.Parameter(torch.empty(0, dtype=store.dtype, device=dev), requires_grad=False)
+            parametrize.register_parametrization(module, attr, LazyParametrization(store, runtime), unsafe=True)
+            owners[id(module)] = module
+    if raw:
+        meta = any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
+        keep = {k: v.to(device) for k, v in raw.items() if k in own}
+        model.load_state_dict(keep, strict=False, assign=meta)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise LscError(f"tensors still on the meta device after loading (not in the file): {left[:5]}; "
+                       "build the model on a real device (weights are freed as they are replaced)")
+    for module in owners.values():
+        if isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward:
+            module.forward = types.MethodType(_embedding_forward, module)
+        module.register_forward_pre_hook(_pre_hook(runtime))
+        module.register_forward_hook(_post_hook(runtime), always_call=True)
+        if isinstance(module, nn.RNNBase):
+            module.__dict__["_flat_weights"] = [None] * len(module._flat_weights_names)
+    model.__dict__["_lsc_lazy"] = runtime
+    return model.eval()
+
+
+def _runtime(model) -> _Runtime:
+    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
+        rt = m.__dict__.get("_lsc_lazy") if m is not None else None
+        if rt is not None:
+            return rt
+    raise LscError("model was not loaded with lsc.load(..., lazy=True)")
+
+
+def lazy_info(model: nn.Module) -> dict[str, Any]:
+    """Memory a lazily loaded model holds: compact stores, other tensors, the largest decoded tensor."""
+    rt = _runtime(model)
+    compact = sum(s.compact_nbytes for s in rt.stores)
+    seen, other = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        other += t.numel() * t.element_size()
+    store_buffers = sum(b.numel() * b.element_size() for s in rt.stores for b in s.buffers())
+    largest = max((s.layout.numel * s.dtype.itemsize for s in rt.stores), default=0)
+    return {"mode": rt.mode, "tensors": len(rt.stores), "compact_bytes": compact,
+            "other_bytes": other - store_buffers, "resident_bytes": compact + other - store_buffers,
+            "largest_decoded_bytes": largest, "dense_bytes": sum(s.layout.numel * s.dtype.itemsize for s in rt.stores),
+            "decodes": rt.decodes, "cache": rt.capacity}
+
+
+def set_cache(model: nn.Module, n: int) -> None:
+    """Change the number of decoded tensors a lazy model keeps (0 disables the cache and frees it)."""
+    rt = _runtime(model)
+    rt.capacity = int(n)
+    while len(rt.cache) > rt.capacity:
+        rt.cache.popitem(last=False)
+
+
+__all__ += ["set_cache"]
+
+
+# --------------------------------------------------------------------------- measurement
+
+class DecodeMemoryTracker:
+    """Counts the bytes of tensors created while decoding, for as long as they stay alive.
+
+    Installed on a lazy model (``track_decode_memory(model)``), it sees every tensor
+    the decoders allocate (through a TorchDispatchMode) and follows each storage
+    until the last tensor using it dies (weakref finalizers), so ``peak`` is the
+    largest number of bytes that decoded weights and their temporaries held at once,
+    on any device. NumPy allocations of the entropy decoder are added from tracemalloc
+    (``numpy_peak``).
+    """
+
+    def __init__(self):
+        self.live: dict[int, list] = {}
+        self.current = 0
+        self.peak = 0
+        self.numpy_peak = 0
+
+    def reset_peak(self) -> None:
+        self.peak = self.current
+        self.numpy_peak = 0
+
+    def _release(self, ptr: int) -> None:
+        ent = self.live.get(ptr)
+        if ent is None:
+            return
+        ent[1] -= 1
+        if ent[1] == 0:
+            self.current -= ent[0]
+            del self.live[ptr]
+
+    @staticmethod
+    def _ptr(t: torch.Tensor) -> tuple[int, int]:
+        try:
+            st = t.untyped_storage()
+        except Exception:  # noqa: BLE001  (sparse and other storage-less tensors)
+            return 0, 0
+        return st.data_ptr(), st.nbytes()
+
+    def track(self, t: torch.Tensor, input_ptrs=()) -> None:
+        ptr, nbytes = self._ptr(t)
+        if nbytes == 0 or ptr == 0:
+            return
+        ent = self.live.get(ptr)
+        if ent is None:
+            if ptr in input_ptrs:  # a view of (or the same) tensor that existed before decoding
+                return
+            self.live[ptr] = [nbytes, 1]
+            self.current += nbytes
+            self.peak = max(self.peak, self.current)
+        else:
+            ent[1] += 1
+        weakref.finalize(t, self._release, ptr)
+
+    @contextlib.contextmanager
+    def tracking(self, numpy: bool = True):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                ins = {tracker._ptr(t)[0] for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)}
+                for t in tree_flatten(out)[0]:
+                    if isinstance(t, torch.Tensor):
+                        tracker.track(t, ins)
+                return out
+
+        started = numpy and not tracemalloc.is_tracing()
+        if started:
+            tracemalloc.start()
+        if numpy:
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+        try:
+            with _Mode():
+                yield self
+        finally:
+            if numpy:
+                self.numpy_peak = max(self.numpy_peak, tracemalloc.get_traced_memory()[1] - base)
+            if started:
+                tracemalloc.stop()
+
+
+def track_decode_memory(model: nn.Module, enable: bool = True) -> DecodeMemoryTracker | None:
+    """Attach (or with ``enable=False`` remove) a :class:`DecodeMemoryTracker` to a lazy model."""
+    rt = _runtime(model)
+    rt.tracker = DecodeMemoryTracker() if enable else None
+    return rt.tracker
+
+
+__all__ += ["track_decode_memory"]
