@@ -241,3 +241,11 @@ def test_minilm_bert_model_from_pypi_package():
         out = model(input_ids=ids).last_hidden_state
     cos = nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).min()
     assert cos > 0.9999
+
+
+def test_rate_estimate_with_more_histogram_bins_than_float32_counts_exactly():
+    """High bits on a large tensor give > 2^24 histogram bins; bin indices must stay exact."""
+    model = nn.Linear(1024, 2048, bias=False)
+    lsc.spectral(model, init_bits=16, min_group_symbols=1)
+    bits = lsc.bits_per_weight(model)
+    assert torch.isfinite(bits) and bits.item() > 10

@@ -103,7 +103,7 @@ def exact_bits(coeffs: list[torch.Tensor], steps: list[torch.Tensor], groups: li
         lo.append(torch.full((ng,), float("inf"), device=dev, dtype=q.dtype).scatter_reduce(0, g, pmin, "amin"))
         hi.append(torch.full((ng,), float("-inf"), device=dev, dtype=q.dtype).scatter_reduce(0, g, pmax, "amax"))
     lo_all, hi_all = torch.cat(lo), torch.cat(hi)
-    width = (hi_all - lo_all + 1).to(torch.int64)  # alphabet size K of each group
+    width = hi_all.to(torch.int64) - lo_all.to(torch.int64) + 1  # alphabet size K of each group
     starts = torch.cumsum(width, 0) - width
     total_bins = int(width.sum())  # the one host synchronization
     bin_group = torch.repeat_interleave(torch.arange(width.numel(), device=dev), width, output_size=total_bins)
@@ -113,8 +113,10 @@ def exact_bits(coeffs: list[torch.Tensor], steps: list[torch.Tensor], groups: li
     goff = 0
     for q, g, ng in zip(hard, groups, num_groups):
         gid = g + goff
-        base = (starts[gid] - lo_all[gid]).to(q.dtype)  # bin of symbol s at position p: s + base[p]
-        counts.index_add_(0, (q + base).to(torch.int64).flatten(), torch.ones(q.numel(), device=dev, dtype=torch.float64))
+        # bin of symbol s at position p: s + base[p], in integers (float32 is exact only below 2^24 bins)
+        base = starts[gid] - lo_all[gid].to(torch.int64)
+        idx = (q.to(torch.int64) + base).flatten()
+        counts.index_add_(0, idx, torch.ones(idx.numel(), device=dev, dtype=torch.float64))
         group_sizes.index_add_(0, gid, torch.full_like(gid, q.shape[0], dtype=torch.float64))
         goff += ng
 
