@@ -249,3 +249,12 @@ def test_rate_estimate_with_more_histogram_bins_than_float32_counts_exactly():
     lsc.spectral(model, init_bits=16, min_group_symbols=1)
     bits = lsc.bits_per_weight(model)
     assert torch.isfinite(bits) and bits.item() > 10
+
+
+def test_surrogate_rate_backward_matches_autograd():
+    from lsc.rate import _LogisticBits, _logistic_scale, logistic_code_length
+    c = torch.randn(40, 6, dtype=torch.float64, requires_grad=True)
+    step = (torch.rand(6, dtype=torch.float64) + 0.05).requires_grad_()
+    scale = _logistic_scale(c)
+    assert torch.autograd.gradcheck(lambda c_, s_: _LogisticBits.apply(c_, s_, scale), (c, step))
+    torch.testing.assert_close(_LogisticBits.apply(c, step, scale), logistic_code_length(c, step, scale).sum())

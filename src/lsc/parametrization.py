@@ -16,7 +16,7 @@ from .errors import LscError
 from .grouping import position_groups
 from .morton import morton_order
 from .qnet import QuantizationNetwork, position_features
-from .quantizer import bits_to_exponent, integer_coefficients, leaky_round, step_size
+from .quantizer import bits_to_exponent, fake_quantize, integer_coefficients, step_size
 from .reconstruct import compute_dtype_for, reconstruct, synthesize
 from .transforms import block_transform
 
@@ -91,7 +91,7 @@ class SpectralParametrization(nn.Module):
         if self.training:
             e = self.exponent()
             step = self.step(e)
-            c_hat = leaky_round(coeffs.to(step.dtype) / step, self.leak) * step
+            c_hat = fake_quantize(coeffs.to(step.dtype), step, self.leak)
             return synthesize(c_hat, self.layout, self.mean, self.std, self.orig_dtype, self.transform)
         q, e = self.integer_state(coeffs, check=False)
         w = reconstruct(q, e, self.layout, self.mean, self.std, self.orig_dtype, self.transform)
