@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from fnmatch import fnmatch
-from typing import Callable, Iterable, Union
+from typing import Callable, Union
 
 import torch
 from torch import nn

@@ -53,8 +53,7 @@ from torch.nn.utils import parametrize
 
 from .blocking import BlockLayout
 from .codec import api as _api
-from .codec.elias import BitReader, unzigzag
-from .codec.entropy import MAX_CATEGORICAL_K, MAX_EXPONENT, _categorical, _decode_uniform, decode_symbols, group_bounds
+from .codec.entropy import GroupStream, decode_symbols, group_bounds
 from .errors import LscError, LscFormatError
 from .grouping import position_groups
 from .packing import PackedCoefficients, int_dtype_for
@@ -95,48 +94,18 @@ def _stream_integers(side: bytes, ans: bytes, layout, order, bounds, what: str) 
     """Same symbols as :func:`lsc.codec.entropy.decode_symbols`, decoded group by group straight into a
     (num_blocks, P) array of the narrowest integer dtype (no int64 copy of the whole tensor)."""
     P, nb = layout.block_numel, layout.num_blocks
-    r = BitReader(side, what)
-    r.gamma(P)  # exponents: kept decoded in the store
-    G = bounds.size - 1
-    modes = r.bits(G).astype(bool)
-    rng = r.gamma(2 * G)
-    los = unzigzag(rng[0::2] - np.uint64(1))
-    ks = rng[1::2]
-    if np.any(ks > np.uint64(1 << 62)) or np.any(modes & (ks > np.uint64(MAX_CATEGORICAL_K))) or np.any(modes & (ks < 2)):
-        raise LscFormatError(f"{what}: invalid symbol range in a group model")
-    ks = ks.astype(np.int64)
-    counts_all = r.gamma(int(ks[modes].sum())).astype(np.int64) - 1
-    r.finish()
-    lo_all = int(los.min()) if G else 0
-    hi_all = int((los + ks - 1).max()) if G else 0
+    gs = GroupStream(side, ans, P, nb, bounds, what)  # exponents are kept decoded in the store
     # allocated by torch (so decode-memory tracking sees it) and filled through a NumPy view
-    q_t = torch.empty((nb, P), dtype=int_dtype_for(lo_all, hi_all))
+    q_t = torch.empty((nb, P), dtype=int_dtype_for(*gs.value_range()))
     q = q_t.numpy()
-    import constriction
-    words = np.frombuffer(ans, dtype=np.uint32) if np.little_endian else np.frombuffer(ans, dtype="<u4").astype(np.uint32)
-    coder = constriction.stream.stack.AnsCoder(words) if words.size else constriction.stream.stack.AnsCoder()
-    toff = 0
-    for g in range(G):
-        a, b = int(bounds[g]), int(bounds[g + 1])
-        n = (b - a) * nb
-        k, lo = int(ks[g]), int(los[g])
+    for a, b, lo, s in gs:
         cols = order[a:b]
-        if modes[g]:
-            counts = counts_all[toff:toff + k]
-            toff += k
-            if int(counts.sum()) != n:
-                raise LscFormatError(f"{what}: group {g} table counts {int(counts.sum())} symbols, expected {n}")
-            s = coder.decode(_categorical(counts), n) if n else np.zeros(0, dtype=np.int32)
-        elif k > 1 and n:
-            s = _decode_uniform(coder, n, k)
-        else:
+        if s is None:
             q[:, cols] = lo
             continue
         q[:, cols] = np.asarray(s).reshape(b - a, nb).T  # no int64 temporary: offset in place
         if lo:
             q[:, cols] += np.asarray(lo, dtype=q.dtype)
-    if not coder.is_empty():
-        raise LscFormatError(f"{what}: entropy-coded stream has unused data")
     return q_t
 
 
@@ -235,10 +204,7 @@ class _EntropyStore(_Store):
         dtype, layout, mean, std, order, bounds = _read_meta(m)
         self.__dict__["_order"], self.__dict__["_bounds"] = order, bounds
         side, ans = data[:m["side"]], data[m["side"]:]
-        r = BitReader(side, m["name"])
-        e_scan = np.cumsum(unzigzag(r.gamma(layout.block_numel) - np.uint64(1)))
-        if e_scan.size and np.abs(e_scan).max() > MAX_EXPONENT:
-            raise LscFormatError(f"{m['name']}: step exponent out of range")
+        e_scan = GroupStream(side, ans, layout.block_numel, layout.num_blocks, bounds, m["name"]).exponents
         e = np.empty(layout.block_numel, dtype=np.int64)
         e[order] = e_scan
         super().__init__(m, layout, dtype, mean, std, e, chunk_numel)

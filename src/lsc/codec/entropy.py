@@ -153,50 +153,78 @@ def encode_symbols(q_scan: np.ndarray, exponents_scan: np.ndarray, bounds: np.nd
     return side, words.tobytes(), stats
 
 
+class GroupStream:
+    """Parsed side information of one tensor's stream; iterating entropy-decodes it group by group.
+
+    Shared by the file decoder and the lazy loader, which fill different layouts.
+    Attributes: ``exponents`` (P,) in scan order, ``los`` / ``ks`` (offset and alphabet
+    size per group). Iteration yields ``(a, b, lo, symbols)`` for scan positions [a, b):
+    ``symbols`` is the (b - a) * nb array of ``value - lo`` in (position, block) order,
+    or None when every value of the group is ``lo``.
+    """
+
+    def __init__(self, side: bytes, ans: bytes, P: int, nb: int, bounds: np.ndarray, what: str):
+        self.nb, self.bounds, self.what = nb, bounds, what
+        r = BitReader(side, what)
+        e = np.cumsum(unzigzag(r.gamma(P) - np.uint64(1)))
+        if e.size and np.abs(e).max() > MAX_EXPONENT:
+            raise LscFormatError(f"{what}: step exponent out of range")
+        G = bounds.size - 1
+        self.modes = r.bits(G).astype(bool)
+        rng = r.gamma(2 * G)
+        los = unzigzag(rng[0::2] - np.uint64(1))
+        ks = rng[1::2]
+        if np.any(ks > np.uint64(1 << 62)) or np.any(self.modes & (ks > np.uint64(MAX_CATEGORICAL_K))) \
+                or np.any(self.modes & (ks < 2)):
+            raise LscFormatError(f"{what}: invalid symbol range in a group model")
+        if np.any(los.astype(np.float64) + ks.astype(np.float64) > 2.0 ** 62):
+            raise LscFormatError(f"{what}: symbol range overflows")
+        self.exponents = e.astype(np.int64)
+        self.los, self.ks = los, ks.astype(np.int64)
+        self.counts = r.gamma(int(self.ks[self.modes].sum())).astype(np.int64) - 1
+        r.finish()
+        words = np.frombuffer(ans, dtype="<u4").astype(np.uint32)
+        self.coder = constriction.stream.stack.AnsCoder(words) if words.size else constriction.stream.stack.AnsCoder()
+
+    def value_range(self) -> tuple[int, int]:
+        """Smallest and largest decoded value over all groups."""
+        if self.los.size == 0:
+            return 0, 0
+        return int(self.los.min()), int((self.los + self.ks - 1).max())
+
+    def __iter__(self):
+        toff = 0
+        for g in range(self.bounds.size - 1):
+            a, b = int(self.bounds[g]), int(self.bounds[g + 1])
+            n = (b - a) * self.nb
+            k, lo = int(self.ks[g]), int(self.los[g])
+            if self.modes[g]:
+                counts = self.counts[toff:toff + k]
+                toff += k
+                if int(counts.sum()) != n:
+                    raise LscFormatError(f"{self.what}: group {g} table counts {int(counts.sum())} symbols, expected {n}")
+                s = self.coder.decode(_categorical(counts), n) if n else np.zeros(0, dtype=np.int32)
+            elif k > 1 and n:
+                s = _decode_uniform(self.coder, n, k)
+                if s.size and int(s.max()) >= k:
+                    raise LscFormatError(f"{self.what}: symbol outside its uniform range")
+            else:
+                s = None
+            yield a, b, lo, s
+        if not self.coder.is_empty():
+            raise LscFormatError(f"{self.what}: entropy-coded stream has unused data")
+
+
 def decode_symbols(side: bytes, ans: bytes, P: int, nb: int, bounds: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`encode_symbols` -> (q_scan (P, nb) int64, exponents_scan (P,) int64)."""
-    r = BitReader(side, what)
-    e = np.cumsum(unzigzag(r.gamma(P) - np.uint64(1)))
-    if e.size and np.abs(e).max() > MAX_EXPONENT:
-        raise LscFormatError(f"{what}: step exponent out of range")
-    G = bounds.size - 1
-    modes = r.bits(G).astype(bool)
-    rng = r.gamma(2 * G)
-    los = unzigzag(rng[0::2] - np.uint64(1))
-    ks = rng[1::2]
-    if np.any(ks > np.uint64(1 << 62)) or np.any(modes & (ks > np.uint64(MAX_CATEGORICAL_K))) or np.any(modes & (ks < 2)):
-        raise LscFormatError(f"{what}: invalid symbol range in a group model")
-    if np.any(los.astype(np.float64) + ks.astype(np.float64) > 2.0 ** 62):
-        raise LscFormatError(f"{what}: symbol range overflows")
-    ks = ks.astype(np.int64)
-    n_table = int(ks[modes].sum())
-    counts_all = r.gamma(n_table).astype(np.int64) - 1
-    r.finish()
-    words = np.frombuffer(ans, dtype="<u4").astype(np.uint32)
-    coder = constriction.stream.stack.AnsCoder(words) if words.size else constriction.stream.stack.AnsCoder()
+    """Inverse of :func:`encode_symbols` -> (q_scan (P, nb) int32 or int64, exponents_scan (P,) int64)."""
+    gs = GroupStream(side, ans, P, nb, bounds, what)
+    lo_all, hi_all = gs.value_range()
     # int32 halves the memory traffic of the hot decode path; int64 only when a group's range needs it
-    fits32 = G == 0 or (int(los.min()) >= -(2**31) and int((los + ks).max()) <= 2**31 - 1)
-    qtype = np.int32 if fits32 else np.int64
+    qtype = np.int32 if lo_all >= -(2**31) and hi_all <= 2**31 - 1 else np.int64
     q = np.empty((P, nb), dtype=qtype)
-    toff = 0
-    for g in range(G):
-        a, b = int(bounds[g]), int(bounds[g + 1])
-        n = (b - a) * nb
-        k, lo = int(ks[g]), int(los[g])
-        if modes[g]:
-            counts = counts_all[toff:toff + k]
-            toff += k
-            if int(counts.sum()) != n:
-                raise LscFormatError(f"{what}: group {g} table counts {int(counts.sum())} symbols, expected {n}")
-            s = coder.decode(_categorical(counts), n) if n else np.zeros(0, dtype=np.int32)
-        elif k > 1 and n:
-            s = _decode_uniform(coder, n, k)
-            if s.size and int(s.max()) >= k:
-                raise LscFormatError(f"{what}: symbol outside its uniform range")
-        else:
+    for a, b, lo, s in gs:
+        if s is None:
             q[a:b] = lo
-            continue
-        q[a:b] = (np.asarray(s, dtype=qtype) + qtype(lo)).reshape(b - a, nb)
-    if not coder.is_empty():
-        raise LscFormatError(f"{what}: entropy-coded stream has unused data")
-    return q, e.astype(np.int64)
+        else:
+            q[a:b] = (np.asarray(s, dtype=qtype) + qtype(lo)).reshape(b - a, nb)
+    return q, gs.exponents
