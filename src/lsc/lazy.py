@@ -90,11 +90,10 @@ def _codec_integers(m: dict, data: bytes, layout, order, bounds) -> tuple[np.nda
     return q, e
 
 
-def _stream_integers(side: bytes, ans: bytes, layout, order, bounds, what: str) -> np.ndarray:
+def _stream_integers(gs: GroupStream, layout, order) -> torch.Tensor:
     """Same symbols as :func:`lsc.codec.entropy.decode_symbols`, decoded group by group straight into a
     (num_blocks, P) array of the narrowest integer dtype (no int64 copy of the whole tensor)."""
     P, nb = layout.block_numel, layout.num_blocks
-    gs = GroupStream(side, ans, P, nb, bounds, what)  # exponents are kept decoded in the store
     # allocated by torch (so decode-memory tracking sees it) and filled through a NumPy view
     q_t = torch.empty((nb, P), dtype=int_dtype_for(*gs.value_range()))
     q = q_t.numpy()
@@ -204,23 +203,28 @@ class _EntropyStore(_Store):
         dtype, layout, mean, std, order, bounds = _read_meta(m)
         self.__dict__["_order"], self.__dict__["_bounds"] = order, bounds
         side, ans = data[:m["side"]], data[m["side"]:]
-        e_scan = GroupStream(side, ans, layout.block_numel, layout.num_blocks, bounds, m["name"]).exponents
+        # Side information (tables, ranges, exponents) is parsed once here; each use only re-runs
+        # the ANS decoder, so decoding allocates no bit-level scratch.
+        gs = GroupStream(side, ans, layout.block_numel, layout.num_blocks, bounds, m["name"])
         e = np.empty(layout.block_numel, dtype=np.int64)
-        e[order] = e_scan
+        e[order] = gs.exponents
         super().__init__(m, layout, dtype, mean, std, e, chunk_numel)
-        self.side, self.ans = bytes(side), bytes(ans)  # plain attributes: stay on the CPU
+        self.__dict__["_groups"] = gs  # plain attribute: stays on the CPU
+        self.side_nbytes = len(side)
         if verify:
             q_ref, e_ref = _codec_integers(m, data, layout, order, bounds)
-            q = _stream_integers(self.side, self.ans, layout, order, bounds, self.name).numpy()
+            q = _stream_integers(gs, layout, order).numpy()
             if not (np.array_equal(q, q_ref) and np.array_equal(e, e_ref)):
                 raise LscError(f"{self.name}: lazy entropy decoder disagrees with the codec")
 
     @property
     def compact_nbytes(self) -> int:
-        return len(self.side) + len(self.ans) + sum(b.numel() * b.element_size() for b in self.buffers())
+        gs = self.__dict__["_groups"]
+        parsed = gs.words.nbytes + gs.counts.nbytes + gs.los.nbytes + gs.ks.nbytes + gs.modes.nbytes
+        return parsed + sum(b.numel() * b.element_size() for b in self.buffers())
 
     def _source(self, device):
-        q = _stream_integers(self.side, self.ans, self.layout, self.__dict__["_order"], self.__dict__["_bounds"], self.name)
+        q = _stream_integers(self.__dict__["_groups"], self.layout, self.__dict__["_order"])
         return q.to(device)
 
     def _rows(self, source, r0, r1):

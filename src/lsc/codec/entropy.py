@@ -181,10 +181,11 @@ class GroupStream:
             raise LscFormatError(f"{what}: symbol range overflows")
         self.exponents = e.astype(np.int64)
         self.los, self.ks = los, ks.astype(np.int64)
-        self.counts = r.gamma(int(self.ks[self.modes].sum())).astype(np.int64) - 1
+        counts = r.gamma(int(self.ks[self.modes].sum())).astype(np.int64) - 1
+        # int32 halves what the lazy loader keeps resident; group sizes are far below 2^31 in valid files
+        self.counts = counts.astype(np.int32) if counts.size == 0 or int(counts.max()) < 2**31 else counts
         r.finish()
-        words = np.frombuffer(ans, dtype="<u4").astype(np.uint32)
-        self.coder = constriction.stream.stack.AnsCoder(words) if words.size else constriction.stream.stack.AnsCoder()
+        self.words = np.frombuffer(ans, dtype="<u4").astype(np.uint32)
 
     def value_range(self) -> tuple[int, int]:
         """Smallest and largest decoded value over all groups."""
@@ -193,6 +194,8 @@ class GroupStream:
         return int(self.los.min()), int((self.los + self.ks - 1).max())
 
     def __iter__(self):
+        """Decode from the start of the ANS stream (each iteration is a fresh, complete pass)."""
+        coder = constriction.stream.stack.AnsCoder(self.words) if self.words.size else constriction.stream.stack.AnsCoder()
         toff = 0
         for g in range(self.bounds.size - 1):
             a, b = int(self.bounds[g]), int(self.bounds[g + 1])
@@ -203,15 +206,15 @@ class GroupStream:
                 toff += k
                 if int(counts.sum()) != n:
                     raise LscFormatError(f"{self.what}: group {g} table counts {int(counts.sum())} symbols, expected {n}")
-                s = self.coder.decode(_categorical(counts), n) if n else np.zeros(0, dtype=np.int32)
+                s = coder.decode(_categorical(counts), n) if n else np.zeros(0, dtype=np.int32)
             elif k > 1 and n:
-                s = _decode_uniform(self.coder, n, k)
+                s = _decode_uniform(coder, n, k)
                 if s.size and int(s.max()) >= k:
                     raise LscFormatError(f"{self.what}: symbol outside its uniform range")
             else:
                 s = None
             yield a, b, lo, s
-        if not self.coder.is_empty():
+        if not coder.is_empty():
             raise LscFormatError(f"{self.what}: entropy-coded stream has unused data")
 
 
