@@ -1,0 +1,180 @@
+"""lsc on MiniLM-L6 by distillation fine-tuning (CPU budget).
+
+    python benchmarks/lsc_minilm.py --target-mb 4.5 --steps 400 [--out benchmarks/.cache/minilm_lsc.json]
+
+Teacher: the original all-MiniLM-L6-v2. Student: a copy reparameterized with
+``lsc.spectral``, trained on KJV *training* verses (``minilm.kjv_split``; the
+held-out verses are never seen) with
+
+    loss = (1 - cos(student, teacher pooled embeddings)) * 100
+         + token-level MSE of the normalized last hidden states * 10
+         + lsc.RateController(target_bytes=...).loss()
+
+then ``finalize()``, ``lsc.save``, ``lsc.load`` into a fresh BertModel, and the
+mean / minimum cosine of held-out embeddings against the teacher.
+
+Vocabulary: rows of the word-embedding table for tokens that never occur in the
+training verses get no gradient from the task; they are set to zero before
+compression (``--keep-vocab`` disables it), so they cost ~0 bits. This is a
+domain-specialized model: a sentence with such a token (none of the held-out
+verses' tokens is affected unless reported) would embed it as zero.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+for p in (ROOT / "src", ROOT):
+    if str(p) not in sys.path:
+        sys.path.insert(0, str(p))
+
+import lsc  # noqa: E402
+from benchmarks.minilm import cosine_metrics, embed, kjv_split, load_minilm  # noqa: E402
+
+MINILM_CONFIG = dict(block_size=8, init_bits=5.0, lr=1e-3, qnet_lr=1e-2, batch_size=16, max_length=64,
+                     ramp=0.5, cos_weight=100.0, tok_weight=10.0, init_weight=0.1,
+                     init_max_error=0.05, scale_vocab_bound=True)
+
+
+def train_vocab(tok, train, max_length=64) -> torch.Tensor:
+    """Boolean mask over the vocabulary: token occurs in the training verses (plus special tokens)."""
+    seen = torch.zeros(len(tok), dtype=torch.bool)
+    for i in range(0, len(train), 2048):
+        ids = tok(train[i:i + 2048], truncation=True, max_length=max_length)["input_ids"]
+        for row in ids:
+            seen[row] = True
+    seen[tok.all_special_ids] = True
+    return seen
+
+
+def _pool(hidden, mask):
+    m = mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
+
+
+def distill(target_bytes: float, steps: int, *, n_heldout=256, log=print, keep_vocab=False, loader=load_minilm,
+            corpus=None, **overrides) -> dict:
+    """One fine-tuned point; ``loader() -> (model, tokenizer)`` and ``corpus = (train, held)`` are
+    replaceable so the smoke test can run the same code on a tiny model."""
+    cfg = {**MINILM_CONFIG, **overrides}
+    torch.manual_seed(0)
+    teacher, tok = loader()
+    train, held = corpus or kjv_split()
+    held = held[:n_heldout]
+    ref = embed(teacher, tok, held, max_length=cfg["max_length"])
+    student = copy.deepcopy(teacher)
+    n = sum(p.numel() for p in teacher.parameters())
+    info = {}
+    bounds = cfg["init_max_error"]
+    if not keep_vocab:
+        seen = train_vocab(tok, train, cfg["max_length"])
+        full_norm = float(student.embeddings.word_embeddings.weight.norm())
+        held_ids = set(i for row in tok(held, truncation=True, max_length=cfg["max_length"])["input_ids"] for i in row)
+        info["vocab_kept"] = int(seen.sum())
+        info["heldout_tokens_unseen"] = int(sum(1 for i in held_ids if not seen[i]))
+        with torch.no_grad():
+            student.embeddings.word_embeddings.weight[~seen] = 0.0
+        if cfg["scale_vocab_bound"]:
+            # the post-training bound is relative to ||W||: keep it relative to the *original* table's norm,
+            # so dropping the unseen rows does not make the kept ones pay for a tighter bound
+            ratio = full_norm / max(float(student.embeddings.word_embeddings.weight.norm()), 1e-12)
+            bounds = {"embeddings.word_embeddings.weight": bounds * ratio, "default": bounds}
+        log(f"  vocabulary: {int(seen.sum())} of {len(seen)} rows kept (tokens of the training verses); "
+            f"{info['heldout_tokens_unseen']} held-out token types unseen")
+    t_init = time.perf_counter()
+    if cfg["init_max_error"] > 0:
+        # start from lsc's post-training allocation (per-tensor bits meeting an error bound), then learn
+        lsc.compress_posttraining(student, max_error=bounds, block_size=cfg["block_size"], progress=False)
+        q_net = lsc.state.get_state(student).q_net
+        for p in q_net.parameters():
+            p.requires_grad_(True)
+        info["init"] = f"post-training max_error={cfg['init_max_error']}"
+    else:
+        q_net = lsc.spectral(student, block_size=cfg["block_size"], init_bits=cfg["init_bits"])
+        info["init"] = f"init_bits={cfg['init_bits']}"
+    info["init_s"] = time.perf_counter() - t_init
+    coeffs = [p for _, p in student.named_parameters()]
+    opt = torch.optim.Adam([dict(params=coeffs, lr=cfg["lr"]), dict(params=list(q_net.parameters()), lr=cfg["qnet_lr"])])
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[cfg["lr"], cfg["qnet_lr"]], total_steps=steps,
+                                                pct_start=0.1, div_factor=10, final_div_factor=10)
+    ctrl = lsc.RateController(student, target_bytes=target_bytes, total_steps=steps, ramp=cfg["ramp"],
+                              init_weight=cfg["init_weight"])
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(train), generator=gen)
+    bs = cfg["batch_size"]
+    t0 = time.perf_counter()
+    student.train()
+    for mod in student.modules():  # distill the deterministic model: no dropout (attention reads .p too)
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    for step in range(steps):
+        batch = [train[int(i)] for i in perm[(step * bs) % len(perm):(step * bs) % len(perm) + bs]]
+        enc = tok(batch, padding=True, truncation=True, max_length=cfg["max_length"], return_tensors="pt")
+        with torch.no_grad():
+            th = teacher(**enc).last_hidden_state
+        sh = student(**enc).last_hidden_state
+        mask = enc["attention_mask"]
+        cos = F.cosine_similarity(_pool(sh, mask), _pool(th, mask), dim=-1)
+        m = mask.unsqueeze(-1).to(sh.dtype)
+        tok_mse = (((F.normalize(sh, dim=-1) - F.normalize(th, dim=-1)) ** 2) * m).sum() / m.sum()
+        loss = cfg["cos_weight"] * (1 - cos).mean() + cfg["tok_weight"] * tok_mse + ctrl.loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step % 25 == 0 or step == steps - 1:
+            log(f"  step {step:4d}  cos {float(cos.detach().mean()):.4f}  predicted {ctrl.predicted_bytes() / 1e6:.3f} MB  "
+                f"lambda {ctrl.weight:.3g}  {time.perf_counter() - t0:.0f}s")
+    student.eval()
+    ctrl.finalize()
+    train_s = time.perf_counter() - t0
+    fd, path = tempfile.mkstemp(suffix=".lsc")
+    os.close(fd)
+    try:
+        t1 = time.perf_counter()
+        lsc.save(student, path)
+        enc_s = time.perf_counter() - t1
+        size = os.path.getsize(path)
+        fresh, _ = loader()
+        t1 = time.perf_counter()
+        dec = lsc.load(path, fresh)
+        dec_s = time.perf_counter() - t1
+    finally:
+        os.unlink(path)
+    met = cosine_metrics(ref, embed(dec, tok, held, max_length=cfg["max_length"]))
+    row = dict(model="minilm", method="lsc (fine-tuned)", setting=f"target={target_bytes / 1e6:g}MB", bytes=size,
+               ratio=4 * n / size, bpp=8 * size / n, enc_s=enc_s, dec_s=dec_s, steps=steps, train_s=train_s,
+               batch_size=bs, passes=met["mean_cos"] >= 0.99, **met, **info)
+    log(f"  RESULT {json.dumps(row)}")
+    return row
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--target-mb", type=float, default=4.5)
+    ap.add_argument("--steps", type=int, default=400)
+    ap.add_argument("--keep-vocab", action="store_true")
+    ap.add_argument("--set", action="append", default=[], help="override a MINILM_CONFIG key: key=value")
+    ap.add_argument("--out", default=None, help="append the result row (JSON line) to this file")
+    args = ap.parse_args(argv)
+    over = {k: type(MINILM_CONFIG[k])(eval(v)) for k, v in (kv.split("=", 1) for kv in args.set)}
+    torch.set_num_threads(int(os.environ.get("LSC_THREADS", "2")))
+    row = distill(args.target_mb * 1e6, args.steps, keep_vocab=args.keep_vocab, **over)
+    row["config"] = {**MINILM_CONFIG, **over}
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Smoke test of the benchmark suite (benchmarks/run_all.py) on a tiny budget.
+
+Runs every code path of the real benchmark -- baselines, lsc fine-tuned and
+post-training points on the digits CNN, the MiniLM distillation loop (on a tiny
+BERT with the real tokenizer and corpus), the report and the plots -- with a
+few steps each, so the benchmark cannot rot. The numbers are not checked
+against targets; only that rows are well formed and files are written.
+"""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+pytest.importorskip("zstandard")
+pytest.importorskip("matplotlib")
+
+ROW_KEYS = {"model", "method", "setting", "bytes", "ratio", "bpp", "enc_s", "dec_s", "passes"}
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    from benchmarks import run_all as RA
+    plan = dict(digits_grid=dict(fixed=("int8+zstd", "int4+zstd"), svd_eps=[0.2], prune_fracs=[0.9], qps=[-20]),
+                digits_lsc=[(8000, 15)], digits_pt=[0.1])
+    cache = RA.Cache(tmp_path_factory.mktemp("cache"), fresh=False)
+    include_nncodec = importlib.util.find_spec("nnc") is not None
+    sec = RA.digits_section(plan, cache, include_nncodec=include_nncodec, log=lambda s: None)
+    return sec, cache, plan
+
+
+def test_digits_section_rows(digits):
+    sec, _, _ = digits
+    methods = {r["method"] for r in sec["rows"]}
+    assert {"int8+zstd", "int4+zstd", "lsc (fine-tuned)", "lsc (post-training)"} <= methods
+    for r in sec["rows"]:
+        assert ROW_KEYS <= set(r), r
+        assert r["bytes"] > 0 and 0.0 <= r["accuracy"] <= 1.0
+    ft = next(r for r in sec["rows"] if r["method"] == "lsc (fine-tuned)")
+    assert ft["steps"] == 15 and ft["train_s"] > 0
+
+
+def test_cache_reuses_points(digits):
+    from benchmarks import run_all as RA
+    sec, cache, plan = digits
+    calls = []
+    again = RA.digits_section(dict(plan, digits_grid=plan["digits_grid"]), cache,
+                              include_nncodec=importlib.util.find_spec("nnc") is not None, log=calls.append)
+    assert all(line.startswith("  [cached]") for line in calls)
+    assert [r["bytes"] for r in again["rows"]] == [r["bytes"] for r in sec["rows"]]
+
+
+def test_minilm_distill_tiny():
+    pytest.importorskip("transformers")
+    from transformers import BertConfig, BertModel
+
+    from benchmarks.lsc_minilm import distill
+    from benchmarks.minilm import kjv_split, minilm_dir
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+
+    def loader():
+        torch.manual_seed(0)
+        return BertModel(cfg, add_pooling_layer=False).eval(), tok
+
+    train, held = kjv_split()
+    row = distill(60_000, 3, n_heldout=8, log=lambda s: None, loader=loader, corpus=(train[:48], held[:8]),
+                  batch_size=4, max_length=16, init_max_error=0.1)
+    assert ROW_KEYS <= set(row)
+    assert row["bytes"] > 0 and -1.0 <= row["mean_cos"] <= 1.0 + 1e-6 and row["steps"] == 3
+
+
+def test_report_and_plots(digits, tmp_path):
+    from benchmarks import run_all as RA
+    sec, _, _ = digits
+    mini = dict(rows=[dict(model="minilm", method=m, setting="", bytes=b, ratio=90e6 / b, bpp=8 * b / 22.7e6,
+                           enc_s=1.0, dec_s=1.0, mean_cos=c, min_cos=c - 0.05, passes=c >= 0.99)
+                      for m, b, c in [("int8+zstd", 21_000_000, 0.999), ("lsc (fine-tuned)", 5_000_000, 0.991),
+                                      ("lsc (fine-tuned)", 4_000_000, 0.985)]], seconds=1.0)
+    RA.write_report(sec, mini, ["--quick"], 1.0, path=tmp_path / "B.md", summary=tmp_path / "S.md",
+                    img=tmp_path / "img")
+    text = (tmp_path / "B.md").read_text()
+    assert "Digits CNN" in text and "MiniLM-L6" in text and "Versions:" in text
+    assert (tmp_path / "img" / "rate_accuracy_digits.png").stat().st_size > 1000
+    assert (tmp_path / "img" / "rate_accuracy_minilm.png").stat().st_size > 1000
+    assert "lsc (fine-tuned): 5.00 MB" in (tmp_path / "S.md").read_text()
