@@ -13,6 +13,7 @@ the training model's). Steps and wall time are recorded per point.
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import os
 import sys
@@ -140,7 +141,8 @@ def main(argv=None):
     over = {}
     for kv in args.set:
         k, v = kv.split("=", 1)
-        over[k] = type(DIGITS_CONFIG[k])(eval(v)) if k != "block_size" else eval(v)
+        val = ast.literal_eval(v)  # literals only: a command-line value never runs code
+        over[k] = type(DIGITS_CONFIG[k])(val) if k != "block_size" else val
     base = digits_model()
     data = load_digits_split()
     print("fp32", evaluate(base, data[2], data[3]), over, flush=True)

@@ -272,9 +272,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with the rate loss, save the .lsc file, reload it into a fresh model and compare.")
     d.add_argument("-o", "--output", default="demo.lsc", help="file to write (default: demo.lsc)")
     d.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the demo's tuned value)")
-    d.add_argument("--rate-weight", type=float, default=None, help="weight of the rate loss")
+    d.add_argument("--rate-weight", type=float, default=None, help="fixed weight of the rate loss (instead of a size target)")
     d.add_argument("--target-bytes", type=float, default=None,
-                   help="file size to hit (within 5%%): the rate weight is steered during fine-tuning")
+                   help="file size to hit within 5%% (default 8000): the rate weight is steered during fine-tuning")
     d.add_argument("--epochs", type=int, default=None, help="epochs of plain training before compression")
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(func=cmd_demo)

@@ -22,13 +22,17 @@ import torch.nn.functional as F
 __all__ = ["run_demo", "train_base", "finetune", "DEMO_EPOCHS", "DEMO_STEPS", "DEMO_RATE_WEIGHT"]
 
 DEMO_EPOCHS = 20          # plain training before compression
-DEMO_STEPS = 600          # fine-tuning steps with the rate loss
-DEMO_RATE_WEIGHT = 0.3    # weight of bits/weight against cross-entropy (nats)
-DEMO_INIT_BITS = 4.0
+DEMO_STEPS = 1500         # fine-tuning steps with the rate loss
+DEMO_TARGET_BYTES = 8000  # default size target: ~77x at no accuracy loss (6000: ~100x, about -0.5 points)
+DEMO_RATE_WEIGHT = 0.3    # fixed weight of bits/weight against the task loss, when --rate-weight is given
+DEMO_INIT_BITS = 6.0
 DEMO_BLOCK = 8
-BATCH = 64
-LR = 1e-3
+BATCH = 64                # plain training
+TUNE_BATCH = 128          # fine-tuning
+LR = 1e-3                 # plain training
+TUNE_LR = 3e-3            # coefficients while fine-tuning (one-cycle schedule)
 QNET_LR = 1e-2
+KD_WEIGHT, KD_T = 1.0, 2.0  # distillation from the fp32 model next to the labels
 
 
 def _bar(total, desc, progress, unit="step"):
@@ -66,27 +70,37 @@ def train_base(data, epochs: int, seed: int, progress=None):
     return model.eval()
 
 
-def finetune(model, data, steps: int, seed: int, progress=None, controller=None):
-    """Fine-tune a spectral model on cross-entropy + rate loss; cosine-decayed learning rates.
+def finetune(model, data, steps: int, seed: int, progress=None, controller=None, teacher_logits=None):
+    """Fine-tune a spectral model on cross-entropy (+ distillation) + rate loss, one-cycle learning rates.
 
     With a :class:`lsc.RateController` the rate term is its Lagrangian loss (size target).
     """
     import lsc
     x_tr, y_tr, _, _ = data
     st = lsc.state.get_state(model)
-    opt = torch.optim.Adam([{"params": [p for p in model.parameters() if p.requires_grad], "lr": LR},
+    opt = torch.optim.Adam([{"params": [p for p in model.parameters() if p.requires_grad], "lr": TUNE_LR},
                             {"params": list(st.q_net.parameters()), "lr": QNET_LR}])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[TUNE_LR, QNET_LR], total_steps=steps, pct_start=0.1,
+                                                anneal_strategy="cos", div_factor=10, final_div_factor=20)
     gen = torch.Generator().manual_seed(seed + 1)
     n = sum(p.numel() for p in (e.coefficients for e in st.entries))
     model.train()
     with _bar(steps, "fine-tuning", progress) as bar:
-        batches = _batches(len(x_tr), gen)
+        perm, pos = torch.randperm(len(x_tr), generator=gen), 0
         for s in range(steps):
-            idx = next(batches)
-            ce = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
+            if pos + TUNE_BATCH > len(perm):
+                perm, pos = torch.randperm(len(x_tr), generator=gen), 0
+            idx = perm[pos:pos + TUNE_BATCH]
+            pos += TUNE_BATCH
+            logits = model(x_tr[idx])
+            ce = F.cross_entropy(logits, y_tr[idx])
+            loss = ce
+            if teacher_logits is not None:
+                loss = loss + KD_WEIGHT * KD_T ** 2 * F.kl_div(F.log_softmax(logits / KD_T, -1),
+                                                               F.log_softmax(teacher_logits[idx] / KD_T, -1),
+                                                               log_target=True, reduction="batchmean")
             rate = controller.loss() if controller is not None else lsc.quantization_loss(model)
-            loss = ce + rate
+            loss = loss + rate
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -111,6 +125,8 @@ def run_demo(out: str = "demo.lsc", steps: Optional[int] = None, rate_weight: Op
     from .zoo import DigitsCNN, evaluate, load_digits_split
 
     steps = DEMO_STEPS if steps is None else int(steps)
+    if target_bytes is None and rate_weight is None:
+        target_bytes = DEMO_TARGET_BYTES  # default: steer to a size; --rate-weight alone uses a fixed weight
     rate_weight = DEMO_RATE_WEIGHT if rate_weight is None else float(rate_weight)
     epochs = DEMO_EPOCHS if epochs is None else int(epochs)
     if steps < 1 or epochs < 1:
@@ -131,13 +147,15 @@ def run_demo(out: str = "demo.lsc", steps: Optional[int] = None, rate_weight: Op
         say(f"trained DigitsCNN ({n:,} parameters) for {epochs} epochs: test accuracy {before['accuracy']:.2%} "
             f"[{t_train:.0f} s]")
 
+        with torch.no_grad():
+            teacher_logits = model(x_tr)  # the fp32 model teaches the compressed one
         torch.manual_seed(seed)
         lsc.spectral(model, block_size=DEMO_BLOCK, init_bits=DEMO_INIT_BITS, rate_weight=rate_weight)
         t1 = time.perf_counter()
         ctrl = None
         if target_bytes is not None:
-            ctrl = lsc.RateController(model, target_bytes=float(target_bytes), total_steps=steps)
-        finetune(model, data, steps, seed, progress, ctrl)
+            ctrl = lsc.RateController(model, target_bytes=float(target_bytes), total_steps=steps, ramp=0.6)
+        finetune(model, data, steps, seed, progress, ctrl, teacher_logits)
         if ctrl is not None:  # land on the target with the real encoder's byte count
             ctrl.finalize(measure=lambda m: len(lsc.codec.to_bytes(lsc.compress_weights(m))))
         tuned = evaluate(model, x_te, y_te)
