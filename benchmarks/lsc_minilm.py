@@ -22,6 +22,7 @@ verses' tokens is affected unless reported) would embed it as zero.
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import json
 import os
@@ -167,7 +168,7 @@ def main(argv=None):
     ap.add_argument("--set", action="append", default=[], help="override a MINILM_CONFIG key: key=value")
     ap.add_argument("--out", default=None, help="append the result row (JSON line) to this file")
     args = ap.parse_args(argv)
-    over = {k: type(MINILM_CONFIG[k])(eval(v)) for k, v in (kv.split("=", 1) for kv in args.set)}
+    over = {k: type(MINILM_CONFIG[k])(ast.literal_eval(v)) for k, v in (kv.split("=", 1) for kv in args.set)}
     torch.set_num_threads(int(os.environ.get("LSC_THREADS", "2")))
     row = distill(args.target_mb * 1e6, args.steps, keep_vocab=args.keep_vocab, **over)
     row["config"] = {**MINILM_CONFIG, **over}
