@@ -90,14 +90,10 @@ class BitReader:
         self.what = what
         self._bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
         self.pos = 0
-        ones = np.flatnonzero(self._bits)
         n = self._bits.size
-        # next_one[p]: index of the first 1-bit at or after p (n if none)
-        nxt = np.full(n + 1, n, dtype=np.int64)
-        if ones.size:
-            k = np.searchsorted(ones, np.arange(n), side="left")
-            nxt[:n] = np.where(k < ones.size, ones[np.minimum(k, ones.size - 1)], n)
-        self._next_one = nxt.tolist()
+        # next_one[p]: index of the first 1-bit at or after p (n if none), by a reversed running minimum
+        idx = np.where(self._bits.astype(bool), np.arange(n, dtype=np.int64), n)
+        self._next_one = np.append(np.minimum.accumulate(idx[::-1])[::-1], n)
 
     @property
     def remaining(self) -> int:
@@ -117,20 +113,31 @@ class BitReader:
         if count == 0:
             return np.zeros(0, dtype=np.uint64)
         n = self._bits.size
-        nxt = self._next_one
-        starts, zeros = [0] * count, [0] * count
-        p = self.pos
-        for i in range(count):
-            o = nxt[p]
-            z = o - p
-            end = o + z + 1
-            if end > n or z >= _MAX_GAMMA_VALUE_BITS:
-                raise LscFormatError(f"{self.what}: corrupt or truncated Elias-gamma code at bit {p}")
-            starts[i] = o
-            zeros[i] = z
-            p = end
-        starts_a = np.asarray(starts, dtype=np.int64)
-        nb = np.asarray(zeros, dtype=np.int64) + 1
+        # Code starts form a chain p -> p + 2 * zeros(p) + 1. Pointer doubling finds the first
+        # ``count`` links with log2(count) vectorized gathers instead of a Python loop per code
+        # (which cost ~0.6 s of a MiniLM decode).
+        pos_all = np.arange(n + 1, dtype=np.int64)
+        zeros_all = self._next_one - pos_all
+        jump = np.minimum(pos_all + 2 * zeros_all + 1, n)  # past-the-end positions collapse onto n
+        jump[n] = n
+        i = np.arange(count, dtype=np.int64)
+        chain = np.full(count, self.pos, dtype=np.int64)
+        k = 0
+        while (1 << k) < count:
+            sel = ((i >> k) & 1).astype(bool)
+            chain[sel] = jump[chain[sel]]
+            jump = jump[jump]
+            k += 1
+        zeros = zeros_all[chain]
+        ends = chain + 2 * zeros + 1
+        bad = (chain >= n) | (ends > n) | (zeros >= _MAX_GAMMA_VALUE_BITS)
+        if bad.any():
+            at = int(chain[np.argmax(bad)])
+            raise LscFormatError(f"{self.what}: corrupt or truncated Elias-gamma code at bit {at}")
+        starts = chain + zeros
+        p = int(ends[-1])
+        starts_a = starts
+        nb = zeros + 1
         first = np.cumsum(nb) - nb
         idx = np.repeat(np.arange(count), nb)
         j = np.arange(idx.size) - first[idx]
