@@ -11,7 +11,7 @@ import torch
 
 __all__ = [
     "EXPONENT_RESOLUTION", "MIN_BITS", "MAX_BITS", "bits_to_exponent", "step_size",
-    "leaky_round", "fake_quantize", "integer_coefficients", "dequantize",
+    "fake_quantize", "integer_coefficients", "dequantize",
 ]
 
 EXPONENT_RESOLUTION = 4  # quarter-bit steps: fine enough for rate control, cheap to store
@@ -31,27 +31,16 @@ def step_size(exponent: torch.Tensor) -> torch.Tensor:
     return torch.exp2(-e / EXPONENT_RESOLUTION)
 
 
-def leaky_round(x: torch.Tensor, leak: float = 0.0) -> torch.Tensor:
-    """round(x) + leak * (x - round(x)) whose gradient leaks through as the identity.
-
-    The seed's ``leaky_floor`` passed only ``leak`` (0.01) of the gradient, which
-    starves the coefficients; letting the full gradient through (a straight-through
-    estimator) keeps them learning, and because the rounding residual stays attached
-    to the step, the task loss also tells the bit allocation when a step is too coarse
-    (the gradient of learned step size quantization).
-    """
-    r = torch.round(x)
-    return x + ((r - x) * (1.0 - leak)).detach()
-
-
 def fake_quantize(coeffs: torch.Tensor, step: torch.Tensor, leak: float = 0.0) -> torch.Tensor:
-    """Training-time ``leaky_round(coeffs / step, leak) * step``, computed cheaply.
+    """Training-time quantization: ``round(x) + leak * (x - round(x))`` for ``x = coeffs / step``, times ``step``.
 
-    Written as ``coeffs + r * step`` with the rounding residual ``r`` computed without
-    autograd: the value is the quantized coefficient (up to float rounding), the gradient
-    reaches ``coeffs`` unchanged and ``step`` as ``sum(grad * r)`` — the same gradients as
-    :func:`leaky_round`, but the backward needs no full-size division or negation, which
-    made the rate path the dominant training cost on MiniLM.
+    The seed's ``leaky_floor`` passed only ``leak`` (0.01) of the gradient, which starves
+    the coefficients. Here the gradient reaches ``coeffs`` unchanged (straight-through), and
+    because the rounding residual ``r`` stays attached to ``step`` (``coeffs + r * step``),
+    the task loss also tells the bit allocation when a step is too coarse (the gradient of
+    learned step size quantization). ``r`` is computed without autograd, so the backward
+    needs no full-size division or negation (that made the rate path the dominant training
+    cost on MiniLM).
     """
     with torch.no_grad():
         x = coeffs / step
