@@ -42,20 +42,24 @@ def file_size(model) -> int:
 
 # ----------------------------------------------------------------------------- digits
 
-def finetune(model, q_net, ctrl, data, epochs, lr=1e-3):
+def train(model, data, epochs, q_net=None, ctrl=None, lr=1e-3):
+    """Adam on cross-entropy, batch 64; with ``ctrl`` (a RateController) its rate loss is added."""
     x_tr, y_tr, _, _ = data
-    opt = torch.optim.Adam(list(model.parameters()) + list(q_net.parameters()), lr=lr)
+    params = list(model.parameters()) + (list(q_net.parameters()) if q_net is not None else [])
+    opt = torch.optim.Adam(params, lr=lr)
     gen = torch.Generator().manual_seed(0)
     model.train()
     for _ in range(epochs):
         perm = torch.randperm(len(x_tr), generator=gen)
         for i in range(0, len(perm), 64):
             idx = perm[i:i + 64]
-            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx]) + ctrl.loss()
+            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
+            if ctrl is not None:
+                loss = loss + ctrl.loss()
             opt.zero_grad()
             loss.backward()
             opt.step()
-    model.eval()
+    return model.eval()
 
 
 def digits_config(base, data, name, target_bytes, epochs):
@@ -69,7 +73,7 @@ def digits_config(base, data, name, target_bytes, epochs):
     steps = epochs * math.ceil(len(data[0]) / 64)
     ctrl = lsc.RateController(model, target_bytes=target_bytes, total_steps=steps)
     t0 = time.time()
-    finetune(model, q_net, ctrl, data, epochs)
+    train(model, data, epochs, q_net, ctrl)
     before = ctrl.relative_error()
     ctrl.finalize()
     size = file_size(model)
@@ -97,31 +101,15 @@ class DigitsBN(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(1))))
 
 
-def train_plain(model, data, epochs=15):
-    x_tr, y_tr, _, _ = data
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x_tr), generator=gen)
-        for i in range(0, len(perm), 64):
-            idx = perm[i:i + 64]
-            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
-
-
 def buffers_rows(data, epochs):
     torch.manual_seed(0)
-    base = train_plain(DigitsBN(), data)
+    base = train(DigitsBN(), data, epochs=15)
     ref = evaluate(base, data[2], data[3])
     model = copy.deepcopy(base)
     q_net = lsc.spectral(model, init_bits=8)
     steps = epochs * math.ceil(len(data[0]) / 64)
     ctrl = lsc.RateController(model, target_bits_per_weight=1.0, total_steps=steps)
-    finetune(model, q_net, ctrl, data, epochs)
+    train(model, data, epochs, q_net, ctrl)
     ctrl.finalize()
     model.eval()
     with torch.no_grad():

@@ -15,9 +15,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,6 +28,7 @@ for p in (ROOT / "src", ROOT):
         sys.path.insert(0, str(p))
 
 import lsc  # noqa: E402
+from benchmarks.roundtrip import timed_file_round_trip  # noqa: E402
 from lsc.zoo import DigitsCNN, evaluate, load_digits_split  # noqa: E402
 
 # The settings used for the published points (see BENCHMARKS.md).
@@ -41,19 +40,7 @@ DIGITS_STEPS = 1500
 
 def file_bytes_and_model(model, cls=DigitsCNN):
     """(bytes of the .lsc file, model decoded from that file, encode s, decode s)."""
-    fd, path = tempfile.mkstemp(suffix=".lsc")
-    os.close(fd)
-    try:
-        t0 = time.perf_counter()
-        lsc.save(model, path)
-        enc = time.perf_counter() - t0
-        size = os.path.getsize(path)
-        t0 = time.perf_counter()
-        dec = lsc.load(path, cls())
-        dec_s = time.perf_counter() - t0
-    finally:
-        os.unlink(path)
-    return size, dec, enc, dec_s
+    return timed_file_round_trip(lambda path: lsc.save(model, path), cls)
 
 
 def finetune_digits(base, target_bytes, steps=DIGITS_STEPS, *, seed=0, data=None, log=None, **overrides):

@@ -27,7 +27,6 @@ import copy
 import json
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -41,6 +40,7 @@ for p in (ROOT / "src", ROOT):
 
 import lsc  # noqa: E402
 from benchmarks.minilm import cosine_metrics, embed, kjv_split, load_minilm  # noqa: E402
+from benchmarks.roundtrip import timed_file_round_trip  # noqa: E402
 
 MINILM_CONFIG = dict(block_size=8, init_bits=5.0, lr=1e-3, qnet_lr=1e-2, batch_size=16, max_length=64,
                      ramp=0.5, cos_weight=100.0, tok_weight=10.0, init_weight=0.1,
@@ -139,19 +139,7 @@ def distill(target_bytes: float, steps: int, *, n_heldout=256, log=print, keep_v
     student.eval()
     ctrl.finalize()
     train_s = time.perf_counter() - t0
-    fd, path = tempfile.mkstemp(suffix=".lsc")
-    os.close(fd)
-    try:
-        t1 = time.perf_counter()
-        lsc.save(student, path)
-        enc_s = time.perf_counter() - t1
-        size = os.path.getsize(path)
-        fresh, _ = loader()
-        t1 = time.perf_counter()
-        dec = lsc.load(path, fresh)
-        dec_s = time.perf_counter() - t1
-    finally:
-        os.unlink(path)
+    size, dec, enc_s, dec_s = timed_file_round_trip(lambda path: lsc.save(student, path), lambda: loader()[0])
     met = cosine_metrics(ref, embed(dec, tok, held, max_length=cfg["max_length"]))
     row = dict(model="minilm", method="lsc (fine-tuned)", setting=f"target={target_bytes / 1e6:g}MB", bytes=size,
                ratio=4 * n / size, bpp=8 * size / n, enc_s=enc_s, dec_s=dec_s, steps=steps, train_s=train_s,

@@ -31,7 +31,6 @@ import datetime
 import hashlib
 import importlib.metadata as md
 import json
-import math
 import os
 import platform
 import sys
@@ -136,28 +135,17 @@ def digits_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
 
 def minilm_posttraining_point(max_error: float, n_heldout=256, max_length=64) -> dict:
     """lsc post-training (no data) on MiniLM: compress_posttraining + save + load + held-out cosine."""
-    import tempfile
-
     import lsc
     from benchmarks.minilm import cosine_metrics, embed, kjv_split, load_minilm
+    from benchmarks.roundtrip import timed_file_round_trip
     model, tok = load_minilm()
     n = sum(p.numel() for p in model.parameters())
     _, held = kjv_split()
     held = held[:n_heldout]
     ref = embed(model, tok, held, max_length=max_length)
-    fd, path = tempfile.mkstemp(suffix=".lsc")
-    os.close(fd)
-    try:
-        t0 = time.perf_counter()
-        lsc.compress_posttraining(model, max_error=max_error, path=path, progress=False)
-        enc_s = time.perf_counter() - t0
-        size = os.path.getsize(path)
-        fresh, _ = load_minilm()
-        t0 = time.perf_counter()
-        dec = lsc.load(path, fresh)
-        dec_s = time.perf_counter() - t0
-    finally:
-        os.unlink(path)
+    size, dec, enc_s, dec_s = timed_file_round_trip(
+        lambda path: lsc.compress_posttraining(model, max_error=max_error, path=path, progress=False),
+        lambda: load_minilm()[0])
     met = cosine_metrics(ref, embed(dec, tok, held, max_length=max_length))
     return dict(model="minilm", method="lsc (post-training)", setting=f"max_error={max_error}", bytes=size,
                 ratio=4 * n / size, bpp=8 * size / n, enc_s=enc_s, dec_s=dec_s,
