@@ -193,3 +193,19 @@ def test_usage_errors(runs):
     assert p.returncode == 2
     for sub in ("demo", "compress", "info", "decompress", "plot"):
         assert sub in p.stderr
+
+
+def test_interrupted_decompress_keeps_the_old_checkpoint(tmp_path, monkeypatch):
+    """Dense checkpoints are written atomically too: a crash mid-write leaves the old file as it was."""
+    from lsc.cli import write_checkpoint
+    out = tmp_path / "dense.safetensors"
+    write_checkpoint({"w": torch.ones(3)}, out)
+    old = out.read_bytes()
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt("power cut")
+    monkeypatch.setattr(os, "replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_checkpoint({"w": torch.zeros(5)}, out)
+    assert out.read_bytes() == old
+    assert os.listdir(tmp_path) == ["dense.safetensors"]

@@ -21,6 +21,8 @@ import time
 import traceback
 from pathlib import Path
 
+from .atomic import atomic_path
+
 __all__ = ["main", "build_parser"]
 
 EXIT_ERROR = 1
@@ -232,9 +234,11 @@ def write_checkpoint(sd: dict, out: Path) -> None:
             elif key is not None:
                 seen.add(key)
             dense[k] = t
-        save_file(dense, str(out))
+        with atomic_path(out) as tmp:
+            save_file(dense, tmp)
     else:
-        torch.save({k: t.detach().cpu() for k, t in sd.items()}, str(out))
+        with atomic_path(out) as tmp:
+            torch.save({k: t.detach().cpu() for k, t in sd.items()}, tmp)
 
 
 def cmd_plot(args) -> int:

@@ -14,6 +14,8 @@ from typing import Sequence, Union
 
 import numpy as np
 
+from .atomic import atomic_path
+
 __all__ = ["plot_bits", "rows_from_model", "rows_from_file", "exponent_tables", "as_2d"]
 
 
@@ -154,8 +156,11 @@ def plot_bits(rows: Sequence[dict], out: Union[str, os.PathLike], title: str = "
     if title:
         fig.suptitle(title, fontsize=10)
     out = str(out)
-    fig.savefig(out, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_path(out) as tmp:
+            fig.savefig(tmp, dpi=110, format=os.path.splitext(out)[1].lstrip(".").lower() or "png")
+    finally:
+        plt.close(fig)
     return out
 
 

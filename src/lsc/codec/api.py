@@ -13,7 +13,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 import zlib
 from collections import OrderedDict
 from typing import Any
@@ -23,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import buffers as buffers_mod
+from ..atomic import atomic_write_bytes
 from ..blocking import BlockLayout
 from ..errors import LscError, LscFormatError
 from ..grouping import position_groups
@@ -383,25 +383,8 @@ def save(model: nn.Module, path, *, buffer_tolerance: float | None = None) -> in
     ``buffer_tolerance``: quantize float buffers too (see :func:`compress_weights`).
     """
     data = to_bytes(compress_weights(model, buffer_tolerance=buffer_tolerance))
-    _atomic_write(os.fspath(path), data)
+    atomic_write_bytes(path, data)
     return len(data)
-
-
-def _atomic_write(path: str, data: bytes) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def _read(src) -> bytes:
