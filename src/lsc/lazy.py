@@ -53,7 +53,7 @@ from torch.nn.utils import parametrize
 
 from .blocking import BlockLayout
 from .codec import api as _api
-from .codec.entropy import GroupStream, decode_symbols, group_bounds
+from .codec.entropy import GroupStream, decode_positions, group_bounds
 from .errors import LscError, LscFormatError
 from .grouping import position_groups
 from .packing import PackedCoefficients, int_dtype_for
@@ -82,16 +82,12 @@ def _read_meta(m: dict):
 def _codec_integers(m: dict, data: bytes, layout, order, bounds) -> tuple[np.ndarray, np.ndarray]:
     """(q (num_blocks, P) int64, exponents (P,) int64) with the codec's own decoder (row-major positions)."""
     side, ans = data[:m["side"]], data[m["side"]:]
-    q_scan, e_scan = decode_symbols(side, ans, layout.block_numel, layout.num_blocks, bounds, m["name"])
-    q = np.empty((layout.num_blocks, layout.block_numel), dtype=np.int64)
-    q[:, order] = q_scan.T
-    e = np.empty(layout.block_numel, dtype=np.int64)
-    e[order] = e_scan
-    return q, e
+    q, e = decode_positions(side, ans, layout.block_numel, layout.num_blocks, order, bounds, m["name"])
+    return np.ascontiguousarray(q.T, dtype=np.int64), e
 
 
 def _stream_integers(gs: GroupStream, layout, order) -> torch.Tensor:
-    """Same symbols as :func:`lsc.codec.entropy.decode_symbols`, decoded group by group straight into a
+    """Same symbols as :func:`lsc.codec.entropy.decode_positions`, decoded group by group straight into a
     (num_blocks, P) array of the narrowest integer dtype (no int64 copy of the whole tensor)."""
     P, nb = layout.block_numel, layout.num_blocks
     # allocated by torch (so decode-memory tracking sees it) and filled through a NumPy view

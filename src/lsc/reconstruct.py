@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 
 from .blocking import BlockLayout, from_blocks
-from .quantizer import dequantize, step_size
-from .transforms import block_inverse_transform
+from .quantizer import step_size
+from .transforms import block_inverse_transform, inverse_matrix
 
 __all__ = ["synthesize", "reconstruct", "compute_dtype_for"]
 
@@ -28,7 +28,22 @@ def synthesize(coeffs: torch.Tensor, layout: BlockLayout, mean: torch.Tensor, st
 
 def reconstruct(q: torch.Tensor, exponent: torch.Tensor, layout: BlockLayout, mean: torch.Tensor,
                 std: torch.Tensor, dtype: torch.dtype, transform: str = "dct") -> torch.Tensor:
-    """Integer coefficients (any shape with ``layout.coeff_shape`` elements) and per-position exponents -> weight."""
-    step = step_size(exponent).to(mean.dtype).reshape(layout.block_shape)
-    coeffs = dequantize(q.reshape(layout.coeff_shape), step)
-    return synthesize(coeffs, layout, mean, std, dtype, transform)
+    """Integer coefficients (``layout.coeff_shape`` elements as (num_blocks, P), any strides) and
+    per-position exponents -> weight."""
+    nb, P = layout.num_blocks, layout.block_numel
+    cdt = mean.dtype
+    step = step_size(exponent).to(cdt).reshape(P)
+    m = inverse_matrix(layout.block_shape, transform, cdt, q.device)
+    # One pass reads the integers, whatever their strides, and scales them into a contiguous float
+    # matrix: every caller then feeds the transform the same layout and gets the same bits.
+    qf = torch.empty((nb, P), dtype=cdt, device=q.device)
+    if m is None:
+        torch.mul(q.reshape(nb, P), step, out=qf)
+        return synthesize(qf.reshape(layout.coeff_shape), layout, mean, std, dtype, transform)
+    # mean + std * ((q * step) @ M) as one scaling pass and one matrix product whose initial
+    # value is the mean, instead of five full passes over the tensor
+    torch.mul(q.reshape(nb, P), step * std, out=qf)
+    blocks = torch.addmm(mean, qf, m)
+    del qf  # keep decoding temporaries at two tensors (lazy loading budgets its peak memory)
+    w = from_blocks(blocks.reshape(layout.coeff_shape), layout).to(dtype)
+    return w if w.is_contiguous() else w.contiguous()

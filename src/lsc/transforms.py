@@ -91,6 +91,14 @@ def dct_inverse(coeffs: torch.Tensor, block_shape: tuple[int, ...]) -> torch.Ten
     return _apply_along(coeffs, mats, coeffs.dim() - k)
 
 
+def inverse_matrix(block_shape: tuple[int, ...], transform: str, dtype, device) -> torch.Tensor | None:
+    """(P, P) matrix M with ``blocks = coeffs @ M`` (flattened blocks), for the DCT with
+    P <= KRON_MAX_POSITIONS; None otherwise (the caller applies the transform itself)."""
+    if transform != "dct" or math.prod(block_shape) > KRON_MAX_POSITIONS:
+        return None
+    return _cached(("kron", tuple(block_shape)), dtype, device)
+
+
 # Registry of block transforms by the name stored in the file. Each entry is
 # (forward, inverse), both acting on the trailing len(block_shape) dims.
 TRANSFORMS: dict[str, tuple] = {"dct": (dct_forward, dct_inverse)}

@@ -31,9 +31,10 @@ from ..quantizer import dequantize
 from ..reconstruct import compute_dtype_for, reconstruct
 from ..state import QNET_PREFIX, get_state
 from ..transforms import TRANSFORMS
-from .entropy import decode_symbols, encode_symbols, group_bounds
+from .entropy import encode_symbols, group_bounds
 from .format import (PREFIX_SIZE, check_stream, pack_prefix_header, parse_prefix_header, split_streams,
                      zlib_decompress_exact)
+from .parallel import StreamDecoder
 
 __all__ = ["compress_weights", "decompress_weights", "save", "load", "file_info", "to_bytes", "from_bytes",
            "HEADER_KEY"]
@@ -311,28 +312,27 @@ def _parts_from_dict(sd):
 
 # --------------------------------------------------------------------------- decoding
 
-def _decode_spectral(m: dict, data) -> dict:
+def _spectral_job(m: dict, data) -> tuple:
+    """The entropy-decoding job of one spectral tensor (see :class:`lsc.codec.parallel.StreamDecoder`)."""
+    layout = BlockLayout(tuple(m["shape"]), tuple(m["block"]))
+    order = _SCANS[m["scan"]](layout.block_shape)
+    bounds = group_bounds(position_groups(layout, m["min_group"], m["scan"]), order)
+    data = bytes(data)
+    return data[:m["side"]], data[m["side"]:], layout.block_numel, layout.num_blocks, order, bounds, m["name"]
+
+
+def _rebuild_spectral(m: dict, q_positions: np.ndarray, e: np.ndarray) -> dict:
+    """Decoded integers (P, num_blocks) in row-major position order -> weight (and what made it)."""
     dtype = _DTYPES[m["dtype"]]
     layout = BlockLayout(tuple(m["shape"]), tuple(m["block"]))
-    groups = position_groups(layout, m["min_group"], m["scan"])
-    order = _SCANS[m["scan"]](layout.block_shape)
-    bounds = group_bounds(groups, order)
-    data = bytes(data)
-    side, ans = data[:m["side"]], data[m["side"]:]
-    q_scan, e_scan = decode_symbols(side, ans, layout.block_numel, layout.num_blocks, bounds, m["name"])
-    # Rows of q_scan follow the scan; one contiguous row gather puts them in row-major
-    # position order, then torch's blocked transpose copy gives (num_blocks, P). A strided
-    # numpy scatter here cost more than the entropy decoding itself on MiniLM.
-    rank = torch.from_numpy(np.argsort(order))
-    q = torch.from_numpy(q_scan)[rank].T.contiguous()
-    e = np.empty(layout.block_numel, dtype=np.int64)
-    e[order] = e_scan
+    # (num_blocks, P) as a transposed view: reconstruct reads it once, converting as it goes
+    q = torch.from_numpy(q_positions).T
     cdt = compute_dtype_for(dtype)
     mean = _tensor_from_bytes(bytes.fromhex(m["mean"]), cdt, [])
     std = _tensor_from_bytes(bytes.fromhex(m["std"]), cdt, [])
-    q_t, e_t = q, torch.from_numpy(e)
-    w = reconstruct(q_t, e_t, layout, mean, std, dtype, m["transform"])
-    return {"weight": w, "q": q_t, "exponent": e_t, "mean": mean, "std": std, "layout": layout}
+    e_t = torch.from_numpy(e)
+    w = reconstruct(q, e_t, layout, mean, std, dtype, m["transform"])
+    return {"weight": w, "q": q, "exponent": e_t, "mean": mean, "std": std, "layout": layout}
 
 
 def _decode_raw(m: dict, data) -> torch.Tensor:
@@ -342,37 +342,54 @@ def _decode_raw(m: dict, data) -> torch.Tensor:
     return _tensor_from_bytes(raw, dtype, m["shape"])
 
 
-def _decode_all(header: dict, streams, keep_integers: bool = False):
+def _decode_all(header: dict, streams, keep_integers: bool = False, workers: int | None = None):
     plain: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     spectral: dict[str, dict] = {}
-    for m, s in zip(header["tensors"], streams):
-        try:
+    metas = header["tensors"]
+    jobs, job_of = [], {}
+    for i, (m, s) in enumerate(zip(metas, streams)):
+        if m["kind"] == "spectral":
+            job_of[i] = len(jobs)
+            jobs.append(_guarded(m, _spectral_job, m, s))
+    with StreamDecoder(jobs, workers) as decoder:  # entropy decoding, in worker processes when it pays
+        for i, (m, s) in enumerate(zip(metas, streams)):
             if m["kind"] == "spectral":
-                d = _decode_spectral(m, s)
+                q, e = decoder.get(job_of[i])
+                d = _guarded(m, _rebuild_spectral, m, q, e)
                 t = d["weight"]
                 if keep_integers:
                     spectral[m["name"]] = d
             elif m["kind"] == "buffers":
-                plain.update(buffers_mod.decode_buffers(bytes(s)))
+                plain.update(_guarded(m, buffers_mod.decode_buffers, bytes(s)))
                 continue
             else:
-                t = _decode_raw(m, s)
-        except LscFormatError:
-            raise
-        except (KeyboardInterrupt, SystemExit, GeneratorExit):
-            raise
-        except BaseException as exc:  # constriction can raise (or panic) on crafted data
-            raise LscFormatError(f"{m['name']}: cannot decode ({type(exc).__name__}: {exc})") from None
-        plain[m["name"]] = t
-        for tied in m.get("tied", []):
-            plain[tied] = t
+                t = _guarded(m, _decode_raw, m, s)
+            plain[m["name"]] = t
+            for tied in m.get("tied", []):
+                plain[tied] = t
     return plain, spectral
 
 
-def decompress_weights(compressed: dict[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
-    """Compressed dict from :func:`compress_weights` -> plain state_dict with the original model's keys."""
+def _guarded(m: dict, fn, *args):
+    """fn(*args), with any failure on crafted data reported as LscFormatError naming the tensor."""
+    try:
+        return fn(*args)
+    except LscFormatError:
+        raise
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:  # constriction can raise (or panic) on crafted data
+        raise LscFormatError(f"{m['name']}: cannot decode ({type(exc).__name__}: {exc})") from None
+
+
+def decompress_weights(compressed: dict[str, torch.Tensor], *, workers: int | None = None) -> "OrderedDict[str, torch.Tensor]":
+    """Compressed dict from :func:`compress_weights` -> plain state_dict with the original model's keys.
+
+    ``workers``: entropy-decoding processes for large models (default: the usable CPUs on
+    Linux; 1 decodes in this process). The result does not depend on it.
+    """
     header, streams, _ = _parts_from_dict(compressed)
-    return _decode_all(header, streams)[0]
+    return _decode_all(header, streams, workers=workers)[0]
 
 
 # --------------------------------------------------------------------------- files
@@ -394,7 +411,8 @@ def _read(src) -> bytes:
         return f.read()
 
 
-def load(path, model: nn.Module | None = None, *, strict: bool = True, lazy=False, **lazy_options):
+def load(path, model: nn.Module | None = None, *, strict: bool = True, lazy=False, workers: int | None = None,
+         **lazy_options):
     """Read a .lsc file (path or bytes).
 
     Without ``model``: returns the plain state_dict. With a plain ``model``: loads it
@@ -404,6 +422,8 @@ def load(path, model: nn.Module | None = None, *, strict: bool = True, lazy=Fals
     ``lazy=True`` (or ``"packed"`` / ``"entropy"``): keep the weights compressed in memory
     and decode each one when its module runs (see :func:`lsc.lazy.load_lazy`; options
     such as ``cache=N`` are passed through).
+    ``workers``: entropy-decoding processes for large files (default: the usable CPUs on
+    Linux; 1 decodes in this process). The decoded weights do not depend on it.
     """
     if lazy:  # issue 5: per-layer decompression on the fly
         from ..lazy import load_lazy
@@ -412,7 +432,7 @@ def load(path, model: nn.Module | None = None, *, strict: bool = True, lazy=Fals
         return load_lazy(path, model, mode="packed" if lazy is True else lazy, strict=strict, **lazy_options)
     header, streams, _ = _parts_from_bytes(_read(path))
     is_spectral = model is not None and getattr(_unwrap(model), "_lsc", None) is not None
-    plain, spec = _decode_all(header, streams, keep_integers=is_spectral)
+    plain, spec = _decode_all(header, streams, keep_integers=is_spectral, workers=workers)
     if model is None:
         return plain
     if not is_spectral:

@@ -3,7 +3,8 @@
 The side information of a coded tensor (exponent table, group ranges, count
 tables) is a sequence of Elias-gamma codes and single flag bits. Writing is one
 vectorized pass; reading finds every code boundary from a precomputed
-"next 1-bit" table, so only the chain of code starts is walked in Python.
+"next 1-bit" table and follows the chain of code starts with vectorized
+speculative lanes (see :meth:`BitReader._synchronized`).
 """
 from __future__ import annotations
 
@@ -88,12 +89,20 @@ class BitReader:
 
     def __init__(self, data: bytes, what: str = "side information"):
         self.what = what
-        self._bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8))
+        raw = np.frombuffer(data, dtype=np.uint8)
+        self._bits = np.unpackbits(raw)
         self.pos = 0
+        self._jump_table = None
         n = self._bits.size
-        # next_one[p]: index of the first 1-bit at or after p (n if none), by a reversed running minimum
-        idx = np.where(self._bits.astype(bool), np.arange(n, dtype=np.int64), n)
-        self._next_one = np.append(np.minimum.accumulate(idx[::-1])[::-1], n)
+        # next_one[p]: index of the first 1-bit at or after p (n if none), for p in 0..n:
+        # the k-th 1-bit, where k counts the 1-bits before p
+        ones = np.append(np.flatnonzero(self._bits.view(bool)), n)
+        before = np.cumsum(self._bits, dtype=np.int64) - self._bits
+        self._next_one = np.append(ones[before], n)
+        # words[i]: the 8 bytes from byte i as a big-endian uint64 (an overlapping strided view of
+        # the zero-padded data), so a code's value bits are one gather and two shifts
+        padded = np.concatenate([raw, np.zeros(8, dtype=np.uint8)])
+        self._words = np.ndarray((raw.size + 1,), dtype=">u8", buffer=padded, strides=(1,))
 
     @property
     def remaining(self) -> int:
@@ -113,13 +122,102 @@ class BitReader:
         if count == 0:
             return np.zeros(0, dtype=np.uint64)
         n = self._bits.size
-        # Code starts form a chain p -> p + 2 * zeros(p) + 1. Pointer doubling finds the first
-        # ``count`` links with log2(count) vectorized gathers instead of a Python loop per code
-        # (which cost ~0.6 s of a MiniLM decode).
-        pos_all = np.arange(n + 1, dtype=np.int64)
-        zeros_all = self._next_one - pos_all
-        jump = np.minimum(pos_all + 2 * zeros_all + 1, n)  # past-the-end positions collapse onto n
-        jump[n] = n
+        chain = self._code_starts(count)
+        zeros = self._next_one[chain] - chain
+        ends = chain + 2 * zeros + 1
+        bad = (chain >= n) | (ends > n) | (zeros >= _MAX_GAMMA_VALUE_BITS)
+        if chain.size < count or bad.any():
+            at = int(chain[np.argmax(bad)]) if bad.any() else n
+            raise LscFormatError(f"{self.what}: corrupt or truncated Elias-gamma code at bit {at}")
+        starts = (chain + zeros).astype(np.uint64)  # the leading 1 of each value
+        nb = (zeros + 1).astype(np.uint64)            # 1..63 significant bits; with 7 bits of offset in
+        word = self._words[starts >> np.uint64(3)].astype(np.uint64)   # the word, wider values are rare
+        vals = (word << (starts & np.uint64(7))) >> (np.uint64(64) - nb)
+        wide = np.flatnonzero(zeros > 56)
+        for i in wide:  # values >= 2**57 straddle the 64-bit window: assemble bit by bit
+            b = self._bits[int(starts[i]):int(starts[i] + nb[i])].astype(np.uint64)
+            vals[i] = np.uint64(int("".join(map(str, b.tolist())), 2))
+        self.pos = int(ends[-1])
+        return vals
+
+    # Code starts form a chain p -> 2 * next_one(p) - p + 1 (z zeros, the leading 1, z bits).
+    # Following it is inherently sequential, so three strategies, fastest first:
+
+    def _code_starts(self, count: int) -> np.ndarray:
+        """Start bits of the next ``count`` codes (fewer only if the stream ends first)."""
+        if count <= 256:  # a short Python walk beats any setup
+            return self._walk(count)
+        avg = max(1.0, (self._bits.size - self.pos) / count)
+        for lane_codes, overlap_codes in ((256, 64), (2048, 1024)):
+            starts = self._synchronized(count, int(lane_codes * avg), int(overlap_codes * avg))
+            if starts is not None:
+                return starts
+        return self._doubling(count)
+
+    def _walk(self, count: int) -> np.ndarray:
+        n, nxt, p = self._bits.size, self._next_one, self.pos
+        out = np.empty(count, dtype=np.int64)
+        for i in range(count):
+            if p >= n:
+                return out[:i]
+            out[i] = p
+            p = 2 * int(nxt[p]) - p + 1
+        return out
+
+    def _synchronized(self, count: int, width: int, overlap: int) -> np.ndarray | None:
+        """Speculative lanes, one per ``width`` bits, walked in lockstep (vectorized across lanes).
+
+        Gamma codes resynchronize: a lane started mid-code soon lands on a true code start
+        and from there follows the true chain. Each lane runs ``overlap`` bits into the next
+        lane's range; where lane j-1 (on the true chain) and lane j visit a common start,
+        the chain continues in lane j. ~10x faster than pointer doubling on MiniLM's tables;
+        returns None if some pair of lanes did not meet (the caller widens or falls back).
+        """
+        n, jump, pos = self._bits.size, self._jump(), self.pos
+        width, overlap = max(width, 64), max(overlap, 32)
+        L = -(-(n - pos) // width)
+        lane = pos + width * np.arange(L, dtype=np.int64)
+        stop = np.minimum(lane + width + overlap, n)
+        trace, p = [], lane
+        while True:  # one gather per step; lanes run on past their stop (harmless) until all are there
+            for _ in range(16):
+                trace.append(p)
+                p = jump[p]
+            if (p >= stop).all():
+                break
+        T = np.stack(trace, axis=1)  # (L, steps): each lane's starts, increasing, then n once past the end
+        S = T.shape[1]
+        merge = np.empty(L + 1, dtype=np.int64)
+        merge[0], merge[L] = pos, n
+        if L > 1:
+            # find each start of lane j-1 among lane j's, as sorted keys lane * (n + 1) + position
+            key = (np.arange(L, dtype=np.int64)[:, None] * (n + 1) + T).ravel()
+            cand = key[:-S] + (n + 1)
+            found = np.minimum(np.searchsorted(key, cand), key.size - 1)
+            hit = ((key[found] == cand) & (T[:-1].ravel() < n)).reshape(L - 1, S)
+            first = hit.argmax(axis=1)
+            rows = np.arange(L - 1)
+            if not hit[rows, first].all():
+                return None
+            merge[1:L] = T[rows, first]
+            if not (np.diff(merge[:L]) > 0).all():  # lane j met lane j+1 only before joining the chain
+                return None
+        on_chain = (T >= merge[:-1, None]) & (T < merge[1:, None])
+        return T[on_chain][:count]
+
+    def _jump(self) -> np.ndarray:
+        """jump[p]: the start of the code after one starting at p (n past the end, n -> n)."""
+        if self._jump_table is None:
+            n = self._bits.size
+            jump = 2 * self._next_one - np.arange(n + 1, dtype=np.int64) + 1
+            np.minimum(jump, n, out=jump)
+            jump[n] = n
+            self._jump_table = jump
+        return self._jump_table
+
+    def _doubling(self, count: int) -> np.ndarray:
+        """Pointer doubling: log2(count) vectorized gathers over the whole stream (always works)."""
+        n, jump = self._bits.size, self._jump()
         i = np.arange(count, dtype=np.int64)
         chain = np.full(count, self.pos, dtype=np.int64)
         k = 0
@@ -128,23 +226,7 @@ class BitReader:
             chain[sel] = jump[chain[sel]]
             jump = jump[jump]
             k += 1
-        zeros = zeros_all[chain]
-        ends = chain + 2 * zeros + 1
-        bad = (chain >= n) | (ends > n) | (zeros >= _MAX_GAMMA_VALUE_BITS)
-        if bad.any():
-            at = int(chain[np.argmax(bad)])
-            raise LscFormatError(f"{self.what}: corrupt or truncated Elias-gamma code at bit {at}")
-        starts = chain + zeros
-        p = int(ends[-1])
-        starts_a = starts
-        nb = zeros + 1
-        first = np.cumsum(nb) - nb
-        idx = np.repeat(np.arange(count), nb)
-        j = np.arange(idx.size) - first[idx]
-        bitvals = self._bits[starts_a[idx] + j].astype(np.uint64) << (nb[idx] - 1 - j).astype(np.uint64)
-        vals = np.add.reduceat(bitvals, first) if bitvals.size else np.zeros(count, dtype=np.uint64)
-        self.pos = p
-        return vals.astype(np.uint64)
+        return chain[chain < n]
 
     def finish(self) -> None:
         """Only zero padding (< 8 bits) may remain."""

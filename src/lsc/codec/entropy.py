@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import LscFormatError
 from .elias import BitReader, BitWriter, unzigzag, zigzag
 
-__all__ = ["MAX_CATEGORICAL_K", "encode_symbols", "decode_symbols", "group_bounds", "GroupStats"]
+__all__ = ["MAX_CATEGORICAL_K", "encode_symbols", "decode_positions", "group_bounds", "GroupStats"]
 
 MAX_CATEGORICAL_K = 1 << 16   # larger alphabets always use the uniform code
 _UNIFORM_MAX = 1 << 23        # constriction's Uniform takes sizes < 2**24; wider ranges are split in 12-bit digits
@@ -218,16 +218,35 @@ class GroupStream:
             raise LscFormatError(f"{self.what}: entropy-coded stream has unused data")
 
 
-def decode_symbols(side: bytes, ans: bytes, P: int, nb: int, bounds: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
-    """Inverse of :func:`encode_symbols` -> (q_scan (P, nb) int32 or int64, exponents_scan (P,) int64)."""
+def decode_positions(side: bytes, ans: bytes, P: int, nb: int, order: np.ndarray, bounds: np.ndarray, what: str,
+                     out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Decode straight into row-major position order -> (q (P, nb), exponents (P,) int64).
+
+    Row ``order[i]`` of ``q`` holds scan position ``i``, so the file decoder needs no
+    reordering copy. ``out`` (int32, (P, nb)) is filled and returned when every value
+    fits int32 (the parallel decoder passes shared memory); otherwise a new array is.
+    """
     gs = GroupStream(side, ans, P, nb, bounds, what)
     lo_all, hi_all = gs.value_range()
-    # int32 halves the memory traffic of the hot decode path; int64 only when a group's range needs it
-    qtype = np.int32 if lo_all >= -(2**31) and hi_all <= 2**31 - 1 else np.int64
-    q = np.empty((P, nb), dtype=qtype)
+    fits32 = lo_all >= -(2**31) and hi_all <= 2**31 - 1
+    if out is not None and fits32 and out.shape == (P, nb) and out.dtype == np.int32:
+        q = out
+    else:
+        q = np.empty((P, nb), dtype=np.int32 if fits32 else np.int64)
+    order = np.asarray(order)
     for a, b, lo, s in gs:
-        if s is None:
-            q[a:b] = lo
+        if s is not None and q.dtype != s.dtype:
+            s = s.astype(q.dtype)  # int64 files: add the offset in int64
+        if b - a == 1:  # one position per group (every tensor with >= min_group blocks): a row view, no gather
+            row = q[order[a]]
+            if s is None:
+                row.fill(lo)
+            else:
+                np.add(s, q.dtype.type(lo), out=row)
+        elif s is None:
+            q[order[a:b]] = lo
         else:
-            q[a:b] = (np.asarray(s, dtype=qtype) + qtype(lo)).reshape(b - a, nb)
-    return q, gs.exponents
+            q[order[a:b]] = (s + q.dtype.type(lo)).reshape(b - a, nb)
+    e = np.empty(P, dtype=np.int64)
+    e[order] = gs.exponents
+    return q, e
