@@ -54,9 +54,13 @@ def test_gamma_reader_wide_values_and_truncation():
         BitReader(data[: len(data) // 2]).gamma(v.size)
 
 
+def _plain_model():
+    return nn.Sequential(nn.Linear(96, 128), nn.ReLU(), nn.Linear(128, 64), nn.LayerNorm(64), nn.Linear(64, 10))
+
+
 def _big_model():
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(96, 128), nn.ReLU(), nn.Linear(128, 64), nn.LayerNorm(64), nn.Linear(64, 10))
+    m = _plain_model()
     lsc.spectral(m, init_bits=8)
     m.eval()
     return m, to_bytes(lsc.compress_weights(m))
@@ -75,7 +79,7 @@ def test_parallel_decode_is_bitwise_the_serial_decode(monkeypatch):
     monkeypatch.setattr(parallel, "MIN_PARALLEL_SYMBOLS", 0)
     used = []
     real = parallel.StreamDecoder._start
-    monkeypatch.setattr(parallel.StreamDecoder, "_start", lambda self, w: (used.append(w), real(self, w)))
+    monkeypatch.setattr(parallel.StreamDecoder, "_start", lambda self, *a: (used.append(a[2]), real(self, *a)))
     _same(lsc.load(data, workers=2), serial)
     assert used == [2]
     # into a spectral model, whose coefficients are set from the integers in shared memory
@@ -96,10 +100,11 @@ def test_parallel_decode_reports_undecodable_streams(monkeypatch):
     monkeypatch.setattr(parallel, "MIN_PARALLEL_SYMBOLS", 0)
     bounds = np.array([0, 1, 2])
     order = np.arange(2)
-    good = (b"", b"", 2, 4, order, bounds, "fine")
-    garbage = (b"\x00\x01\xff", b"\x12" * 8, 2, 4, order, bounds, "layer.weight")
+    good = (b"", b"", 2, 4, order, bounds, "fine", None)
+    garbage = (b"\x00\x01\xff", b"\x12" * 8, 2, 64, order, bounds, "layer.weight", None)
     with parallel.StreamDecoder([good, garbage], workers=2) as dec:
-        assert dec.parallel
+        assert dec.parallel and 1 in dec._remote  # the larger job went to the worker process
+        assert sorted(dec.completed()) == [0, 1]
         with pytest.raises(lsc.LscFormatError, match=r"layer\.weight"):
             dec.get(1)
 
@@ -126,3 +131,51 @@ def test_decode_falls_back_when_processes_cannot_start(monkeypatch):
         raise AssertionError("daemonic processes are not allowed to have children")
     monkeypatch.setattr(parallel.cf, "ProcessPoolExecutor", refuse)
     _same(lsc.load(data, workers=2), serial)
+
+
+def _segmented(monkeypatch):
+    """A file whose larger tensors are cut into several ANS segments."""
+    from lsc.codec import entropy
+    monkeypatch.setattr(entropy, "SEGMENT_SYMBOLS", 2000)
+    model, data = _big_model()
+    metas = lsc.codec.api._parts_from_bytes(data)[0]["tensors"]
+    assert max(len(m.get("segments", [])) for m in metas) >= 4
+    return model, data
+
+
+def test_segmented_streams_decode_exactly(monkeypatch):
+    model, data = _segmented(monkeypatch)
+    plain = lsc.load(data, workers=1)
+    for name, w in [("0.weight", model[0].weight), ("2.weight", model[2].weight)]:
+        assert torch.equal(plain[name], w)
+    lazy = lsc.load(data, _plain_model(), lazy="entropy")
+    with torch.no_grad():
+        x = torch.randn(3, 96)
+        assert torch.equal(lazy(x), model(x))
+
+
+@linux_fork
+def test_segments_spread_over_workers(monkeypatch):
+    model, data = _segmented(monkeypatch)
+    serial = lsc.load(data, workers=1)
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_SYMBOLS", 0)
+    split = []
+    real = parallel.StreamDecoder._plan
+    monkeypatch.setattr(parallel.StreamDecoder, "_plan",
+                        staticmethod(lambda costs, w, c: split.append(real(costs, w, c)) or split[-1]))
+    _same(lsc.load(data, workers=3), serial)
+    assert any(split[0]) and not all(split[0])  # some units in workers, some decoded by the caller
+
+
+def test_bad_segment_tables_are_format_errors():
+    from lsc.codec.entropy import GroupStream
+    bounds = np.array([0, 1, 2])
+    w = BitWriter()
+    w.gamma(np.array([1, 1], dtype=np.uint64))   # exponents
+    w.bits(np.array([0, 0]))                     # modes: uniform
+    w.gamma(np.array([1, 1, 1, 1], dtype=np.uint64))  # lo = 0, K = 1 for both groups
+    side = w.getvalue()
+    GroupStream(side, b"", 2, 4, bounds, "t", [[0, 0], [1, 0]])  # valid: two empty segments
+    for bad in ([[1, 0]], [[0, 0], [0, 0]], [[0, 0], [5, 0]], [[0, 1]]):
+        with pytest.raises(lsc.LscFormatError, match="segment"):
+            GroupStream(side, b"", 2, 4, bounds, "t", bad)

@@ -17,7 +17,7 @@ from .posttraining import PostTrainingResult, compress_posttraining, load_checkp
 from .qnet import QuantizationNetwork
 from .target import RateController
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 __all__ = [
     # training
     "spectral", "quantization_loss", "bits_per_weight", "rate_estimate", "report", "QuantizationNetwork",

@@ -82,7 +82,8 @@ def _read_meta(m: dict):
 def _codec_integers(m: dict, data: bytes, layout, order, bounds) -> tuple[np.ndarray, np.ndarray]:
     """(q (num_blocks, P) int64, exponents (P,) int64) with the codec's own decoder (row-major positions)."""
     side, ans = data[:m["side"]], data[m["side"]:]
-    q, e = decode_positions(side, ans, layout.block_numel, layout.num_blocks, order, bounds, m["name"])
+    q, e = decode_positions(side, ans, layout.block_numel, layout.num_blocks, order, bounds, m["name"],
+                            m.get("segments"))
     return np.ascontiguousarray(q.T, dtype=np.int64), e
 
 
@@ -201,7 +202,7 @@ class _EntropyStore(_Store):
         side, ans = data[:m["side"]], data[m["side"]:]
         # Side information (tables, ranges, exponents) is parsed once here; each use only re-runs
         # the ANS decoder, so decoding allocates no bit-level scratch.
-        gs = GroupStream(side, ans, layout.block_numel, layout.num_blocks, bounds, m["name"])
+        gs = GroupStream(side, ans, layout.block_numel, layout.num_blocks, bounds, m["name"], m.get("segments"))
         e = np.empty(layout.block_numel, dtype=np.int64)
         e[order] = gs.exponents
         super().__init__(m, layout, dtype, mean, std, e, chunk_numel)

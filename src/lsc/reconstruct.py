@@ -34,15 +34,18 @@ def reconstruct(q: torch.Tensor, exponent: torch.Tensor, layout: BlockLayout, me
     cdt = mean.dtype
     step = step_size(exponent).to(cdt).reshape(P)
     m = inverse_matrix(layout.block_shape, transform, cdt, q.device)
-    # One pass reads the integers, whatever their strides, and scales them into a contiguous float
-    # matrix: every caller then feeds the transform the same layout and gets the same bits.
+    # The integers, whatever their strides (the file decoder hands a transposed view), become a
+    # contiguous float matrix: every caller then feeds the transform the same layout and gets the
+    # same bits. copy_ (a blocked transposing conversion) then an in-place contiguous scaling is
+    # ~2.5x faster on MiniLM than one scaling pass reading the transposed view.
     qf = torch.empty((nb, P), dtype=cdt, device=q.device)
+    qf.copy_(q.reshape(nb, P))
     if m is None:
-        torch.mul(q.reshape(nb, P), step, out=qf)
+        qf.mul_(step)
         return synthesize(qf.reshape(layout.coeff_shape), layout, mean, std, dtype, transform)
     # mean + std * ((q * step) @ M) as one scaling pass and one matrix product whose initial
     # value is the mean, instead of five full passes over the tensor
-    torch.mul(q.reshape(nb, P), step * std, out=qf)
+    qf.mul_(step * std)
     blocks = torch.addmm(mean, qf, m)
     del qf  # keep decoding temporaries at two tensors (lazy loading budgets its peak memory)
     w = from_blocks(blocks.reshape(layout.coeff_shape), layout).to(dtype)

@@ -25,12 +25,14 @@ import numpy as np
 from ..errors import LscFormatError
 from .elias import BitReader, BitWriter, unzigzag, zigzag
 
-__all__ = ["MAX_CATEGORICAL_K", "encode_symbols", "decode_positions", "group_bounds", "GroupStats"]
+__all__ = ["MAX_CATEGORICAL_K", "SEGMENT_SYMBOLS", "encode_symbols", "decode_positions", "group_bounds",
+           "segment_starts", "GroupStats", "GroupStream"]
 
 MAX_CATEGORICAL_K = 1 << 16   # larger alphabets always use the uniform code
 _UNIFORM_MAX = 1 << 23        # constriction's Uniform takes sizes < 2**24; wider ranges are split in 12-bit digits
 _DIGIT = 12
 MAX_EXPONENT = 4096           # |exponent| bound accepted by the decoder
+SEGMENT_SYMBOLS = 1 << 21     # tensors with more symbols are coded as several independent ANS segments
 
 _model = constriction.stream.model
 
@@ -96,8 +98,28 @@ class GroupStats:
         self.num_uniform = 0
 
 
-def encode_symbols(q_scan: np.ndarray, exponents_scan: np.ndarray, bounds: np.ndarray) -> tuple[bytes, bytes, GroupStats]:
-    """Code integer symbols laid out (P, num_blocks) in scan order -> (side bytes, ANS bytes, stats)."""
+def segment_starts(bounds: np.ndarray, nb: int, segment_symbols: int | None = None) -> list[int]:
+    """First group of each ANS segment: contiguous group ranges of about ``segment_symbols`` symbols
+    (one segment unless the tensor has more symbols than that)."""
+    segment_symbols = segment_symbols or SEGMENT_SYMBOLS
+    sizes = np.diff(bounds) * nb
+    total = int(sizes.sum())
+    S = min(max(1, -(-total // segment_symbols)), max(1, sizes.size))
+    if S == 1:
+        return [0]
+    ends = np.cumsum(sizes)
+    cuts = np.searchsorted(ends, total * np.arange(1, S) / S, side="left") + 1
+    return sorted({0, *[int(c) for c in cuts if 0 < c < sizes.size]})
+
+
+def encode_symbols(q_scan: np.ndarray, exponents_scan: np.ndarray, bounds: np.ndarray,
+                   segment_symbols: int | None = None) -> tuple[bytes, bytes, GroupStats, list]:
+    """Code integer symbols laid out (P, num_blocks) in scan order -> (side bytes, ANS bytes, stats, segments).
+
+    ``segments`` is ``[[first_group, words], ...]`` when the ANS data was cut into independently
+    decodable segments (tensors of more than ``segment_symbols`` symbols, so that decoders can
+    spread one big tensor over several cores), else ``[]``.
+    """
     P, nb = q_scan.shape
     G = bounds.size - 1
     stats = GroupStats()
@@ -136,21 +158,26 @@ def encode_symbols(q_scan: np.ndarray, exponents_scan: np.ndarray, bounds: np.nd
     cat = [t for t in tables if t is not None]
     if cat:
         w.gamma(np.concatenate(cat).astype(np.uint64) + np.uint64(1))
-    coder = constriction.stream.stack.AnsCoder()
-    for g in reversed(range(G)):
-        k, s = ks[g], syms[g]
-        if k <= 1 or s.size == 0:
-            continue
-        if modes[g]:
-            coder.encode_reverse(s.astype(np.int32), _categorical(tables[g]))
-            stats.num_categorical += 1
-        else:
-            _encode_uniform(coder, s, k)
-            stats.num_uniform += 1
-    words = coder.get_compressed().astype("<u4", copy=False)
+    starts = segment_starts(bounds, nb, segment_symbols)
+    pieces, segments = [], []
+    for g0, g1 in zip(starts, starts[1:] + [G]):
+        coder = constriction.stream.stack.AnsCoder()
+        for g in reversed(range(g0, g1)):
+            k, s = ks[g], syms[g]
+            if k <= 1 or s.size == 0:
+                continue
+            if modes[g]:
+                coder.encode_reverse(s.astype(np.int32), _categorical(tables[g]))
+                stats.num_categorical += 1
+            else:
+                _encode_uniform(coder, s, k)
+                stats.num_uniform += 1
+        words = coder.get_compressed().astype("<u4", copy=False)
+        pieces.append(words.tobytes())
+        segments.append([int(g0), int(words.size)])
     side = w.getvalue()
     stats.side_bits = w.nbits
-    return side, words.tobytes(), stats
+    return side, b"".join(pieces), stats, (segments if len(segments) > 1 else [])
 
 
 class GroupStream:
@@ -163,7 +190,7 @@ class GroupStream:
     or None when every value of the group is ``lo``.
     """
 
-    def __init__(self, side: bytes, ans: bytes, P: int, nb: int, bounds: np.ndarray, what: str):
+    def __init__(self, side: bytes, ans: bytes, P: int, nb: int, bounds: np.ndarray, what: str, segments=None):
         self.nb, self.bounds, self.what = nb, bounds, what
         r = BitReader(side, what)
         e = np.cumsum(unzigzag(r.gamma(P) - np.uint64(1)))
@@ -186,6 +213,22 @@ class GroupStream:
         self.counts = counts.astype(np.int32) if counts.size == 0 or int(counts.max()) < 2**31 else counts
         r.finish()
         self.words = np.frombuffer(ans, dtype="<u4").astype(np.uint32)
+        # where each categorical group's table starts in self.counts
+        self.table_start = np.concatenate([[0], np.cumsum(np.where(self.modes, self.ks, 0))]).astype(np.int64)
+        self.segments = self._segments(segments or [[0, self.words.size]], G)
+
+    def _segments(self, segments, G: int) -> list[tuple[int, int, int, int]]:
+        """[(first group, end group, first word, end word)] of each independently coded ANS segment."""
+        out, w = [], 0
+        for j, (g0, words) in enumerate(segments):
+            g1 = segments[j + 1][0] if j + 1 < len(segments) else G
+            if (j == 0 and g0 != 0) or not 0 <= g0 < g1 <= G:
+                raise LscFormatError(f"{self.what}: invalid ANS segment table")
+            out.append((g0, g1, w, w + words))
+            w += words
+        if w != self.words.size:
+            raise LscFormatError(f"{self.what}: ANS segments hold {w} words, the stream {self.words.size}")
+        return out
 
     def value_range(self) -> tuple[int, int]:
         """Smallest and largest decoded value over all groups."""
@@ -195,15 +238,21 @@ class GroupStream:
 
     def __iter__(self):
         """Decode from the start of the ANS stream (each iteration is a fresh, complete pass)."""
-        coder = constriction.stream.stack.AnsCoder(self.words) if self.words.size else constriction.stream.stack.AnsCoder()
-        toff = 0
-        for g in range(self.bounds.size - 1):
+        for j in range(len(self.segments)):
+            yield from self.segment(j)
+
+    def segment(self, j: int):
+        """Decode ANS segment j alone (its groups, in order)."""
+        g0, g1, w0, w1 = self.segments[j]
+        words = self.words[w0:w1]
+        coder = constriction.stream.stack.AnsCoder(words) if words.size else constriction.stream.stack.AnsCoder()
+        for g in range(g0, g1):
             a, b = int(self.bounds[g]), int(self.bounds[g + 1])
             n = (b - a) * self.nb
             k, lo = int(self.ks[g]), int(self.los[g])
             if self.modes[g]:
+                toff = int(self.table_start[g])
                 counts = self.counts[toff:toff + k]
-                toff += k
                 if int(counts.sum()) != n:
                     raise LscFormatError(f"{self.what}: group {g} table counts {int(counts.sum())} symbols, expected {n}")
                 s = coder.decode(_categorical(counts), n) if n else np.zeros(0, dtype=np.int32)
@@ -219,14 +268,16 @@ class GroupStream:
 
 
 def decode_positions(side: bytes, ans: bytes, P: int, nb: int, order: np.ndarray, bounds: np.ndarray, what: str,
+                     segments=None, segment: int | None = None,
                      out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode straight into row-major position order -> (q (P, nb), exponents (P,) int64).
 
     Row ``order[i]`` of ``q`` holds scan position ``i``, so the file decoder needs no
-    reordering copy. ``out`` (int32, (P, nb)) is filled and returned when every value
-    fits int32 (the parallel decoder passes shared memory); otherwise a new array is.
+    reordering copy. ``segment``: decode only that ANS segment (only its rows are written).
+    ``out`` (int32, (P, nb)) is filled and returned when every value fits int32 (the
+    parallel decoder passes shared memory); otherwise a new array is.
     """
-    gs = GroupStream(side, ans, P, nb, bounds, what)
+    gs = GroupStream(side, ans, P, nb, bounds, what, segments)
     lo_all, hi_all = gs.value_range()
     fits32 = lo_all >= -(2**31) and hi_all <= 2**31 - 1
     if out is not None and fits32 and out.shape == (P, nb) and out.dtype == np.int32:
@@ -234,7 +285,7 @@ def decode_positions(side: bytes, ans: bytes, P: int, nb: int, order: np.ndarray
     else:
         q = np.empty((P, nb), dtype=np.int32 if fits32 else np.int64)
     order = np.asarray(order)
-    for a, b, lo, s in gs:
+    for a, b, lo, s in (gs if segment is None else gs.segment(segment)):
         if s is not None and q.dtype != s.dtype:
             s = s.astype(q.dtype)  # int64 files: add the offset in int64
         if b - a == 1:  # one position per group (every tensor with >= min_group blocks): a row view, no gather

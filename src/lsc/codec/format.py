@@ -25,7 +25,7 @@ __all__ = ["MAGIC", "FORMAT_VERSION", "PREFIX_SIZE", "MAX_HEADER_BYTES", "pack_p
            "parse_prefix_header", "split_streams", "check_stream", "zlib_decompress_exact"]
 
 MAGIC = b"\x89LSC\r\n\x1a\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: optional ANS segments (docs/FORMAT.md, section 4)
 _PREFIX = struct.Struct("<8sIIII")
 PREFIX_SIZE = _PREFIX.size  # 24
 MAX_HEADER_BYTES = 256 << 20   # decompressed JSON header cap
