@@ -40,6 +40,7 @@ from lsc.state import get_state  # noqa: E402
 
 def _median_time(fn, repeats):
     times, out = [], None
+    fn()  # warm-up: first-call costs (allocator, transform matrices) are not what a user waits for twice
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = fn()
@@ -70,6 +71,7 @@ def measure(name, model, ref_state_dict, repeats=3, extra=None):
     model.eval()
     enc_t, data = _median_time(lambda: to_bytes(lsc.compress_weights(model)), repeats)
     dec_t, plain = _median_time(lambda: lsc.load(data), repeats)
+    dec1_t, _ = _median_time(lambda: lsc.load(data, workers=1), repeats)
     info = lsc.file_info(data)["totals"]
     with torch.no_grad():
         est = float(lsc.rate_estimate(model).total) / 8
@@ -77,7 +79,7 @@ def measure(name, model, ref_state_dict, repeats=3, extra=None):
     rowmajor = len(to_bytes(lsc.compress_weights(model, scan="rowmajor")))
     n = B.n_params(ref_state_dict)
     rows = [dict(model=name, method="lsc", bytes=len(data), bits_per_param=8 * len(data) / n,
-                 encode_s=enc_t, decode_s=dec_t, stream_bytes=info["stream_bytes"], side_bytes=info["side_bytes"],
+                 encode_s=enc_t, decode_s=dec_t, decode_1proc_s=dec1_t, stream_bytes=info["stream_bytes"], side_bytes=info["side_bytes"],
                  header_bytes=info["header_bytes"], entropy_ratio=coded / bound, predicted_bytes=est,
                  predicted_err_pct=100 * (est / len(data) - 1), rowmajor_bytes=rowmajor,
                  morton_gain_pct=100 * (1 - len(data) / rowmajor), **(extra or {}))]
@@ -119,16 +121,31 @@ def minilm(repeats=3, init_bits=6.0):
     return measure(f"MiniLM-L6 (init_bits={init_bits:g}, untrained)", model, ref, repeats)
 
 
+MINILM_SHIPPED = {"default": 0.05, "embeddings.*": 0.08}  # the post-training point at held-out cos >= 0.99
+
+
+def minilm_shipped(repeats=3):
+    """The file a user ships: lsc's post-training MiniLM at mean cosine >= 0.99 (12.5 MB, BENCHMARKS.md),
+    the quality point of NNCodec's 13.1 MB file whose decode the issue quotes (3.6 s)."""
+    from benchmarks.minilm import load_minilm
+    model, _ = load_minilm()
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    lsc.compress_posttraining(model, max_error=MINILM_SHIPPED, progress=False)
+    return measure("MiniLM-L6 (post-training, cos >= 0.99)", model, ref, repeats)
+
+
 def table(rows) -> str:
-    lines = ["| model | method | bytes | bits/param | encode s | decode s | entropy ratio | predicted vs real | Morton vs row-major |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | method | bytes | bits/param | encode s | decode s | decode s, 1 process | entropy ratio | "
+             "predicted vs real | Morton vs row-major |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lsc_only = r["method"] == "lsc"
+        one = f"{r['decode_1proc_s']:.3f}" if lsc_only else "-"
         lines.append(
             f"| {r['model']} | {r['method']} | {r['bytes']:,} | {r['bits_per_param']:.3f} | {r['encode_s']:.3f} | "
-            f"{r['decode_s']:.3f} | " + (f"{r['entropy_ratio']:.4f} | {r['predicted_err_pct']:+.2f}% | "
-                                         f"{r['rowmajor_bytes']:,} B row-major ({r['morton_gain_pct']:+.2f}%) |"
-                                         if lsc_only else "- | - | - |"))
+            f"{r['decode_s']:.3f} | {one} | " + (f"{r['entropy_ratio']:.4f} | {r['predicted_err_pct']:+.2f}% | "
+                                                f"{r['rowmajor_bytes']:,} B row-major ({r['morton_gain_pct']:+.2f}%) |"
+                                                if lsc_only else "- | - | - |"))
     return "\n".join(lines)
 
 
@@ -138,6 +155,7 @@ def run(model="all", repeats=3, out=None):
     if model in ("digits", "all"):
         rows += digits(repeats)
     if model in ("minilm", "all"):
+        rows += minilm_shipped(repeats)
         rows += minilm(repeats)
     text = table(rows)
     print(text)

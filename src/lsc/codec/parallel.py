@@ -143,10 +143,7 @@ class StreamDecoder:
             offsets[j] = total
             total += 4 * self.jobs[j][2] * self.jobs[j][3]
         try:
-            # anonymous + MAP_SHARED: visible to forked children; populated up front, which is
-            # cheaper than ~25k page faults spread over the workers
-            flags = mmap.MAP_SHARED | getattr(mmap, "MAP_ANONYMOUS", 0x20) | getattr(mmap, "MAP_POPULATE", 0)
-            shared = mmap.mmap(-1, max(1, total), flags=flags)
+            shared = mmap.mmap(-1, max(1, total))  # anonymous + MAP_SHARED: visible to forked children
         except (OSError, ValueError):
             return
         token = next(_TOKENS)
