@@ -132,7 +132,7 @@ def write_report(demo, rows, meta, argv) -> None:
              f"on {os.cpu_count()} CPU cores, torch {torch.__version__}. Timings are wall-clock on a shared machine.", ""]
     if demo:
         lines += ["## `lsc demo` (digits CNN, fine-tuned with the rate loss)", "", "```", demo["stdout"].rstrip(), "```", "",
-                  f"Bits plot of the demo file: `docs/img/demo_bits.png`.", ""]
+                  "Bits plot of the demo file: `docs/img/demo_bits.png`.", ""]
     if rows:
         n = meta["params"]
         lines += ["## MiniLM-L6: `lsc compress --max-error` vs NNCodec", "",

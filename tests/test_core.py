@@ -1,4 +1,3 @@
-import math
 import warnings
 
 import pytest
@@ -233,7 +232,7 @@ def test_minilm_bert_model_from_pypi_package():
     ids = torch.randint(0, 30000, (2, 12))
     with torch.no_grad():
         ref = model(input_ids=ids).last_hidden_state
-    q_net = lsc.spectral(model, init_bits=14)
+    lsc.spectral(model, init_bits=14)
     assert isinstance(model, transformers.BertModel)
     assert len(model._lsc.entries) == len([p for p in model.parameters()])
     model.eval()

@@ -1,43 +1,52 @@
 """The rate term users add to their task loss, and the per-tensor report."""
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
 from .rate import FILE_OVERHEAD_BYTES, RateEstimate, estimate_rate, exact_bits, surrogate_bits_total
-from .quantizer import bits_to_exponent
+from .quantizer import bits_to_exponent, step_size
 from .state import get_state
 
 __all__ = ["rate_estimate", "bits_per_weight", "quantization_loss", "report", "compressed_numel"]
 
 
 def _rate_inputs(model: nn.Module):
-    """Per tensor: coefficients as (num_blocks, P), steps (P,), exponents (P,) — all differentiable."""
+    """Per tensor: coefficients (the parameters themselves), steps (P,), exponents (P,) — all differentiable."""
     st = get_state(model)
-    pars = [entry.parametrization for entry in st.entries]
-    batch = st.feature_batch(pars)
-    # one q_net pass for every tensor (a per-tensor call costs more in overhead than in arithmetic)
-    all_exps = bits_to_exponent(st.q_net(batch["features"], batch["ids"])).split(batch["sizes"])
-    coeffs, steps, exps = [], [], []
-    for entry, e in zip(st.entries, all_exps):
-        par = entry.parametrization
-        step = par.step(e)
-        coeffs.append(entry.coefficients.to(step.dtype).reshape(par.layout.num_blocks, par.layout.block_numel))
-        steps.append(step.reshape(-1))
-        exps.append(e)
-    return st, coeffs, steps, exps, [p.groups for p in pars], [p.num_groups for p in pars], [p.scan_order for p in pars]
+    pars, coeffs = zip(*(entry.parts() for entry in st.entries))
+    # one q_net pass for every tensor, shared with this step's forward (a per-tensor call costs
+    # more in overhead than in arithmetic)
+    all_exps, all_steps = _shared_outputs(st.q_net, pars)
+    steps = [s.to(p.mean.dtype) for s, p in zip(all_steps, pars)]
+    coeffs = [c.to(s.dtype) for c, s in zip(coeffs, steps)]
+    numel = sum(p.layout.numel for p in pars)
+    return st, numel, coeffs, steps, all_exps, [p.groups for p in pars], [p.num_groups for p in pars], [p.scan_order for p in pars]
+
+
+def _as_blocks(coeffs, steps) -> list[torch.Tensor]:
+    """Coefficients as (num_blocks, P) views."""
+    return [c.reshape(-1, s.shape[0]) for c, s in zip(coeffs, steps)]
+
+
+def _shared_outputs(q_net, pars) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """(exponents, float32 steps) of ``pars`` from q_net's cached batched call, computed directly otherwise."""
+    shared = q_net.shared_outputs()
+    members = q_net.__dict__.get("_members")
+    if shared is not None and [members["index"].get(p.tensor_id) for p in pars] == list(range(len(pars))):
+        return shared
+    exps = [bits_to_exponent(q_net(p.features, p.tensor_id)) for p in pars]
+    return exps, [step_size(e) for e in exps]
 
 
 def rate_estimate(model: nn.Module) -> RateEstimate:
     """Estimated coded size of every spectral tensor: exact value, differentiable through a surrogate."""
-    _, coeffs, steps, exps, groups, ngroups, orders = _rate_inputs(model)
-    return estimate_rate(coeffs, steps, groups, ngroups, exps, orders)
+    _, _, coeffs, steps, exps, groups, ngroups, orders = _rate_inputs(model)
+    return estimate_rate(_as_blocks(coeffs, steps), steps, groups, ngroups, exps, orders)
 
 
 def compressed_numel(model: nn.Module) -> int:
-    return sum(math.prod(e.parametrization.layout.shape) for e in get_state(model).entries)
+    return sum(e.parametrization.layout.numel for e in get_state(model).entries)
 
 
 def bits_per_weight(model: nn.Module) -> torch.Tensor:
@@ -54,20 +63,20 @@ def quantization_loss(model: nn.Module, weight: float | None = None) -> torch.Te
     ``rate_refresh`` calls and tracked in between by the drift of the smooth
     surrogate, whose gradient drives training either way.
     """
-    st, coeffs, steps, exps, groups, ngroups, orders = _rate_inputs(model)
+    st, numel, coeffs, steps, exps, groups, ngroups, orders = _rate_inputs(model)
     w = st.rate_weight if weight is None else float(weight)
     if not torch.is_grad_enabled():
-        return w * estimate_rate(coeffs, steps, groups, ngroups, exps, orders).total / compressed_numel(model)
+        return w * estimate_rate(_as_blocks(coeffs, steps), steps, groups, ngroups, exps, orders).total / numel
     sur = surrogate_bits_total(coeffs, steps)
     cache = st.rate_cache
     if cache is None or cache["device"] != sur.device or st.rate_calls % st.rate_refresh == 0:
-        data, side = exact_bits([c.detach() for c in coeffs], [s.detach() for s in steps], groups, ngroups,
-                                [e.detach() for e in exps], orders)
+        data, side = exact_bits([c.detach() for c in _as_blocks(coeffs, steps)], [s.detach() for s in steps], groups,
+                                ngroups, [e.detach() for e in exps], orders)
         exact = torch.stack([d + s for d, s in zip(data, side)]).sum().to(sur.dtype)
         cache = st.rate_cache = dict(exact=exact, sur=sur.detach(), device=sur.device)
     st.rate_calls += 1
     total = cache["exact"] + (sur - cache["sur"]) + 8 * FILE_OVERHEAD_BYTES
-    return w * total / compressed_numel(model)
+    return w * total / numel
 
 
 def _fmt_bytes(n: float) -> str:

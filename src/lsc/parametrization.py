@@ -16,8 +16,9 @@ from .errors import LscError
 from .grouping import position_groups
 from .morton import morton_order
 from .qnet import QuantizationNetwork, position_features
-from .quantizer import bits_to_exponent, fake_quantize, integer_coefficients, step_size
-from .reconstruct import compute_dtype_for, reconstruct, synthesize
+from .quantizer import bits_to_exponent, integer_coefficients, step_size
+from .reconstruct import compute_dtype_for, reconstruct
+from .training import quantized_synthesis
 from .transforms import block_transform
 
 __all__ = ["SpectralParametrization"]
@@ -86,13 +87,19 @@ class SpectralParametrization(nn.Module):
                 raise LscError(f"{self.name}: a spectral coefficient is too large to store as an integer at this step size")
             return integer_coefficients(c, self.step(e)), e
 
+    def _training_step(self) -> torch.Tensor:
+        """Steps (P,) of the training forward: from q_net's one batched evaluation per step when it has one."""
+        step = self.q_net.shared_step(self.tensor_id) if self.frozen_exponent is None else None
+        if step is None:
+            step = step_size(self.exponent())
+        return step.to(self.mean.dtype).reshape(-1)
+
     def forward(self, *originals: torch.Tensor) -> torch.Tensor:
         coeffs = originals[0]
         if self.training:
-            e = self.exponent()
-            step = self.step(e)
-            c_hat = fake_quantize(coeffs.to(step.dtype), step, self.leak)
-            return synthesize(c_hat, self.layout, self.mean, self.std, self.orig_dtype, self.transform)
+            step = self._training_step()
+            return quantized_synthesis(coeffs.to(step.dtype), step, self.layout, self.mean, self.std,
+                                       self.orig_dtype, self.transform, self.leak)
         q, e = self.integer_state(coeffs, check=False)
         w = reconstruct(q, e, self.layout, self.mean, self.std, self.orig_dtype, self.transform)
         # NaN/Inf coefficients would cast to garbage integers: give NaN weights, never silently wrong ones

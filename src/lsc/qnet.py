@@ -9,11 +9,14 @@ while still receiving gradient.
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .blocking import BlockLayout
+from .quantizer import EXPONENT_RESOLUTION, MAX_BITS, MIN_BITS, bits_to_exponent, step_size
 
 __all__ = ["QuantizationNetwork", "position_features", "NUM_FEATURES"]
 
@@ -65,3 +68,145 @@ class QuantizationNetwork(nn.Module):
         """Bits (continuous) for each row of ``features``."""
         out = self.mlp(features).squeeze(-1) + self.tensor_offset[tensor_id]
         return self.init_bits + self.bits_scale * out
+
+    # -- one batched call per training step, shared by every tensor's forward and the rate loss
+
+    def attach_members(self, members: list[tuple[int, torch.Tensor]]) -> None:
+        """Record ``(tensor_id, position features)`` of every tensor this network serves."""
+        feats = torch.cat([f for _, f in members])
+        ids = torch.cat([torch.full((f.shape[0],), i, dtype=torch.int64, device=f.device) for i, f in members])
+        # where forward() finds its weights: read as attributes on every call, because wrappers
+        # such as FSDP replace the registered parameters with other tensors
+        slots = [(self.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]) for name, _ in self.named_parameters()]
+        self.__dict__["_members"] = dict(features=feats, ids=ids, sizes=[f.shape[0] for _, f in members],
+                                         index={i: k for k, (i, _) in enumerate(members)}, slots=slots)
+
+    def shared_outputs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """(exponents, steps) of every member tensor (row-major positions), or None without members.
+
+        Computed by one batched call and reused until a parameter of this network
+        changes (its ``_version``: every optimizer step) or the autograd mode does, so
+        a training step runs the MLP once instead of once per tensor plus once for the
+        loss. The outputs may feed any number of forwards and backward passes (see
+        :class:`_SharedBits`).
+        """
+        members = self.__dict__.get("_members")
+        if members is None:
+            return None
+        params = tuple(getattr(m, name) for m, name in members["slots"])
+        key = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
+               tuple((id(p), p._version, p.data_ptr(), p.requires_grad) for p in params))
+        hit = _SHARED.get(self)
+        if hit is not None and hit[0] == key:
+            return hit[1]
+        dev = params[0].device
+        if members["features"].device != dev:
+            members["features"], members["ids"] = members["features"].to(dev), members["ids"].to(dev)
+        if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            fn = _SharedBitsMLP if self._plain_mlp() else _SharedBits
+            e, s = fn.apply(self, members["features"], members["ids"], *params)
+        else:
+            e = bits_to_exponent(self(members["features"], members["ids"]))
+            s = step_size(e)
+        out = (list(e.split(members["sizes"])), list(s.split(members["sizes"])))
+        _SHARED[self] = (key, out)
+        return out
+
+    def _plain_mlp(self) -> bool:
+        """Whether forward() is exactly Linear-SiLU-Linear-SiLU-Linear plus the offset (hand-differentiable)."""
+        kinds = [type(m) for m in self.mlp]
+        return (type(self).forward is QuantizationNetwork.forward and kinds == [nn.Linear, nn.SiLU, nn.Linear, nn.SiLU, nn.Linear]
+                and [n for _, n in self.__dict__["_members"]["slots"]] == ["tensor_offset"] + ["weight", "bias"] * 3)
+
+    def shared_step(self, tensor_id: int) -> torch.Tensor | None:
+        """Float32 steps (P,) of one member tensor from :meth:`shared_outputs`, or None."""
+        members = self.__dict__.get("_members")
+        if members is None or tensor_id not in members["index"]:
+            return None
+        return self.shared_outputs()[1][members["index"][tensor_id]]
+
+
+# q_net -> (cache key, outputs); outside the module so deepcopy/pickle never see graph tensors
+_SHARED: "weakref.WeakKeyDictionary[QuantizationNetwork, tuple]" = weakref.WeakKeyDictionary()
+
+
+class _SharedBits(torch.autograd.Function):
+    """features -> (exponents, steps) through q_net, as one node whose inner graph is kept.
+
+    The MLP runs with autograd inside the forward and each backward differentiates that
+    inner graph with ``retain_graph=True``, so the cached outputs can feed several
+    graphs (gradient accumulation, repeated backward passes) exactly like separate q_net
+    calls would, each backward adding its own gradient to q_net's parameters. Modifying
+    a q_net parameter in place between forward and backward raises autograd's usual error.
+    """
+
+    @staticmethod
+    def forward(ctx, q_net, features, ids, *params):
+        with torch.enable_grad():
+            e = bits_to_exponent(q_net(features, ids))
+            s = step_size(e)
+        ctx.inner, ctx.params = (e, s), params
+        return e.detach(), s.detach()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_e, grad_s):
+        need = [i for i, p in enumerate(ctx.params) if ctx.needs_input_grad[3 + i]]
+        grads = [None] * len(ctx.params)
+        with torch.enable_grad():
+            got = torch.autograd.grad(ctx.inner, [ctx.params[i] for i in need], (grad_e, grad_s),
+                                      retain_graph=True, allow_unused=True)
+        for i, g in zip(need, got):
+            grads[i] = g
+        return (None, None, None, *grads)
+
+
+class _SharedBitsMLP(torch.autograd.Function):
+    """:class:`_SharedBits` for the standard network, differentiated by hand.
+
+    Same values and gradients, without building and walking an autograd graph of
+    about twenty small operations: q_net's fixed cost is a visible share of a small
+    model's training step. Nothing full-size is freed by the backward either, so the
+    outputs may again feed several backward passes.
+    """
+
+    @staticmethod
+    def forward(ctx, q_net, features, ids, offset, w1, b1, w2, b2, w3, b3):
+        z1 = torch.addmm(b1, features, w1.t())
+        h1 = torch.nn.functional.silu(z1)
+        z2 = torch.addmm(b2, h1, w2.t())
+        h2 = torch.nn.functional.silu(z2)
+        bits = torch.addmm(b3, h2, w3.t()).squeeze(-1).add_(offset[ids]).mul_(q_net.bits_scale).add_(q_net.init_bits)
+        inside = (bits >= MIN_BITS) & (bits <= MAX_BITS)  # where clamp passes the gradient
+        e = bits.clamp_(MIN_BITS, MAX_BITS).mul_(EXPONENT_RESOLUTION).round_()
+        s = step_size(e)
+        ctx.saved = (features, ids, offset.shape[0], w1, w2, w3, z1, h1, z2, h2, inside, s, q_net.bits_scale)
+        ctx.versions = [t._version for t in (offset, w1, b1, w2, b2, w3, b3)]
+        ctx.inputs = (offset, w1, b1, w2, b2, w3, b3)
+        return e, s
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_e, grad_s):
+        if [t._version for t in ctx.inputs] != ctx.versions:
+            raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
+                               "inplace operation: a q_net parameter changed between the forward and this backward")
+        features, ids, n_off, w1, w2, w3, z1, h1, z2, h2, inside, s, scale = ctx.saved
+        # e = round(4 * clamp(bits)) straight-through, s = 2^(-e/4); bits = init + scale * (mlp + offset)
+        g_e = torch.addcmul(grad_e, grad_s, s, value=-0.6931471805599453 / EXPONENT_RESOLUTION)
+        g_out = g_e.mul_(inside).mul_(EXPONENT_RESOLUTION * scale)
+        g_off = torch.zeros(n_off, dtype=g_out.dtype, device=g_out.device).index_add_(0, ids, g_out)
+        g_out = g_out.unsqueeze(1)
+        g_w3, g_b3 = g_out.t() @ h2, g_out.sum(0)
+        g_z2 = _silu_backward(g_out * w3, z2)
+        g_w2, g_b2 = g_z2.t() @ h1, g_z2.sum(0)
+        g_z1 = _silu_backward(g_z2 @ w2, z1)
+        g_w1, g_b1 = g_z1.t() @ features, g_z1.sum(0)
+        return None, None, None, g_off, g_w1, g_b1, g_w2, g_b2, g_w3, g_b3
+
+
+def _silu_backward(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """grad * silu'(z), silu'(z) = sigmoid(z) * (1 + z * (1 - sigmoid(z)))."""
+    sig = torch.sigmoid(z)
+    return grad.mul_(sig).mul_(torch.addcmul(torch.ones_like(z), z, 1 - sig))
+

@@ -4,8 +4,14 @@ Bits are kept on a grid of 1/EXPONENT_RESOLUTION so that the per-frequency step
 2^-bits is an integer "exponent" that the file stores exactly. The eval-mode
 forward, the encoder, the decoder and the lazy loader all go through
 :func:`integer_coefficients` and :func:`dequantize`, so they agree to the bit.
+The training-time side lives here too: :func:`fake_quantize`, and the reusable
+buffers (:func:`scratch`, :func:`fresh`) that keep the training step free of
+page faults on the CPU.
 """
 from __future__ import annotations
+
+import math
+import threading
 
 import torch
 
@@ -31,6 +37,107 @@ def step_size(exponent: torch.Tensor) -> torch.Tensor:
     return torch.exp2(-e / EXPONENT_RESOLUTION)
 
 
+_SCRATCH = threading.local()
+_SCRATCH_MIN = 1 << 16  # elements; below this a fresh tensor is cheaper than the bookkeeping
+
+
+def scratch(slot: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A reusable 1-D work buffer of ``numel`` elements for temporaries of the training step.
+
+    On the CPU every fresh tensor above glibc's mmap threshold (32 MB at most) is new
+    memory that the kernel zero-fills page by page: for MiniLM's embedding that costs
+    about 4x the arithmetic of the pass that writes it, several times per step. The
+    training kernels therefore keep their full-size temporaries here (one buffer per
+    slot, grown to the largest tensor, per thread). A scratch view must never escape
+    the function that asked for it. Small buffers come from the allocator's free lists
+    anyway, and other devices have caching allocators: those get a plain ``empty``.
+    """
+    if numel < _SCRATCH_MIN or device.type != "cpu":
+        return torch.empty(numel, dtype=dtype, device=device)
+    store = getattr(_SCRATCH, "buffers", None)
+    if store is None:
+        store = _SCRATCH.buffers = {}
+    buf = store.get((slot, dtype))
+    if buf is None or buf.numel() < numel:
+        buf = store[(slot, dtype)] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
+
+
+_POOL_MIN = 1 << 22     # elements (16 MB in float32): smaller tensors are reused from the heap by malloc itself
+_POOL_DEPTH = 4         # buffers kept per size: the forward's weight, the gradient, the rate's gradient, one spare
+_use_count = getattr(torch._C, "_storage_Use_Count", None)
+
+
+def fresh(shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """``torch.empty(shape)`` whose memory is recycled between training steps for big CPU tensors.
+
+    Unlike :func:`scratch`, the result may escape (it is a weight or a gradient): its
+    memory is only handed out again once no tensor anywhere refers to it any more (the
+    storage's reference count is back to the pool's own), so it never aliases a live
+    tensor. This saves the page faults of a fresh mapping, several per step for an
+    embedding matrix (see :func:`scratch`).
+    """
+    numel = math.prod(shape)
+    if numel < _POOL_MIN or device.type != "cpu" or _use_count is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    pools = getattr(_SCRATCH, "pools", None)
+    if pools is None:
+        pools = _SCRATCH.pools = {}
+    entries = pools.setdefault((numel, dtype), [])
+    for storage in entries:
+        if _use_count(storage._cdata) == 1:  # only ``entries`` refers to it
+            return torch.empty(0, dtype=dtype).set_(storage, 0, shape)
+    t = torch.empty(shape, dtype=dtype)
+    if len(entries) < _POOL_DEPTH:
+        entries.append(t.untyped_storage())
+    return t
+
+
+def release_buffers() -> None:
+    """Drop this thread's :func:`scratch` and :func:`fresh` buffers (they are kept between steps on purpose)."""
+    _SCRATCH.__dict__.clear()
+
+
+def rounding_residual(coeffs: torch.Tensor, step: torch.Tensor, leak: float, slot: int = 0) -> torch.Tensor:
+    """``(round(x) - x) * (1 - leak)`` for ``x = coeffs / step``, in scratch ``slot`` and ``slot + 1``."""
+    n = coeffs.numel()
+    x = torch.div(coeffs, step, out=scratch(slot, n, coeffs.dtype, coeffs.device).view(coeffs.shape))
+    r = torch.round(x, out=scratch(slot + 1, n, coeffs.dtype, coeffs.device).view(coeffs.shape)).sub_(x)
+    return r.mul_(1.0 - leak) if leak else r
+
+
+class _FakeQuantize(torch.autograd.Function):
+    """``step * (x + (1 - leak) * (round(x) - x))`` for ``x = coeffs / step``; gradients as in :func:`fake_quantize`.
+
+    Three passes forward and nothing full-size saved: the backward passes the gradient
+    to ``coeffs`` unchanged and recomputes the rounding residual (in scratch) only
+    when ``step`` needs its gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, coeffs, step, leak):
+        out = torch.div(coeffs, step)
+        if leak:
+            x = scratch(0, out.numel(), out.dtype, out.device).view(out.shape).copy_(out)
+            torch.lerp(x, out.round_(), 1.0 - leak, out=out)
+        else:
+            out.round_()
+        ctx.save_for_backward(coeffs, step)
+        ctx.leak = leak
+        return out.mul_(step)
+
+    @staticmethod
+    def backward(ctx, grad):
+        coeffs, step = ctx.saved_tensors
+        grad_step = None
+        if ctx.needs_input_grad[1]:
+            r = rounding_residual(coeffs, step, ctx.leak).mul_(grad)
+            grad_step = r.sum_to_size(step.shape)
+            if grad_step.data_ptr() == r.data_ptr():  # nothing was summed: never hand out scratch
+                grad_step = grad_step.clone()
+        return (grad if ctx.needs_input_grad[0] else None), grad_step, None
+
+
 def fake_quantize(coeffs: torch.Tensor, step: torch.Tensor, leak: float = 0.0) -> torch.Tensor:
     """Training-time quantization: ``round(x) + leak * (x - round(x))`` for ``x = coeffs / step``, times ``step``.
 
@@ -38,15 +145,13 @@ def fake_quantize(coeffs: torch.Tensor, step: torch.Tensor, leak: float = 0.0) -
     the coefficients. Here the gradient reaches ``coeffs`` unchanged (straight-through), and
     because the rounding residual ``r`` stays attached to ``step`` (``coeffs + r * step``),
     the task loss also tells the bit allocation when a step is too coarse (the gradient of
-    learned step size quantization). ``r`` is computed without autograd, so the backward
-    needs no full-size division or negation (that made the rate path the dominant training
-    cost on MiniLM).
+    learned step size quantization). ``step`` broadcasts against ``coeffs``.
     """
-    with torch.no_grad():
+    if torch.broadcast_shapes(coeffs.shape, step.shape) == coeffs.shape:
+        return _FakeQuantize.apply(coeffs, step, float(leak))
+    with torch.no_grad():  # a step wider than the coefficients (never from lsc itself): plain autograd
         x = coeffs / step
-        r = torch.round(x).sub_(x)
-        if leak:
-            r.mul_(1.0 - leak)
+        r = torch.round(x).sub_(x).mul_(1.0 - leak)
     return coeffs + r * step
 
 

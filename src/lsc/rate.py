@@ -15,7 +15,11 @@ the histogram).
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
+
+from .quantizer import fresh, scratch
 
 __all__ = ["elias_gamma_bits", "zigzag", "RateEstimate", "estimate_rate", "exact_bits", "surrogate_bits", "surrogate_bits_total",
            "HEADER_BYTES_PER_TENSOR", "FILE_OVERHEAD_BYTES", "STREAM_OVERHEAD_BITS"]
@@ -69,40 +73,209 @@ def logistic_code_length(coeffs: torch.Tensor, step: torch.Tensor, scale: torch.
     return -torch.log2(p.clamp_min(1e-30))
 
 
+_LN2 = 0.6931471805599453
+_SCALE_PER_MEAN_ABS = 0.6079271018540267  # sqrt(3) / pi
+
+
 def _logistic_scale(coeffs: torch.Tensor) -> torch.Tensor:
     """Per-position logistic scale matching the mean |c| over blocks (sqrt(3)/pi * mean|c|)."""
-    return (coeffs.detach().abs().mean(0) * 0.6079271018540267).clamp_min(1e-8)
+    c = coeffs.detach()
+    a = torch.abs(c, out=scratch(0, c.numel(), c.dtype, c.device).view(c.shape))
+    return (a.mean(0) * _SCALE_PER_MEAN_ABS).clamp_min(1e-8)
+
+
+# The bin probability of :func:`logistic_code_length`, with t = c / scale and h = step / (2 scale),
+# factors as p = (1 - e^(-2h)) * sigmoid(h - t) * sigmoid(h + t) (no cancellation, unlike the
+# difference of two sigmoids), and with a = sigmoid(h - t), b = sigmoid(h + t):
+#     d(-ln p)/dt = b - a,        d(-ln p)/dh = a + b - 2 - 2 / expm1(2h).
+# So the forward needs two sigmoids and one log per coefficient, and the backward only
+# f = b - a (kept from the forward: it becomes the coefficients' gradient) and the
+# per-position sums of a + b. As before, p is floored at 1e-30 in the value (as p + 1e-30; not in the gradient).
+#
+# Everything per position is computed once for all tensors (concatenated), and small tensors
+# (biases, norms: most tensors of a model, few of its coefficients) are also concatenated for
+# the per-coefficient passes, so the number of kernel launches does not grow with their count.
+
+_FLAT_MAX = 1 << 15  # coefficient tensors up to this size share one flat set of passes
+
+
+class _Batch(NamedTuple):
+    """How a list of coefficient tensors is processed (cached per list of shapes)."""
+
+    shapes: list         # (num_blocks, P) of each tensor
+    sizes: list          # P of each tensor
+    blocks: torch.Tensor  # (sum P,) number of blocks of the tensor each position belongs to
+    small: list          # tensors concatenated into one flat vector
+    big: list            # tensors processed one by one
+    index: torch.Tensor  # (sum of small numel,) position (in the concatenation of all P) of each flat coefficient
+    numels: list         # numel of each small tensor
+
+
+_BATCHES: dict = {}
+
+
+def _batch(coeffs, steps) -> _Batch:
+    key = (tuple(tuple(c.shape) for c in coeffs), tuple(s.shape[0] for s in steps), coeffs[0].dtype, coeffs[0].device)
+    b = _BATCHES.get(key)
+    if b is None:
+        dev, sizes = coeffs[0].device, [s.shape[0] for s in steps]
+        shapes = [(c.numel() // p, p) for c, p in zip(coeffs, sizes)]
+        starts = [0]
+        for p in sizes[:-1]:
+            starts.append(starts[-1] + p)
+        small = [i for i, c in enumerate(coeffs) if c.numel() <= _FLAT_MAX]
+        index = torch.cat([torch.arange(sizes[i], device=dev).repeat(shapes[i][0]) + starts[i] for i in small]) \
+            if small else torch.zeros(0, dtype=torch.int64, device=dev)
+        blocks = torch.cat([torch.full((p,), float(n), dtype=coeffs[0].dtype, device=dev) for n, p in shapes])
+        b = _BATCHES[key] = _Batch(shapes, sizes, blocks, small, [i for i in range(len(coeffs)) if i not in set(small)],
+                                   index, [coeffs[i].numel() for i in small])
+    return b
+
+
+def _logistic_scales(coeffs, batch: _Batch, flat: torch.Tensor | None) -> torch.Tensor:
+    """:func:`_logistic_scale` of many tensors, concatenated (sum P,); ``flat`` holds the small ones."""
+    c0 = coeffs[0]
+    means = torch.zeros(sum(batch.sizes), dtype=c0.dtype, device=c0.device)
+    if flat is not None:
+        flat = flat.detach()
+        means.index_add_(0, batch.index, torch.abs(flat, out=scratch(0, flat.numel(), flat.dtype, flat.device)))
+    parts = means.split(batch.sizes)
+    for i in batch.big:
+        c = coeffs[i].detach().reshape(batch.shapes[i])
+        torch.sum(torch.abs(c, out=scratch(0, c.numel(), c.dtype, c.device).view(c.shape)), 0, out=parts[i])
+    return means.div_(batch.blocks).mul_(_SCALE_PER_MEAN_ABS).clamp_min_(1e-8)
+
+
+def _position_terms(step: torch.Tensor, scale: torch.Tensor):
+    """Per-position constants, stacked (1/scale, -1/scale, h, floor of a*b) as one (4, P) tensor, and 1 - e^(-2h)."""
+    terms = torch.empty((4, step.shape[0]), dtype=step.dtype, device=step.device)
+    inv = torch.reciprocal(scale, out=terms[0])
+    torch.neg(inv, out=terms[1])
+    h = torch.mul(step, inv, out=terms[2]).mul_(0.5)
+    k = torch.expm1(h * -2.0).neg_()
+    torch.reciprocal(k, out=terms[3]).mul_(1e-30)
+    return terms, k
+
+
+def _terms(c, terms, f: torch.Tensor | None, sums: torch.Tensor | None, index: torch.Tensor | None = None):
+    """sum(log2(a * b)) over ``c`` (num_blocks, P) with ``terms`` (4, P) from :func:`_position_terms`, or
+    over flat ``c`` with ``index`` mapping each coefficient to its column of ``terms``; ``f`` (if given)
+    <- b - a; ``sums`` += per-position sum of a + b."""
+    inv, neg_inv, h, floor = terms if index is None else terms.index_select(1, index)
+    a = torch.addcmul(h, c, neg_inv, out=scratch(0, c.numel(), c.dtype, c.device).view(c.shape)).sigmoid_()
+    b = torch.addcmul(h, c, inv, out=scratch(1, c.numel(), c.dtype, c.device).view(c.shape)).sigmoid_()
+    if f is not None:
+        torch.sub(b, a, out=f)
+    if sums is not None:
+        if index is None:
+            sums.add_(a.sum(0)).add_(b.sum(0))
+        else:
+            sums.index_add_(0, index, torch.add(a, b, out=scratch(2, c.numel(), c.dtype, c.device)))
+    return torch.addcmul(floor, a, b, out=a).log2_().sum()  # a*b + floor: the floor costs no extra pass
+
+
+def _bits_forward(coeffs, steps, scale, want_f, want_s):
+    """Total surrogate bits of coefficient tensors (any shape, ``num_blocks * P`` elements, contiguous
+    blocks of P) with steps (P,) and concatenated scales (sum P,) (None: computed here).
+
+    Returns ``(bits, fs, flat_f, sums, scale)``: ``fs[i] = b - a`` shaped like ``coeffs[i]`` (the
+    future gradient: a tensor of its own for large tensors, so autograd can add the model's
+    gradient into it in place; views of ``flat_f`` for the small ones).
+    """
+    batch = _batch(coeffs, steps)
+    flat = torch.cat([coeffs[i].reshape(-1) for i in batch.small]) if batch.small else None
+    if scale is None:
+        scale = _logistic_scales(coeffs, batch, flat)
+    terms, k = _position_terms(torch.cat(steps), scale)
+    sums = torch.zeros_like(scale) if any(want_s) else None
+    fs, flat_f, logs = [None] * len(coeffs), None, []
+    if flat is not None:
+        flat_f = torch.empty_like(flat) if any(want_f[i] for i in batch.small) else None
+        logs.append(_terms(flat, terms, flat_f, sums, batch.index))
+        if flat_f is not None:
+            for i, f in zip(batch.small, flat_f.split(batch.numels)):
+                fs[i] = f.view(coeffs[i].shape)
+    if batch.big:
+        parts = terms.split(batch.sizes, 1)
+        sum_parts = sums.split(batch.sizes) if sums is not None else None
+        for i in batch.big:
+            c, shape = coeffs[i], batch.shapes[i]
+            fs[i] = fresh(tuple(c.shape), c.dtype, c.device) if want_f[i] else None
+            logs.append(_terms(c.reshape(shape), parts[i], None if fs[i] is None else fs[i].view(shape),
+                               sum_parts[i] if want_s[i] else None))
+    total = torch.stack(logs).sum() + torch.dot(batch.blocks, torch.log2(k))
+    return -total, fs, flat_f, sums, scale
+
+
+def _bits_backward(grad, coeffs, steps, scale, saved, need_c, need_s):
+    """Gradients of :func:`_bits_forward` for every coefficient tensor and step; ``saved = (fs, flat_f, sums)``
+    from the forward is consumed (None: recomputed, for a repeated backward)."""
+    if saved is None:
+        saved = _bits_forward([c.detach() for c in coeffs], [s.detach() for s in steps], scale, need_c, need_s)[1:4]
+    fs, flat_f, sums = saved
+    batch = _batch(coeffs, steps)
+    inv = scale.reciprocal()
+    col = inv * (grad / _LN2)
+    if flat_f is not None:
+        flat_f.mul_(col.index_select(0, batch.index))  # scales the small tensors' views in fs
+    cols = col.split(batch.sizes)
+    for i in batch.big:
+        if fs[i] is not None:
+            fs[i].view(batch.shapes[i]).mul_(cols[i])
+    grads_c = [f if n else None for f, n in zip(fs, need_c)]
+    grads_s = [None] * len(coeffs)
+    if any(need_s):
+        blocks = batch.blocks
+        g = (sums - 2 * blocks - 2 * blocks / torch.expm1(torch.cat(steps) * inv)) * (inv * (0.5 * grad / _LN2))
+        grads_s = [x if need_s[i] else None for i, x in enumerate(g.split(batch.sizes))]
+    return grads_c, grads_s
 
 
 class _LogisticBits(torch.autograd.Function):
-    """Sum of :func:`logistic_code_length` with a hand-written backward.
+    """Sum of :func:`logistic_code_length` with a hand-written backward (see the comment above).
 
-    Autograd through the same expression costs about twice the full-size passes
-    (it materializes every intermediate gradient); on MiniLM's 22.7M coefficients
-    this term was the largest training overhead after the model itself.
+    On MiniLM's 22.7M coefficients this term was the largest training overhead after the
+    model itself: the forward now makes about ten full-size passes, all but one into reused
+    buffers, and keeps one full-size tensor (the future gradient); the backward only scales it.
     """
 
     @staticmethod
     def forward(ctx, coeffs, step, scale):
-        inv = 1.0 / scale
-        u = (step / 2 - coeffs.abs()) * inv
-        su = torch.sigmoid(u)
-        sv = torch.sigmoid(u - step * inv)
-        p = (su - sv).clamp_min_(1e-30)
-        ctx.save_for_backward(coeffs, inv, su, sv, p)
-        return -torch.log2(p).sum()
+        bits, *saved, _ = _bits_forward([coeffs], [step], scale, ctx.needs_input_grad[:1], ctx.needs_input_grad[1:2])
+        ctx.saved = saved
+        ctx.save_for_backward(coeffs, step, scale)
+        return bits
 
     @staticmethod
     def backward(ctx, grad):
-        coeffs, inv, su, sv, p = ctx.saved_tensors
-        g = (grad / 0.6931471805599453) / p          # d bits / d p, up to sign
-        du = su * (1 - su)                           # sigmoid'(u)
-        dv = sv * (1 - sv)                           # sigmoid'(v)
-        grad_c = (g * (du - dv)).mul_(inv).mul_(torch.sign(coeffs)) if ctx.needs_input_grad[0] else None
-        grad_step = None
-        if ctx.needs_input_grad[1]:
-            grad_step = -(0.5 * inv) * (g * (du + dv)).sum(0)
-        return grad_c, grad_step, None
+        coeffs, step, scale = ctx.saved_tensors
+        saved, ctx.saved = ctx.saved, None  # handed out as the gradient: a repeated backward recomputes it
+        (gc,), (gs,) = _bits_backward(grad, [coeffs], [step], scale, saved, ctx.needs_input_grad[:1], ctx.needs_input_grad[1:2])
+        return gc, gs, None
+
+
+class _LogisticBitsTotal(torch.autograd.Function):
+    """:class:`_LogisticBits` summed over many tensors as one autograd node: ``apply(T, *coeffs, *steps)``.
+
+    Coefficients may have any shape (the parameters themselves: their gradient then needs
+    no reshaping, and autograd accumulates the model's gradient into it in place).
+    """
+
+    @staticmethod
+    def forward(ctx, count, *tensors):
+        need_c, need_s = ctx.needs_input_grad[1:1 + count], ctx.needs_input_grad[1 + count:]
+        bits, *saved, ctx.scale = _bits_forward(tensors[:count], tensors[count:], None, need_c, need_s)
+        ctx.count, ctx.saved = count, saved
+        ctx.save_for_backward(*tensors)
+        return bits
+
+    @staticmethod
+    def backward(ctx, grad):
+        tensors, count = ctx.saved_tensors, ctx.count
+        saved, ctx.saved = ctx.saved, None
+        gc, gs = _bits_backward(grad, tensors[:count], tensors[count:], ctx.scale, saved,
+                                ctx.needs_input_grad[1:1 + count], ctx.needs_input_grad[1 + count:])
+        return (None, *gc, *gs)
 
 
 def surrogate_bits(coeffs: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
@@ -111,8 +284,8 @@ def surrogate_bits(coeffs: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
 
 
 def surrogate_bits_total(coeffs: list[torch.Tensor], steps: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of :func:`surrogate_bits` over tensors."""
-    return torch.stack([surrogate_bits(c, s) for c, s in zip(coeffs, steps)]).sum()
+    """Sum of :func:`surrogate_bits` over tensors (one autograd node for all of them)."""
+    return _LogisticBitsTotal.apply(len(coeffs), *coeffs, *steps)
 
 
 @torch.no_grad()

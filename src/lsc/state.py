@@ -34,6 +34,13 @@ class SpectralEntry:
     def parametrization(self) -> SpectralParametrization:
         return self.module.parametrizations[self.attr][0]
 
+    def parts(self) -> tuple[SpectralParametrization, torch.Tensor]:
+        """(parametrization, coefficients) with one module lookup (the rate loss runs every step)."""
+        plist = self.module.parametrizations[self.attr]
+        own = plist._parameters
+        coeffs = own.get("original", own.get("original0"))
+        return plist[0], (coeffs if coeffs is not None else self.coefficients)
+
     @property
     def coefficients(self) -> torch.Tensor:
         """The trainable coefficients (``original``, or ``original0`` when they are wider than the weight)."""
@@ -50,16 +57,6 @@ class LscState:
     rate_refresh: int = 25          # training steps between exact (histogram) rate evaluations
     rate_calls: int = 0
     rate_cache: dict | None = None
-
-    def feature_batch(self, pars) -> dict:
-        """q_net inputs of all tensors concatenated (cached per device), for one batched q_net call."""
-        dev = pars[0].features.device
-        fb = getattr(self, "_feature_batch", None)
-        if fb is None or fb["features"].device != dev or len(fb["sizes"]) != len(pars):
-            feats = torch.cat([p.features for p in pars])
-            ids = torch.cat([torch.full((p.features.shape[0],), p.tensor_id, dtype=torch.int64, device=dev) for p in pars])
-            fb = self._feature_batch = dict(features=feats, ids=ids, sizes=[p.features.shape[0] for p in pars])
-        return fb
 
     def __deepcopy__(self, memo):
         import copy
@@ -97,5 +94,7 @@ def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_k
 
 def attach_state(model: nn.Module, state: LscState) -> None:
     model._lsc = state
+    # q_net learns every tensor's features, so a training step can evaluate it once for all of them
+    state.q_net.attach_members([(e.parametrization.tensor_id, e.parametrization.features) for e in state.entries])
     model._register_state_dict_hook(_state_dict_hook)
     model._register_load_state_dict_pre_hook(_load_pre_hook, with_module=True)

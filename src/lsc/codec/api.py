@@ -33,7 +33,7 @@ from ..reconstruct import compute_dtype_for, reconstruct
 from ..state import QNET_PREFIX, get_state
 from ..transforms import TRANSFORMS
 from .entropy import encode_symbols, group_bounds
-from .format import (PREFIX_SIZE, check_stream, pack_prefix_header, parse_prefix_header, split_streams,
+from .format import (check_stream, pack_prefix_header, parse_prefix_header, split_streams,
                      zlib_decompress_exact)
 from .parallel import StreamDecoder
 

@@ -1,0 +1,218 @@
+"""The training-mode forward of one spectral tensor, in as few passes over its coefficients as possible.
+
+``weight = mean + std * IDCT(step * round(coefficients / step))`` written naively is
+about ten full-size passes forward and as many backward, most of them allocating.
+For the DCT, whose block transform is one (P, P) matrix product (the Kronecker
+product of the per-dim DCT matrices), :class:`_QuantizedSynthesis` instead folds
+``step`` and ``std`` into that small matrix: forward is divide, round, residual,
+one GEMM (that also adds the mean) and one strided copy into the weight's layout;
+backward is one strided copy, one GEMM and, for the step's gradient, one product
+with the kept residual and a column sum. Temporaries live in reused buffers and
+big outputs in recycled memory (:func:`lsc.quantizer.scratch`, :func:`lsc.quantizer.fresh`).
+Blocks too large for one matrix (conv kernels such as 8x8x3x3) use two smaller
+Kronecker factors instead. Other transforms take the generic path (fused fake
+quantization, then ``synthesize``).
+"""
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+from typing import NamedTuple
+
+import torch
+
+from .blocking import BlockLayout
+from .quantizer import fake_quantize, fresh, scratch
+from .reconstruct import synthesize
+from .transforms import KRON_MAX_POSITIONS, inverse_matrix
+
+__all__ = ["quantized_synthesis"]
+
+
+class _Plan(NamedTuple):
+    """Shapes of one layout, computed once (the training step runs thousands of times)."""
+
+    n: int                      # blocks
+    p: int                      # positions per block
+    coeff_shape: tuple          # (grid..., block...)
+    padded: tuple               # grid * block per dim
+    interleaved: tuple          # (n_1, b_1, n_2, b_2, ...)
+    perm: tuple                 # interleaved -> (grid..., block...)
+    natural: bool               # blocks are already in the weight's memory order (1-D, or one block column)
+    ragged: int                 # 0: no padding, 1: only the leading dim is padded, 2: others too
+    split: int                  # block dims [:split] and [split:] form two Kronecker factors (0: one matrix)
+
+
+@lru_cache(maxsize=None)
+def _plan(layout: BlockLayout) -> _Plan:
+    grid, block, shape = layout.grid, layout.block_shape, layout.shape
+    k = len(block)
+    padded = tuple(n * b for n, b in zip(grid, block))
+    ragged = 0 if padded == shape else (1 if padded[1:] == shape[1:] else 2)
+    split = 0
+    if layout.block_numel > KRON_MAX_POSITIONS:  # the cheapest split into two factors that are small enough
+        costs = [(math.prod(block[:j]) + math.prod(block[j:]), j) for j in range(1, k)
+                 if max(math.prod(block[:j]), math.prod(block[j:])) <= KRON_MAX_POSITIONS]
+        split = min(costs)[1] if costs else -1
+    return _Plan(layout.num_blocks, layout.block_numel, layout.coeff_shape, padded,
+                 tuple(v for nb in zip(grid, block) for v in nb),
+                 tuple(range(0, 2 * k, 2)) + tuple(range(1, 2 * k, 2)), all(n == 1 for n in grid[1:]), ragged, split)
+
+
+def _blocked_view(x: torch.Tensor, grid, block) -> torch.Tensor:
+    """View of a contiguous tensor of shape (n_i * b_i) as (grid..., block...) (see :func:`lsc.blocking.to_blocks`)."""
+    k = len(block)
+    return x.view([v for nb in zip(grid, block) for v in nb]).permute(list(range(0, 2 * k, 2)) + list(range(1, 2 * k, 2)))
+
+
+def _unblock(blocks: torch.Tensor, shape: tuple, plan: _Plan, dtype: torch.dtype) -> torch.Tensor:
+    """The weight (``shape``, ``dtype``) from (num_blocks, P) blocks: at most one strided copy."""
+    if plan.natural:
+        full = blocks.view(plan.padded) if blocks.dtype == dtype else blocks.to(dtype).view(plan.padded)
+    else:
+        full = fresh(plan.padded, dtype, blocks.device)
+        full.view(plan.interleaved).permute(plan.perm).copy_(blocks.view(plan.coeff_shape))
+    if plan.ragged == 0:
+        return full
+    if plan.ragged == 1:  # only the leading dim is ragged: the weight is a contiguous prefix
+        return full[: shape[0]]
+    return full[tuple(slice(0, s) for s in shape)].contiguous()
+
+
+def _blocks_of(w: torch.Tensor, layout: BlockLayout, plan: _Plan, slot: int) -> torch.Tensor:
+    """(num_blocks, P) blocks of ``w`` (``layout.shape``) with zeros in the padding; a view when possible."""
+    w = w.contiguous()
+    if plan.natural and plan.ragged == 0:
+        return w.view(plan.n, plan.p)
+    out = scratch(slot, plan.n * plan.p, w.dtype, w.device)
+    o = out.view(plan.coeff_shape)
+    if plan.ragged == 0:
+        o.copy_(w.view(plan.interleaved).permute(plan.perm))
+    elif plan.ragged == 1:
+        # ragged leading dim (e.g. a vocabulary): whole block rows, then the partial one and its zeros
+        grid, block = layout.grid, layout.block_shape
+        full, rem = divmod(layout.shape[0], block[0])
+        if full:
+            o[:full].copy_(_blocked_view(w[: full * block[0]], (full,) + grid[1:], block))
+        tail = o[full:]
+        tail.zero_()
+        tail.narrow(len(grid), 0, rem).copy_(_blocked_view(w[full * block[0]:], (1,) + grid[1:], (rem,) + block[1:]))
+    else:
+        buf = scratch(slot + 1, out.numel(), out.dtype, out.device).view(plan.padded).zero_()
+        buf[tuple(slice(0, s) for s in layout.shape)].copy_(w)
+        o.copy_(buf.view(plan.interleaved).permute(plan.perm))
+    return out.view(plan.n, plan.p)
+
+
+def _two_factor(x: torch.Tensor, lead: torch.Tensor, trail: torch.Tensor, bias, slot: int, out: torch.Tensor) -> torch.Tensor:
+    """``out`` <- ``bias + lead^T X trail`` for every block X of x (num_blocks, L*T) seen as an (L, T) matrix.
+
+    Two GEMMs around one transposing copy: a batched product with a broadcast (L, L)
+    matrix is several times slower on the CPU.
+    """
+    L, T = lead.shape[0], trail.shape[0]
+    n = x.shape[0]
+    mid = torch.mm(x.view(n * L, T), trail, out=scratch(slot, n * L * T, x.dtype, x.device).view(n * L, T))
+    mid_t = scratch(slot + 1, n * L * T, x.dtype, x.device).view(n, T, L).copy_(mid.view(n, L, T).transpose(1, 2))
+    out_t = torch.mm(mid_t.view(n * T, L), lead, out=scratch(slot, n * L * T, x.dtype, x.device).view(n * T, L))
+    torch.add(out_t.view(n, T, L).transpose(1, 2), bias, out=out.view(n, L, T))
+    return out
+
+
+class _Job(NamedTuple):
+    """Everything about one tensor's training forward that is fixed between steps."""
+
+    plan: _Plan
+    layout: BlockLayout
+    mats: tuple                 # synthesis matrix, or its two Kronecker factors
+    dtype: torch.dtype          # the weight's dtype
+    leak: float
+
+
+_JOBS: dict = {}
+_SMALL = 1 << 14  # elements
+
+
+def _job(layout: BlockLayout, transform: str, cdtype, device, dtype, leak: float) -> _Job | None:
+    """The cached :class:`_Job` of a tensor, or None where the generic path applies."""
+    key = (layout, transform, cdtype, device, dtype, leak)
+    job = _JOBS.get(key, False)
+    if job is False:
+        plan, bs = _plan(layout), layout.block_shape
+        mats = None
+        if layout.shape and plan.split == 0:
+            m = inverse_matrix(bs, transform, cdtype, device)
+            mats = None if m is None else (m,)
+        elif layout.shape and plan.split > 0:
+            mats = (inverse_matrix(bs[: plan.split], transform, cdtype, device),
+                    inverse_matrix(bs[plan.split:], transform, cdtype, device))
+            mats = None if None in mats else mats
+        job = _JOBS[key] = None if mats is None else _Job(plan, layout, mats, dtype, leak)
+    return job
+
+
+class _QuantizedSynthesis(torch.autograd.Function):
+    """coefficients (grid..., block...), steps (P,) -> weight; straight-through like :func:`fake_quantize`.
+
+    The gradient reaching the quantized coefficients goes to ``coeffs`` unchanged; the
+    step gets ``sum over blocks of (grad * rounding residual)``.
+    """
+
+    @staticmethod
+    def forward(ctx, coeffs, step, job, mean, std):
+        plan = job.plan
+        n, p = plan.n, plan.p
+        c = coeffs.view(n, p)
+        # q = round(c / step) (leaky: moved back towards c / step), and the rounding residual q - c / step
+        # that the step's gradient needs, kept rather than recomputed in the backward (two passes fewer)
+        small = n * p < _SMALL  # tiny tensors: fewer calls beat reused buffers
+        x = torch.div(c, step) if small else torch.div(c, step, out=fresh((n, p), c.dtype, c.device))
+        q = torch.round(x) if small else torch.round(x, out=scratch(0, n * p, c.dtype, c.device).view(n, p))
+        if job.leak:
+            q.lerp_(x, job.leak)
+        residual = torch.sub(q, x, out=x) if ctx.needs_input_grad[1] else None
+        scale = step * std
+        # natural layouts return the blocks themselves: fresh memory; others are copied into the weight
+        out = None if small else (fresh((n, p), c.dtype, c.device) if plan.natural else scratch(1, n * p, c.dtype, c.device).view(n, p))
+        if len(job.mats) == 1:
+            # mean + (q * step * std) @ M, with step and std folded into the rows of the small matrix
+            blocks = torch.addmm(mean, q, scale.unsqueeze(1) * job.mats[0], out=out)
+        else:
+            blocks = _two_factor(q.mul_(scale), job.mats[0], job.mats[1], mean, 2, torch.empty_like(q) if out is None else out)
+        ctx.save_for_backward(coeffs, step, std, residual)
+        ctx.job = job
+        return _unblock(blocks, job.layout.shape, plan, job.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_w):
+        coeffs, step, std, residual = ctx.saved_tensors
+        job = ctx.job
+        plan, mats = job.plan, job.mats
+        g = _blocks_of(grad_w if grad_w.dtype == coeffs.dtype else grad_w.to(coeffs.dtype), job.layout, plan, 0)
+        # d loss / d quantized coefficients, allocated in the parameter's shape: not being a view,
+        # autograd can add the rate term's gradient into it in place
+        grad_coeffs = fresh(plan.coeff_shape, coeffs.dtype, coeffs.device)
+        grad_c = grad_coeffs.view(plan.n, plan.p)
+        if len(mats) == 1:
+            torch.mm(g, (mats[0] * std).T, out=grad_c)
+        else:
+            _two_factor(g, mats[0].T * std, mats[1].T, 0.0, 2, grad_c)
+        grad_step = None
+        if ctx.needs_input_grad[1]:
+            n, p = plan.n, plan.p
+            grad_step = (residual * grad_c if n * p < _SMALL else
+                         torch.mul(residual, grad_c, out=scratch(0, n * p, g.dtype, g.device).view(n, p))).sum(0)
+        return (grad_coeffs if ctx.needs_input_grad[0] else None), grad_step, None, None, None
+
+
+def quantized_synthesis(coeffs: torch.Tensor, step: torch.Tensor, layout: BlockLayout, mean: torch.Tensor,
+                        std: torch.Tensor, dtype: torch.dtype, transform: str = "dct", leak: float = 0.0) -> torch.Tensor:
+    """Training forward: ``synthesize(fake_quantize(coeffs, step, leak), ...)`` for coefficients of ``layout``.
+
+    ``step`` holds one step per in-block position (P,), in the coefficients' dtype.
+    """
+    job = _job(layout, transform, coeffs.dtype, coeffs.device, dtype, float(leak))
+    if job is None or not coeffs.is_contiguous():
+        c_hat = fake_quantize(coeffs, step.reshape(layout.block_shape), leak)
+        return synthesize(c_hat, layout, mean, std, dtype, transform)
+    return _QuantizedSynthesis.apply(coeffs, step, job, mean, std)
