@@ -15,13 +15,14 @@ from .loss import bits_per_weight, quantization_loss, rate_estimate, report
 from .lowrank import factorize, fold_factored_state_dict
 from .posttraining import PostTrainingResult, compress_posttraining, load_checkpoint
 from .qnet import QuantizationNetwork
+from .quantizer import release_buffers
 from .target import RateController
 
 __version__ = "0.2.0"
 __all__ = [
     # training
     "spectral", "quantization_loss", "bits_per_weight", "rate_estimate", "report", "QuantizationNetwork",
-    "RateController", "factorize",
+    "RateController", "factorize", "release_buffers",
     # files
     "compress_weights", "decompress_weights", "save", "load", "file_info", "fold_factored_state_dict",
     "encode_buffers", "decode_buffers", "quantize_buffers_", "choose_buffer_tolerance",
