@@ -1,6 +1,6 @@
 """lsc rate–accuracy points on the digits CNN (fine-tuned and post-training).
 
-    python benchmarks/bench_rate_accuracy.py [--targets 6000,9000] [--steps 1500]
+    python benchmarks/bench_rate_accuracy.py [--targets 6000,9000] [--steps 3000]
 
 Each fine-tuned point starts from the same trained fp32 DigitsCNN as every
 baseline (``run_baselines.digits_model``), reparameterizes it with
@@ -35,7 +35,7 @@ from lsc.zoo import DigitsCNN, evaluate, load_digits_split  # noqa: E402
 DIGITS_CONFIG = dict(block_size=8, init_bits=6.0, min_group_symbols=1024, lr=3e-3, qnet_lr=1e-2,
                      kd_weight=1.0, temperature=2.0, batch_size=128, ramp=0.6)
 DIGITS_TARGETS = [5000, 6000, 8000, 12000]
-DIGITS_STEPS = 1500
+DIGITS_STEPS = 3000
 
 
 def file_bytes_and_model(model, cls=DigitsCNN):

@@ -17,7 +17,7 @@ the cache. This is not part of the test suite (tests/test_benchmarks_smoke.py
 runs the same code paths on a tiny budget).
 
 Run time on the 2-core shared CPU this was developed on (no GPU): a fresh full
-run took ~1.5 h (digits section 14 min; MiniLM baselines and post-training
+run took ~1.7 h (digits section ~25 min, its lsc points 3,000 steps each; MiniLM baselines and post-training
 points 14 min; the two MiniLM distillation points 37 + ~20 min, 3-20 s per step
 depending on the machine's load); with every point cached it takes ~30 s.
 ``--quick`` needs ~10-15 min fresh. Options: ``--models digits`` or ``minilm``,
@@ -55,7 +55,7 @@ INCLUDED = ["codec.md", "training.md", "lazy.md", "posttraining.md", "beyond.md"
 
 FULL = dict(
     digits_grid=RB.DIGITS_GRID,
-    digits_lsc=[(t, 1500) for t in (3000, 4000, 5000, 6000, 10000)],
+    digits_lsc=[(t, 3000) for t in (3000, 4000, 5000, 6000, 10000)],
     digits_pt=[0.05, 0.1, 0.2, 0.3, 0.4],
     minilm_grid=RB.MINILM_GRID,
     minilm_lsc=[(4.5e6, 200, dict(scale_vocab_bound=False)), (10e6, 160, {}), (11.5e6, 120, dict(keep_vocab=True)),
