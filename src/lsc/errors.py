@@ -7,3 +7,16 @@ class LscError(ValueError):
 
 class LscFormatError(LscError):
     """A .lsc file (or compressed state dict) is truncated, corrupt, or of an unknown version."""
+
+
+def format_errors(what: str, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``; any failure on crafted data (constriction can raise, or panic) becomes
+    LscFormatError naming ``what``, so a decoder lets nothing else escape."""
+    try:
+        return fn(*args, **kwargs)
+    except LscFormatError:
+        raise
+    except (KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as exc:
+        raise LscFormatError(f"{what}: cannot decode ({type(exc).__name__}: {exc})") from None

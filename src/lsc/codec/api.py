@@ -25,7 +25,7 @@ from torch import nn
 from .. import buffers as buffers_mod
 from ..atomic import atomic_write_bytes
 from ..blocking import BlockLayout
-from ..errors import LscError, LscFormatError
+from ..errors import LscError, LscFormatError, format_errors
 from ..grouping import position_groups
 from ..morton import morton_order, rowmajor_order
 from ..quantizer import dequantize
@@ -420,14 +420,7 @@ def _one_torch_thread(active: bool):
 
 def _guarded(m: dict, fn, *args):
     """fn(*args), with any failure on crafted data reported as LscFormatError naming the tensor."""
-    try:
-        return fn(*args)
-    except LscFormatError:
-        raise
-    except (KeyboardInterrupt, SystemExit, GeneratorExit):
-        raise
-    except BaseException as exc:  # constriction can raise (or panic) on crafted data
-        raise LscFormatError(f"{m['name']}: cannot decode ({type(exc).__name__}: {exc})") from None
+    return format_errors(m["name"], fn, *args)
 
 
 def decompress_weights(compressed: dict[str, torch.Tensor], *, workers: int | None = None) -> "OrderedDict[str, torch.Tensor]":

@@ -28,7 +28,7 @@ import warnings
 
 import numpy as np
 
-from ..errors import LscFormatError
+from ..errors import LscFormatError, format_errors
 from .entropy import decode_positions
 
 __all__ = ["MIN_PARALLEL_SYMBOLS", "default_workers", "StreamDecoder"]
@@ -57,14 +57,7 @@ def default_workers() -> int:
 def _decode_job(job, out=None, segment=None):
     """Decode one job (or one ANS segment of it) here; every failure becomes LscFormatError naming the tensor."""
     side, ans, P, nb, order, bounds, what, segments = job
-    try:
-        return decode_positions(side, ans, P, nb, order, bounds, what, segments, segment, out=out)
-    except LscFormatError:
-        raise
-    except (KeyboardInterrupt, SystemExit, GeneratorExit):
-        raise
-    except BaseException as exc:  # constriction can raise (or panic) on crafted data
-        raise LscFormatError(f"{what}: cannot decode ({type(exc).__name__}: {exc})") from None
+    return format_errors(what, decode_positions, side, ans, P, nb, order, bounds, what, segments, segment, out=out)
 
 
 def _shared_view(shared, offset: int, P: int, nb: int) -> np.ndarray:
