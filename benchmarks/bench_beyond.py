@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import lsc  # noqa: E402
 from lsc.buffers import float_buffers  # noqa: E402
-from lsc.zoo import DigitsCNN, evaluate, load_digits_split, train_digits_cnn  # noqa: E402
+from lsc.zoo import DigitsCNN, evaluate, load_digits_split, train_classifier, train_digits_cnn  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "beyond.md")
 
@@ -44,22 +44,8 @@ def file_size(model) -> int:
 
 def train(model, data, epochs, q_net=None, ctrl=None, lr=1e-3):
     """Adam on cross-entropy, batch 64; with ``ctrl`` (a RateController) its rate loss is added."""
-    x_tr, y_tr, _, _ = data
-    params = list(model.parameters()) + (list(q_net.parameters()) if q_net is not None else [])
-    opt = torch.optim.Adam(params, lr=lr)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x_tr), generator=gen)
-        for i in range(0, len(perm), 64):
-            idx = perm[i:i + 64]
-            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
-            if ctrl is not None:
-                loss = loss + ctrl.loss()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
+    return train_classifier(model, data, epochs, extra_params=q_net.parameters() if q_net is not None else (),
+                            extra_loss=ctrl.loss if ctrl is not None else None, lr=lr)
 
 
 def digits_config(base, data, name, target_bytes, epochs):

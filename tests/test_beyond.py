@@ -14,6 +14,7 @@ from lsc.lowrank import factor_report
 from lsc.rate import HEADER_BYTES_PER_TENSOR
 from lsc.transforms import TRANSFORMS, block_inverse_transform, block_transform
 from lsc.wavelets import WAVELETS, lifting_forward, lifting_inverse, wavelet_matrices
+from lsc.zoo import train_classifier
 
 
 # ----------------------------------------------------------------------------- wavelets
@@ -227,19 +228,7 @@ def digits():
 
 
 def _finetune(model, q_net, ctrl, data, epochs):
-    x_tr, y_tr, _, _ = data
-    opt = torch.optim.Adam(list(model.parameters()) + list(q_net.parameters()), lr=1e-3)
-    gen = torch.Generator().manual_seed(0)
-    model.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(x_tr), generator=gen)
-        for i in range(0, len(perm), 64):
-            idx = perm[i:i + 64]
-            loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx]) + ctrl.loss()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval()
+    train_classifier(model, data, epochs, extra_params=q_net.parameters(), extra_loss=ctrl.loss)
 
 
 def test_size_target_lands_within_5_percent(digits, tmp_path):

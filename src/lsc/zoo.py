@@ -14,7 +14,7 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch import nn
 
-__all__ = ["DigitsCNN", "load_digits_split", "train_digits_cnn", "evaluate"]
+__all__ = ["DigitsCNN", "load_digits_split", "train_classifier", "train_digits_cnn", "evaluate"]
 
 
 class DigitsCNN(nn.Module):
@@ -61,10 +61,20 @@ def train_digits_cnn(epochs: int = 30, seed: int = 0, lr: float = 1e-3,
     Seeds both the initialisation and the shuffling so that benchmark inputs
     are reproducible; 30 epochs reach ~98-99% test accuracy in a few seconds.
     """
-    x_tr, y_tr, _, _ = load_digits_split(seed)
+    data = load_digits_split(seed)
     torch.manual_seed(seed)
-    model = DigitsCNN()
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    return train_classifier(DigitsCNN(), data, epochs, lr=lr, batch_size=batch_size, seed=seed)
+
+
+def train_classifier(model: nn.Module, data, epochs: int, *, extra_params=(), extra_loss=None,
+                     lr: float = 1e-3, batch_size: int = 64, seed: int = 0) -> nn.Module:
+    """Adam on cross-entropy over shuffled mini-batches of ``data`` (a :func:`load_digits_split` tuple).
+
+    ``extra_params`` (e.g. lsc's q_net) are optimized too, and ``extra_loss()`` (e.g.
+    ``RateController.loss``) is added to every batch's loss. Returns the model in eval mode.
+    """
+    x_tr, y_tr = data[0], data[1]
+    opt = torch.optim.Adam(list(model.parameters()) + list(extra_params), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     model.train()
     for _ in range(epochs):
@@ -72,6 +82,8 @@ def train_digits_cnn(epochs: int = 30, seed: int = 0, lr: float = 1e-3,
         for i in range(0, len(perm), batch_size):
             idx = perm[i:i + batch_size]
             loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
+            if extra_loss is not None:
+                loss = loss + extra_loss()
             opt.zero_grad()
             loss.backward()
             opt.step()
