@@ -48,6 +48,8 @@ def _cached(key, dtype, device) -> torch.Tensor:
         kind, arg = key
         if kind == "dct":
             base = _dct_matrix_cpu64(arg)
+        elif kind == "idct":  # D^T, contiguous: the left factor of x = D^T @ coefficients
+            base = _dct_matrix_cpu64(arg).T.contiguous()
         else:  # kron of the DCT matrices of a block shape
             base = torch.ones(1, 1, dtype=torch.float64)
             for b in arg:
@@ -97,6 +99,14 @@ def inverse_matrix(block_shape: tuple[int, ...], transform: str, dtype, device) 
     if transform != "dct" or math.prod(block_shape) > KRON_MAX_POSITIONS:
         return None
     return _cached(("kron", tuple(block_shape)), dtype, device)
+
+
+def synthesis_matrices(block_shape: tuple[int, ...], transform: str, dtype, device) -> list | None:
+    """Per block dim, the (b, b) matrix D^T with ``x = D^T @ coefficients`` along that dim (None for
+    dims of size 1, where the DCT is the identity); None for transforms other than the DCT."""
+    if transform != "dct":
+        return None
+    return [None if b == 1 else _cached(("idct", b), dtype, device) for b in block_shape]
 
 
 # Registry of block transforms by the name stored in the file. Each entry is
