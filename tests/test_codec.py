@@ -80,6 +80,33 @@ def test_exact_for_every_module_type(name, make, make_x, tmp_path):
         assert torch.equal(from_file[k], plain[k])
 
 
+@pytest.mark.parametrize("name,make,make_x", cases(), ids=[c[0] for c in cases()])
+def test_exact_with_chunked_rebuild(name, make, make_x, tmp_path, monkeypatch):
+    """Big tensors are rebuilt in chunks of block rows: eval forward, file and loader still agree bit for bit."""
+    import lsc.reconstruct
+    monkeypatch.setattr(lsc.reconstruct, "_CPU_CHUNK", 8)
+    test_exact_for_every_module_type(name, make, make_x, tmp_path)
+
+
+@pytest.mark.parametrize("shape,block", [((30, 20), (8, 8)), ((37,), (8,)), ((20, 6, 3, 3), (8, 8, 3, 3)),
+                                         ((5, 7, 9), (2, 3, 4)), ((2,) * 10, (2,) * 10), ((0, 4), (8, 4))])
+@pytest.mark.parametrize("chunk", [8, 1 << 18])
+def test_reconstruct_matches_the_float64_transform(shape, block, chunk, monkeypatch):
+    import lsc.reconstruct as R
+    from lsc.blocking import BlockLayout
+    monkeypatch.setattr(R, "_CPU_CHUNK", chunk)
+    layout = BlockLayout(shape, block)
+    q = torch.randint(-40, 40, (layout.num_blocks, layout.block_numel))
+    e = torch.randint(-8, 40, (layout.block_numel,)).float()
+    mean, std = torch.tensor(0.01), torch.tensor(0.05)
+    w = R.reconstruct(q, e, layout, mean, std, torch.float32)
+    assert w.shape == shape and w.is_contiguous()
+    c = (q.double() * torch.exp2(-e.double() / 4)).reshape(layout.coeff_shape)
+    ref = R.synthesize(c, layout, mean.double(), std.double(), torch.float64)
+    torch.testing.assert_close(w.double(), ref, rtol=0, atol=1e-5)
+    assert torch.equal(R.reconstruct(q.T.contiguous().T, e, layout, mean, std, torch.float32), w)  # any strides
+
+
 def test_tied_weights_keep_both_keys():
     from model_zoo import Tied
     model = Tied()

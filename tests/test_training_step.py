@@ -8,6 +8,8 @@ from torch import nn
 
 import lsc
 import lsc.quantizer as quantizer
+import lsc.rate as rate
+import lsc.training as training
 from lsc.blocking import BlockLayout, from_blocks
 from lsc.quantizer import bits_to_exponent, step_size
 from lsc.rate import logistic_code_length, surrogate_bits_total
@@ -66,8 +68,20 @@ def _grads(model, q_net):
     return [p.grad.clone() for p in list(model.parameters()) + list(q_net.parameters())]
 
 
+@pytest.fixture(params=["whole", "chunked"])
+def chunking(request, monkeypatch):
+    """Run a test as is, and again with tiny CPU chunks so that every tensor with several block
+    rows goes through the chunked forward, backward and rate passes (big tensors in real models)."""
+    if request.param == "chunked":
+        monkeypatch.setattr(training, "_CHUNK", 16)
+        monkeypatch.setattr(rate, "_CHUNK", 16)
+    training._JOBS.clear()
+    yield request.param
+    training._JOBS.clear()
+
+
 @pytest.mark.parametrize("leak", [0.0, 0.2])
-def test_training_step_gradients_match_the_reference_formulation(leak):
+def test_training_step_gradients_match_the_reference_formulation(leak, chunking):
     model, q_net = _model(leak=leak)
     ref_model = copy.deepcopy(model)
     ref_q = ref_model._lsc.q_net
@@ -95,7 +109,7 @@ def test_training_forward_matches_eval_forward():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("shape,block", [((37,), (8,)), ((10,), (8,)), ((30, 20), (8, 8)), ((5, 16), (8, 8)),
                                          ((12, 5), (8, 8)), ((20, 6, 3, 3), (8, 8, 3, 3)), ((3, 40), (1, 8))])
-def test_quantized_synthesis_matches_fake_quantize_then_synthesize(shape, block, dtype):
+def test_quantized_synthesis_matches_fake_quantize_then_synthesize(shape, block, dtype, chunking):
     layout = BlockLayout(shape, block)
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
     c = (3 * torch.randn(layout.coeff_shape, dtype=cdt)).requires_grad_()
@@ -241,3 +255,14 @@ def test_hand_differentiated_qnet_matches_autograd():
     assert torch.equal(e0, e1) and torch.equal(s0, s1)
     for a, b in zip(g0, g1):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_chunked_paths_are_taken_for_tensors_with_several_block_rows(chunking):
+    """The fixture's small chunks really reach the chunked code (else the tests above prove nothing)."""
+    layout = BlockLayout((40, 16), (8, 8))
+    c = torch.randn(layout.coeff_shape, requires_grad=True)
+    step = torch.full((64,), 0.3, requires_grad=True)
+    quantized_synthesis(c, step, layout, torch.tensor(0.0), torch.tensor(1.0), torch.float32)
+    job = next(iter(training._JOBS.values()))
+    assert (job.rows > 0) == (chunking == "chunked")
+    assert len(rate._chunks(100, 64, c.device)) == (1 if chunking == "whole" else 100)

@@ -141,8 +141,7 @@ def _logistic_scales(coeffs, batch: _Batch, flat: torch.Tensor | None) -> torch.
         means.index_add_(0, batch.index, torch.abs(flat, out=scratch(0, flat.numel(), flat.dtype, flat.device)))
     parts = means.split(batch.sizes)
     for i in batch.big:
-        c = coeffs[i].detach().reshape(batch.shapes[i])
-        torch.sum(torch.abs(c, out=scratch(0, c.numel(), c.dtype, c.device).view(c.shape)), 0, out=parts[i])
+        _abs_sum(coeffs[i].detach().reshape(batch.shapes[i]), parts[i])
     return means.div_(batch.blocks).mul_(_SCALE_PER_MEAN_ABS).clamp_min_(1e-8)
 
 
@@ -157,10 +156,43 @@ def _position_terms(step: torch.Tensor, scale: torch.Tensor):
     return terms, k
 
 
+# Big tensors are processed in chunks of whole blocks of about this many coefficients: the
+# temporaries of the per-coefficient passes then stay in the CPU cache, and the tensor itself
+# is read twice (scale, terms) and its future gradient written once (MiniLM embedding: ~1.3x faster).
+_CHUNK = 1 << 18
+
+
+def _chunks(rows: int, p: int, device) -> list[tuple[int, int]]:
+    """Row ranges of a (rows, p) tensor processed together: one range off the CPU or when small."""
+    step = rows if device.type != "cpu" else max(1, _CHUNK // max(p, 1))
+    return [(a, min(rows, a + step)) for a in range(0, rows, step)] or [(0, 0)]
+
+
+def _abs_sum(c: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` <- sum over rows of |c| for (rows, P) ``c``, chunk by chunk."""
+    ranges = _chunks(c.shape[0], c.shape[1], c.device)
+    if len(ranges) == 1:
+        return torch.sum(torch.abs(c, out=scratch(0, c.numel(), c.dtype, c.device).view(c.shape)), 0, out=out)
+    out.zero_()
+    buf = scratch(0, (ranges[0][1] - ranges[0][0]) * c.shape[1], c.dtype, c.device)
+    for a, b in ranges:
+        out.add_(torch.abs(c[a:b], out=buf[: (b - a) * c.shape[1]].view(b - a, c.shape[1])).sum(0))
+    return out
+
+
 def _terms(c, terms, f: torch.Tensor | None, sums: torch.Tensor | None, index: torch.Tensor | None = None):
     """sum(log2(a * b)) over ``c`` (num_blocks, P) with ``terms`` (4, P) from :func:`_position_terms`, or
     over flat ``c`` with ``index`` mapping each coefficient to its column of ``terms``; ``f`` (if given)
     <- b - a; ``sums`` += per-position sum of a + b."""
+    if index is None and c.dim() == 2:
+        ranges = _chunks(c.shape[0], c.shape[1], c.device)
+        if len(ranges) > 1:
+            return torch.stack([_terms_once(c[a:b], terms, None if f is None else f[a:b], sums) for a, b in ranges]).sum()
+    return _terms_once(c, terms, f, sums, index)
+
+
+def _terms_once(c, terms, f: torch.Tensor | None, sums: torch.Tensor | None, index: torch.Tensor | None = None):
+    """:func:`_terms` in one go (buffers of the size of ``c``)."""
     inv, neg_inv, h, floor = terms if index is None else terms.index_select(1, index)
     a = torch.addcmul(h, c, neg_inv, out=scratch(0, c.numel(), c.dtype, c.device).view(c.shape)).sigmoid_()
     b = torch.addcmul(h, c, inv, out=scratch(1, c.numel(), c.dtype, c.device).view(c.shape)).sigmoid_()

@@ -127,10 +127,16 @@ class _Job(NamedTuple):
     mats: tuple                 # synthesis matrix, or its two Kronecker factors
     dtype: torch.dtype          # the weight's dtype
     leak: float
+    rows: int                   # leading grid rows per cache-sized chunk on the CPU (0: whole tensor at once)
 
 
 _JOBS: dict = {}
 _SMALL = 1 << 14  # elements
+# Big tensors go through the forward and backward in chunks of about this many coefficients
+# (whole rows of blocks): the temporaries of a chunk stay in the CPU cache, so each pass over
+# the tensor reads its inputs and writes its outputs once (coefficients -> weight and residual;
+# weight gradient and residual -> coefficient gradient) instead of about five full passes each.
+_CHUNK = 1 << 18
 
 
 def _job(layout: BlockLayout, transform: str, cdtype, device, dtype, leak: float) -> _Job | None:
@@ -147,8 +153,84 @@ def _job(layout: BlockLayout, transform: str, cdtype, device, dtype, leak: float
             mats = (inverse_matrix(bs[: plan.split], transform, cdtype, device),
                     inverse_matrix(bs[plan.split:], transform, cdtype, device))
             mats = None if None in mats else mats
-        job = _JOBS[key] = None if mats is None else _Job(plan, layout, mats, dtype, leak)
+        rows = 0
+        if mats is not None and plan.split == 0 and plan.ragged < 2 and plan.n * plan.p >= 4 * _CHUNK and layout.grid[0] > 1:
+            rows = max(1, _CHUNK // (plan.n // layout.grid[0] * plan.p))
+            rows = 0 if rows >= layout.grid[0] else rows
+        job = _JOBS[key] = None if mats is None else _Job(plan, layout, mats, dtype, leak, rows)
     return job
+
+
+def _weight_rows(full: torch.Tensor, layout: BlockLayout, r0: int, r1: int) -> torch.Tensor:
+    """View of grid rows r0..r1-1 of the padded weight ``full`` as (rows, b_0, n_1, b_1, ...)."""
+    b0 = layout.block_shape[0]
+    return full[r0 * b0: r1 * b0].view([v for nb in zip((r1 - r0,) + layout.grid[1:], layout.block_shape) for v in nb])
+
+
+def _chunked_forward(c, step, job: "_Job", mean, std, residual):
+    """:class:`_QuantizedSynthesis` forward chunk by chunk (see ``_CHUNK``): -> weight; fills ``residual``."""
+    plan, layout = job.plan, job.layout
+    n, p = plan.n, plan.p
+    per_row = n // layout.grid[0]
+    width = job.rows * per_row * p
+    x_buf, q_buf, b_buf = (scratch(k, width, c.dtype, c.device) for k in range(3))
+    mat = (step * std).unsqueeze(1) * job.mats[0]
+    full = fresh(plan.padded, c.dtype, c.device)
+    perm = tuple(range(0, 2 * len(layout.grid), 2)) + tuple(range(1, 2 * len(layout.grid), 2))
+    for r0 in range(0, layout.grid[0], job.rows):
+        r1 = min(layout.grid[0], r0 + job.rows)
+        a, b = r0 * per_row, r1 * per_row
+        m = (b - a) * p
+        x = torch.div(c[a:b], step, out=x_buf[:m].view(b - a, p))
+        q = torch.round(x, out=q_buf[:m].view(b - a, p))
+        if job.leak:
+            q.lerp_(x, job.leak)
+        if residual is not None:
+            torch.sub(q, x, out=residual[a:b])
+        rows = _weight_rows(full, layout, r0, r1)
+        if plan.natural:  # the blocks are the weight's own memory
+            torch.addmm(mean, q, mat, out=rows.view(b - a, p))
+        else:
+            blocks = torch.addmm(mean, q, mat, out=b_buf[:m].view(b - a, p))
+            rows.permute(perm).copy_(blocks.view((r1 - r0,) + plan.coeff_shape[1:]))
+    w = full if plan.ragged == 0 else full[: layout.shape[0]]
+    return w if w.dtype == job.dtype else w.to(job.dtype)
+
+
+def _chunked_backward(grad_w, job: "_Job", std, residual, need_step: bool):
+    """:class:`_QuantizedSynthesis` backward chunk by chunk -> (coefficient gradient, step gradient or None)."""
+    plan, layout = job.plan, job.layout
+    n, p = plan.n, plan.p
+    per_row = n // layout.grid[0]
+    width = job.rows * per_row * p
+    g_buf, r_buf = scratch(0, width, grad_w.dtype, grad_w.device), scratch(1, width, grad_w.dtype, grad_w.device)
+    mat_t = (job.mats[0] * std).T
+    grad_w = grad_w.contiguous()
+    b0 = layout.block_shape[0]
+    grad_coeffs = fresh(plan.coeff_shape, grad_w.dtype, grad_w.device)
+    grad_c = grad_coeffs.view(n, p)
+    grad_step = torch.zeros(p, dtype=grad_w.dtype, device=grad_w.device) if need_step else None
+    perm = tuple(range(0, 2 * len(layout.grid), 2)) + tuple(range(1, 2 * len(layout.grid), 2))
+    for r0 in range(0, layout.grid[0], job.rows):
+        r1 = min(layout.grid[0], r0 + job.rows)
+        a, b = r0 * per_row, r1 * per_row
+        m = (b - a) * p
+        src = grad_w
+        if r1 * b0 > layout.shape[0]:  # the ragged last rows: the padding's gradient is zero
+            src = scratch(2, (r1 - r0) * b0 * math.prod(plan.padded[1:]), grad_w.dtype, grad_w.device)
+            src = src.view(((r1 - r0) * b0,) + plan.padded[1:])
+            src[: layout.shape[0] - r0 * b0].copy_(grad_w[r0 * b0:])
+            src[layout.shape[0] - r0 * b0:].zero_()
+            r0, r1 = 0, r1 - r0
+        rows = _weight_rows(src, layout, r0, r1)
+        if plan.natural:
+            g = rows.view(b - a, p)
+        else:
+            g = g_buf[:m].view((r1 - r0,) + plan.coeff_shape[1:]).copy_(rows.permute(perm)).view(b - a, p)
+        gc = torch.mm(g, mat_t, out=grad_c[a:b])
+        if grad_step is not None:
+            grad_step.add_(torch.mul(residual[a:b], gc, out=r_buf[:m].view(b - a, p)).sum(0))
+    return grad_coeffs, grad_step
 
 
 class _QuantizedSynthesis(torch.autograd.Function):
@@ -163,6 +245,12 @@ class _QuantizedSynthesis(torch.autograd.Function):
         plan = job.plan
         n, p = plan.n, plan.p
         c = coeffs.view(n, p)
+        if job.rows and coeffs.device.type == "cpu":
+            residual = fresh((n, p), c.dtype, c.device) if ctx.needs_input_grad[1] else None
+            w = _chunked_forward(c, step, job, mean, std, residual)
+            ctx.save_for_backward(coeffs, step, std, residual)
+            ctx.job = job
+            return w
         # q = round(c / step) (leaky: moved back towards c / step), and the rounding residual q - c / step
         # that the step's gradient needs, kept rather than recomputed in the backward (two passes fewer)
         small = n * p < _SMALL  # tiny tensors: fewer calls beat reused buffers
@@ -188,6 +276,9 @@ class _QuantizedSynthesis(torch.autograd.Function):
         coeffs, step, std, residual = ctx.saved_tensors
         job = ctx.job
         plan, mats = job.plan, job.mats
+        if job.rows and coeffs.device.type == "cpu":
+            grad_coeffs, grad_step = _chunked_backward(grad_w.to(coeffs.dtype), job, std, residual, ctx.needs_input_grad[1])
+            return (grad_coeffs if ctx.needs_input_grad[0] else None), grad_step, None, None, None
         g = _blocks_of(grad_w if grad_w.dtype == coeffs.dtype else grad_w.to(coeffs.dtype), job.layout, plan, 0)
         # d loss / d quantized coefficients, allocated in the parameter's shape: not being a view,
         # autograd can add the rate term's gradient into it in place
