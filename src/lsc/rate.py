@@ -180,6 +180,23 @@ def _abs_sum(c: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _log2_sum(x: torch.Tensor) -> torch.Tensor:
+    """sum(log2(x)) for x in (0, 1], in x's dtype: log2 of products of 8 values (in float64, where
+    8 bin probabilities >= 1e-30 cannot underflow) instead of 8 logarithms, the costliest part of
+    the surrogate (~1.6x faster in the CPU cache), and summed in float64."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    m = n // 8 * 8
+    y = scratch(3, m, torch.float64, x.device)[:m].copy_(flat[:m])
+    for _ in range(3):
+        m //= 2
+        y = torch.mul(y[:m], y[m: 2 * m], out=y[:m])
+    total = torch.log2(y).sum()
+    if n % 8:
+        total = total + torch.log2(flat[n - n % 8:].to(torch.float64)).sum()
+    return total.to(x.dtype)
+
+
 def _terms(c, terms, f: torch.Tensor | None, sums: torch.Tensor | None, index: torch.Tensor | None = None):
     """sum(log2(a * b)) over ``c`` (num_blocks, P) with ``terms`` (4, P) from :func:`_position_terms`, or
     over flat ``c`` with ``index`` mapping each coefficient to its column of ``terms``; ``f`` (if given)
@@ -203,7 +220,7 @@ def _terms_once(c, terms, f: torch.Tensor | None, sums: torch.Tensor | None, ind
             sums.add_(a.sum(0)).add_(b.sum(0))
         else:
             sums.index_add_(0, index, torch.add(a, b, out=scratch(2, c.numel(), c.dtype, c.device)))
-    return torch.addcmul(floor, a, b, out=a).log2_().sum()  # a*b + floor: the floor costs no extra pass
+    return _log2_sum(torch.addcmul(floor, a, b, out=a))  # a*b + floor: the floor costs no extra pass
 
 
 def _bits_forward(coeffs, steps, scale, want_f, want_s):

@@ -5,13 +5,11 @@ all call :func:`reconstruct`, which is why they agree bit for bit on a device.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .blocking import BlockLayout, from_blocks
 from .quantizer import step_size
-from .transforms import block_inverse_transform, synthesis_matrices
+from .transforms import apply_position_major, block_inverse_transform, synthesis_matrices
 
 __all__ = ["synthesize", "reconstruct", "compute_dtype_for"]
 
@@ -71,17 +69,7 @@ def reconstruct(q: torch.Tensor, exponent: torch.Tensor, layout: BlockLayout, me
         n = (r1 - r0) * per_row
         x = bufs[0][: P * n].view(P, n)
         x.copy_(q_pos[:, r0 * per_row: r1 * per_row]).mul_(scale)
-        src, dst = bufs
-        for i, (b, m) in enumerate(zip(bs, mats)):
-            if m is None:
-                continue
-            lead = P // math.prod(bs[i:])   # block dims before this one
-            cols = P // (lead * b) * n       # everything after it, blocks included
-            if lead == 1:
-                torch.mm(m, src[: P * n].view(b, cols), out=dst[: P * n].view(b, cols))
-            else:  # the same small matrix on the left of each slice (wide products, no transposes)
-                torch.bmm(m.expand(lead, b, b), src[: P * n].view(lead, b, cols), out=dst[: P * n].view(lead, b, cols))
-            src, dst = dst, src
+        src = apply_position_major(bufs[0], bufs[1], mats, bs, n)
         g = (r1 - r0,) + grid[1:]
         rows_out = full[r0 * bs[0]: r1 * bs[0]].view([v for gb in zip(g, bs) for v in gb])
         torch.add(src[: P * n].view(*bs, *g).permute(perm), mean, out=rows_out)

@@ -109,6 +109,29 @@ def synthesis_matrices(block_shape: tuple[int, ...], transform: str, dtype, devi
     return [None if b == 1 else _cached(("idct", b), dtype, device) for b in block_shape]
 
 
+def apply_position_major(src: torch.Tensor, dst: torch.Tensor, matrices: list, block_shape: tuple[int, ...],
+                         n: int) -> torch.Tensor:
+    """Multiply each block dim of position-major data by its (b, b) matrix (None: identity).
+
+    ``src`` holds P * n values as (b_1, ..., b_k, n): in-block positions first, the n blocks
+    last, so every product is a wide one (a small matrix on the left of a (b, many) slice,
+    which BLAS runs near peak) and nothing is transposed. ``src`` and ``dst`` (1-D buffers of at
+    least P * n elements) take turns; returns the one that holds the result.
+    """
+    p = math.prod(block_shape)
+    for i, (b, m) in enumerate(zip(block_shape, matrices)):
+        if m is None:
+            continue
+        lead = p // math.prod(block_shape[i:])   # block dims before this one
+        cols = p // (lead * b) * n               # everything after it, blocks included
+        if lead == 1:
+            torch.mm(m, src[: p * n].view(b, cols), out=dst[: p * n].view(b, cols))
+        else:  # the same small matrix on the left of each slice
+            torch.bmm(m.expand(lead, b, b), src[: p * n].view(lead, b, cols), out=dst[: p * n].view(lead, b, cols))
+        src, dst = dst, src
+    return src
+
+
 # Registry of block transforms by the name stored in the file. Each entry is
 # (forward, inverse), both acting on the trailing len(block_shape) dims.
 TRANSFORMS: dict[str, tuple] = {"dct": (dct_forward, dct_inverse)}
