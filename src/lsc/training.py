@@ -9,6 +9,8 @@ one GEMM (that also adds the mean) and one strided copy into the weight's layout
 backward is one strided copy, one GEMM and, for the step's gradient, one product
 with the kept residual and a column sum. Temporaries live in reused buffers and
 big outputs in recycled memory (:func:`lsc.quantizer.scratch`, :func:`lsc.quantizer.fresh`).
+On the CPU, tensors of 1M+ coefficients go through forward and backward in chunks of block
+rows (``_CHUNK``) whose temporaries stay in the cache.
 Blocks too large for one matrix (conv kernels such as 8x8x3x3) use two smaller
 Kronecker factors instead. Other transforms take the generic path (fused fake
 quantization, then ``synthesize``).
