@@ -235,6 +235,31 @@ def test_pooled_buffers_are_only_reused_once_nothing_refers_to_them(monkeypatch)
     assert c.data_ptr() == addr and c.shape == (64,)  # free again: recycled, in the requested shape
 
 
+def test_pooled_gradients_are_summed_in_place_by_autograd(monkeypatch):
+    """Two pooled gradients reaching one leaf are added into one of them (no third full-size tensor):
+    the pool holds memory maps, not the tensors' storages."""
+    monkeypatch.setattr(quantizer, "_POOL_MIN", 16)
+    monkeypatch.setattr(quantizer, "_SCRATCH", type(quantizer._SCRATCH)())
+    handed = []
+
+    class Pooled(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, k):
+            ctx.k = k
+            return x * k
+
+        @staticmethod
+        def backward(ctx, g):
+            out = quantizer.fresh(tuple(g.shape), g.dtype, g.device)
+            handed.append(out.data_ptr())
+            return torch.mul(g, ctx.k, out=out), None
+
+    x = torch.ones(8, 8, requires_grad=True)
+    (Pooled.apply(x, 2.0).sum() + Pooled.apply(x, 3.0).sum()).backward()
+    assert len(set(handed)) == 2 and x.grad.data_ptr() in handed
+    assert torch.equal(x.grad, torch.full((8, 8), 5.0))
+
+
 def test_hand_differentiated_qnet_matches_autograd():
     from lsc.qnet import _SharedBits, _SharedBitsMLP
     model, q_net = _model(torch.float32)
