@@ -163,6 +163,20 @@ def _job(layout: BlockLayout, transform: str, cdtype, device, dtype, leak: float
     return job
 
 
+def _rounded(c, step, leak: float, x_out=None, q_out=None):
+    """(x, q) with x = c / step and q = round(x), moved back towards x by ``leak``; into the given buffers."""
+    x = torch.div(c, step, out=x_out)
+    q = torch.round(x, out=q_out)
+    if leak:
+        q.lerp_(x, leak)
+    return x, q
+
+
+def _step_gradient(residual, grad_c, buf=None):
+    """Per-position sum over blocks of residual * grad_c (the step's gradient; ``buf`` holds the product)."""
+    return torch.mul(residual, grad_c, out=buf).sum(0)
+
+
 def _weight_rows(full: torch.Tensor, layout: BlockLayout, r0: int, r1: int) -> torch.Tensor:
     """View of grid rows r0..r1-1 of the padded weight ``full`` as (rows, b_0, n_1, b_1, ...)."""
     b0 = layout.block_shape[0]
@@ -183,10 +197,7 @@ def _chunked_forward(c, step, job: "_Job", mean, std, residual):
         r1 = min(layout.grid[0], r0 + job.rows)
         a, b = r0 * per_row, r1 * per_row
         m = (b - a) * p
-        x = torch.div(c[a:b], step, out=x_buf[:m].view(b - a, p))
-        q = torch.round(x, out=q_buf[:m].view(b - a, p))
-        if job.leak:
-            q.lerp_(x, job.leak)
+        x, q = _rounded(c[a:b], step, job.leak, x_buf[:m].view(b - a, p), q_buf[:m].view(b - a, p))
         if residual is not None:
             torch.sub(q, x, out=residual[a:b])
         rows = _weight_rows(full, layout, r0, r1)
@@ -231,7 +242,7 @@ def _chunked_backward(grad_w, job: "_Job", std, residual, need_step: bool):
             g = g_buf[:m].view((r1 - r0,) + plan.coeff_shape[1:]).copy_(rows.permute(perm)).view(b - a, p)
         gc = torch.mm(g, mat_t, out=grad_c[a:b])
         if grad_step is not None:
-            grad_step.add_(torch.mul(residual[a:b], gc, out=r_buf[:m].view(b - a, p)).sum(0))
+            grad_step.add_(_step_gradient(residual[a:b], gc, r_buf[:m].view(b - a, p)))
     return grad_coeffs, grad_step
 
 
@@ -245,57 +256,65 @@ class _QuantizedSynthesis(torch.autograd.Function):
     @staticmethod
     def forward(ctx, coeffs, step, job, mean, std):
         plan = job.plan
-        n, p = plan.n, plan.p
-        c = coeffs.view(n, p)
+        c = coeffs.view(plan.n, plan.p)
         if job.rows and coeffs.device.type == "cpu":
-            residual = fresh((n, p), c.dtype, c.device) if ctx.needs_input_grad[1] else None
+            residual = fresh((plan.n, plan.p), c.dtype, c.device) if ctx.needs_input_grad[1] else None
             w = _chunked_forward(c, step, job, mean, std, residual)
-            ctx.save_for_backward(coeffs, step, std, residual)
-            ctx.job = job
-            return w
-        # q = round(c / step) (leaky: moved back towards c / step), and the rounding residual q - c / step
-        # that the step's gradient needs, kept rather than recomputed in the backward (two passes fewer)
-        small = n * p < _SMALL  # tiny tensors: fewer calls beat reused buffers
-        x = torch.div(c, step) if small else torch.div(c, step, out=fresh((n, p), c.dtype, c.device))
-        q = torch.round(x) if small else torch.round(x, out=scratch(0, n * p, c.dtype, c.device).view(n, p))
-        if job.leak:
-            q.lerp_(x, job.leak)
-        residual = torch.sub(q, x, out=x) if ctx.needs_input_grad[1] else None
-        scale = step * std
-        # natural layouts return the blocks themselves: fresh memory; others are copied into the weight
-        out = None if small else (fresh((n, p), c.dtype, c.device) if plan.natural else scratch(1, n * p, c.dtype, c.device).view(n, p))
-        if len(job.mats) == 1:
-            # mean + (q * step * std) @ M, with step and std folded into the rows of the small matrix
-            blocks = torch.addmm(mean, q, scale.unsqueeze(1) * job.mats[0], out=out)
         else:
-            blocks = _two_factor(q.mul_(scale), job.mats[0], job.mats[1], mean, 2, torch.empty_like(q) if out is None else out)
+            w, residual = _whole_forward(c, step, job, mean, std, ctx.needs_input_grad[1])
         ctx.save_for_backward(coeffs, step, std, residual)
         ctx.job = job
-        return _unblock(blocks, job.layout.shape, plan, job.dtype)
+        return w
 
     @staticmethod
     def backward(ctx, grad_w):
         coeffs, step, std, residual = ctx.saved_tensors
-        job = ctx.job
-        plan, mats = job.plan, job.mats
+        job, grad_w = ctx.job, grad_w.to(coeffs.dtype)
         if job.rows and coeffs.device.type == "cpu":
-            grad_coeffs, grad_step = _chunked_backward(grad_w.to(coeffs.dtype), job, std, residual, ctx.needs_input_grad[1])
-            return (grad_coeffs if ctx.needs_input_grad[0] else None), grad_step, None, None, None
-        g = _blocks_of(grad_w if grad_w.dtype == coeffs.dtype else grad_w.to(coeffs.dtype), job.layout, plan, 0)
-        # d loss / d quantized coefficients, allocated in the parameter's shape: not being a view,
-        # autograd can add the rate term's gradient into it in place
-        grad_coeffs = fresh(plan.coeff_shape, coeffs.dtype, coeffs.device)
-        grad_c = grad_coeffs.view(plan.n, plan.p)
-        if len(mats) == 1:
-            torch.mm(g, (mats[0] * std).T, out=grad_c)
+            grad_coeffs, grad_step = _chunked_backward(grad_w, job, std, residual, ctx.needs_input_grad[1])
         else:
-            _two_factor(g, mats[0].T * std, mats[1].T, 0.0, 2, grad_c)
-        grad_step = None
-        if ctx.needs_input_grad[1]:
-            n, p = plan.n, plan.p
-            grad_step = (residual * grad_c if n * p < _SMALL else
-                         torch.mul(residual, grad_c, out=scratch(0, n * p, g.dtype, g.device).view(n, p))).sum(0)
+            grad_coeffs, grad_step = _whole_backward(grad_w, job, std, residual, ctx.needs_input_grad[1])
         return (grad_coeffs if ctx.needs_input_grad[0] else None), grad_step, None, None, None
+
+
+def _whole_forward(c, step, job: _Job, mean, std, need_residual: bool):
+    """:class:`_QuantizedSynthesis` forward in one go -> (weight, rounding residual or None)."""
+    plan = job.plan
+    n, p = plan.n, plan.p
+    # q = round(c / step) (leaky: moved back towards c / step), and the rounding residual q - c / step
+    # that the step's gradient needs, kept rather than recomputed in the backward (two passes fewer)
+    small = n * p < _SMALL  # tiny tensors: fewer calls beat reused buffers
+    x, q = _rounded(c, step, job.leak, *((None, None) if small else
+                                         (fresh((n, p), c.dtype, c.device), scratch(0, n * p, c.dtype, c.device).view(n, p))))
+    residual = torch.sub(q, x, out=x) if need_residual else None
+    scale = step * std
+    # natural layouts return the blocks themselves: fresh memory; others are copied into the weight
+    out = None if small else (fresh((n, p), c.dtype, c.device) if plan.natural else scratch(1, n * p, c.dtype, c.device).view(n, p))
+    if len(job.mats) == 1:
+        # mean + (q * step * std) @ M, with step and std folded into the rows of the small matrix
+        blocks = torch.addmm(mean, q, scale.unsqueeze(1) * job.mats[0], out=out)
+    else:
+        blocks = _two_factor(q.mul_(scale), job.mats[0], job.mats[1], mean, 2, torch.empty_like(q) if out is None else out)
+    return _unblock(blocks, job.layout.shape, plan, job.dtype), residual
+
+
+def _whole_backward(grad_w, job: _Job, std, residual, need_step: bool):
+    """:class:`_QuantizedSynthesis` backward in one go -> (coefficient gradient, step gradient or None)."""
+    plan, mats = job.plan, job.mats
+    n, p = plan.n, plan.p
+    g = _blocks_of(grad_w, job.layout, plan, 0)
+    # d loss / d quantized coefficients, allocated in the parameter's shape: not being a view,
+    # autograd can add the rate term's gradient into it in place
+    grad_coeffs = fresh(plan.coeff_shape, grad_w.dtype, grad_w.device)
+    grad_c = grad_coeffs.view(n, p)
+    if len(mats) == 1:
+        torch.mm(g, (mats[0] * std).T, out=grad_c)
+    else:
+        _two_factor(g, mats[0].T * std, mats[1].T, 0.0, 2, grad_c)
+    grad_step = None
+    if need_step:
+        grad_step = _step_gradient(residual, grad_c, None if n * p < _SMALL else scratch(0, n * p, g.dtype, g.device).view(n, p))
+    return grad_coeffs, grad_step
 
 
 def quantized_synthesis(coeffs: torch.Tensor, step: torch.Tensor, layout: BlockLayout, mean: torch.Tensor,
