@@ -1,5 +1,6 @@
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -257,3 +258,43 @@ def test_surrogate_rate_backward_matches_autograd():
     scale = _logistic_scale(c)
     assert torch.autograd.gradcheck(lambda c_, s_: _LogisticBits.apply(c_, s_, scale), (c, step))
     torch.testing.assert_close(_LogisticBits.apply(c, step, scale), logistic_code_length(c, step, scale).sum())
+
+
+def _reference_data_bits(q: np.ndarray, groups: np.ndarray, num_groups: int) -> float:
+    """exact_bits' cost model, group by group with a dense NumPy histogram (the slow, obvious way)."""
+    gamma = lambda v: 2 * np.floor(np.log2(v)) + 1  # noqa: E731
+    total = 0.0
+    for g in range(num_groups):
+        sym = q[:, groups == g].astype(np.int64).ravel()
+        lo, hi = sym.min(), sym.max()
+        k, n = hi - lo + 1, sym.size
+        counts = np.bincount(sym - lo, minlength=k).astype(np.float64)
+        nz = counts[counts > 0]
+        entropy = n * np.log2(n) - (nz * np.log2(nz)).sum()
+        table = gamma(counts + 1).sum()
+        zz = 2 * lo if lo >= 0 else -2 * lo - 1
+        total += min(entropy + table, n * np.log2(k)) + gamma(zz + 1) + gamma(k) + 1
+    return total
+
+
+@pytest.mark.parametrize("log2_step", [-9.0, -2.0, 1.0])  # mostly empty alphabets, dense ones, nearly all zeros
+def test_exact_bits_matches_a_dense_reference(log2_step):
+    from lsc.grouping import position_groups
+    from lsc.blocking import BlockLayout
+    from lsc.rate import exact_bits
+    torch.manual_seed(0)
+    layouts = [BlockLayout((64, 48), (8, 8)), BlockLayout((30,), (8,)), BlockLayout((16, 8, 3, 3), (8, 8, 3, 3))]
+    coeffs, steps, groups, ngroups = [], [], [], []
+    for lay in layouts:
+        p = lay.block_numel
+        coeffs.append(torch.randn(lay.num_blocks, p, dtype=torch.float64) * torch.linspace(2, 0.1, p, dtype=torch.float64))
+        steps.append(torch.full((p,), 2.0 ** log2_step, dtype=torch.float64) * torch.linspace(1, 3, p, dtype=torch.float64))
+        g = torch.from_numpy(position_groups(lay, 64))
+        groups.append(g)
+        ngroups.append(int(g.max()) + 1)
+    exps = [torch.zeros(c.shape[1]) for c in coeffs]
+    orders = [torch.arange(c.shape[1]) for c in coeffs]
+    data, _ = exact_bits(coeffs, steps, groups, ngroups, exps, orders)
+    for d, c, s, g, ng in zip(data, coeffs, steps, groups, ngroups):
+        want = _reference_data_bits(torch.round(c / s).numpy(), g.numpy(), ng)
+        assert float(d) == pytest.approx(want, rel=1e-9)

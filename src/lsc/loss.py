@@ -59,7 +59,7 @@ def quantization_loss(model: nn.Module, weight: float | None = None) -> torch.Te
 
     ``weight`` defaults to the ``rate_weight`` given to ``spectral``: raise it for a
     smaller file, lower it to favour accuracy. While gradients are on, the exact
-    coded size (a histogram pass with one host sync) is refreshed every
+    coded size (a histogram pass with one or two host syncs) is refreshed every
     ``rate_refresh`` calls and tracked in between by the drift of the smooth
     surrogate, whose gradient drives training either way.
     """
