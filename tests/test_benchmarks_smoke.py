@@ -94,3 +94,22 @@ def test_report_and_plots(digits, tmp_path):
     assert (tmp_path / "img" / "rate_accuracy_digits.png").stat().st_size > 1000
     assert (tmp_path / "img" / "rate_accuracy_minilm.png").stat().st_size > 1000
     assert "lsc (fine-tuned): 5.00 MB" in (tmp_path / "S.md").read_text()
+
+
+def test_training_benchmark_side_and_table():
+    """bench_training's per-process measurement (incl. the exact-rate pass it amortizes) and its table."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench_training as BT
+    threads = torch.get_num_threads()
+    try:
+        got = {side: BT.measure_side("digits", side, steps=2, warmup=1) for side in ("plain", "spectral")}
+    finally:
+        torch.set_num_threads(threads)
+    assert got["plain"]["refresh_ms"] == 0.0 and got["spectral"]["refresh_every"] == 25
+    assert got["spectral"]["refresh_ms"] > 0 and all(r["ms"] > 0 and r["cpu_ms"] > 0 for r in got.values())
+    row = dict(model="digits", steps=2, rounds=1)
+    for malloc in ("default", "keep"):
+        row.update({f"{malloc}_{k}": v for k, v in dict(plain_ms=1.0, spectral_ms=1.2, ratio=1.2, cpu_ratio=1.2, plain_faults=0,
+                                                         spectral_faults=0, refresh_ms=got["spectral"]["refresh_ms"]).items()})
+    table = BT.to_markdown([row])
+    assert "**1.20x**" in table and len(table.splitlines()) == 3
