@@ -143,7 +143,6 @@ def compare(case: str, steps: int, rounds: int, malloc: str = "default") -> dict
                 plain_faults=pf, spectral_faults=sf, refresh_ms=refresh, steps=steps, rounds=rounds)
 
 
-
 def run(quick: bool = False) -> list[dict]:
     rows = []
     # The spectral overhead is per step and proportional to the parameter count, not to the

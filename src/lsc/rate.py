@@ -382,8 +382,8 @@ def exact_bits(coeffs: list[torch.Tensor], steps: list[torch.Tensor], groups: li
     if total_bins > sum(q.numel() for q in hard):
         bins = counts.nonzero().squeeze(1)  # ascending
         counts = counts[bins]
-        first = torch.searchsorted(bins, starts)
-        occupied = torch.diff(first, append=first.new_full((1,), bins.numel()))
+        group_first = torch.searchsorted(bins, starts)  # each group's first occupied bin, as an index into ``bins``
+        occupied = torch.diff(group_first, append=group_first.new_full((1,), bins.numel()))
         bin_group = torch.repeat_interleave(torch.arange(width.numel(), device=dev), occupied, output_size=bins.numel())
         empty = width - occupied
     else:
