@@ -356,8 +356,8 @@ def exact_bits(coeffs: list[torch.Tensor], steps: list[torch.Tensor], groups: li
         pmin, pmax = q.amin(0), q.amax(0)
         lo.append(torch.full((ng,), float("inf"), device=dev, dtype=q.dtype).scatter_reduce(0, g, pmin, "amin"))
         hi.append(torch.full((ng,), float("-inf"), device=dev, dtype=q.dtype).scatter_reduce(0, g, pmax, "amax"))
-    lo_all, hi_all = torch.cat(lo), torch.cat(hi)
-    width = hi_all.to(torch.int64) - lo_all.to(torch.int64) + 1  # alphabet size K of each group
+    lo_all = torch.cat(lo).to(torch.int64)  # smallest symbol of each group
+    width = torch.cat(hi).to(torch.int64) - lo_all + 1  # alphabet size K of each group
     ends = torch.cumsum(width, 0)
     starts = ends - width
     bounds = [0] + ends.tolist()  # the host synchronization (sizes the histogram)
@@ -371,7 +371,7 @@ def exact_bits(coeffs: list[torch.Tensor], steps: list[torch.Tensor], groups: li
         # bin of symbol s at position p: s + base[p], in integers (float32 is exact only below 2^24 bins);
         # a tensor's groups own the contiguous bins [first, last)
         first, last = bounds[goff], bounds[goff + ng]
-        base = starts[gid] - lo_all[gid].to(torch.int64) - first
+        base = starts[gid] - lo_all[gid] - first
         counts[first:last] = torch.bincount((q.to(torch.int64) + base).flatten(), minlength=last - first)
         group_sizes.index_add_(0, gid, torch.full_like(gid, q.shape[0], dtype=torch.float64))
         goff += ng
@@ -395,7 +395,7 @@ def exact_bits(coeffs: list[torch.Tensor], steps: list[torch.Tensor], groups: li
     entropy = n_log_n - torch.zeros_like(n_log_n).index_add_(0, bin_group, _xlog2x(counts))
     # Probability tables: zigzag(lo) and K = hi - lo + 1, then each count in [lo, hi], all Elias-gamma coded.
     table = torch.zeros_like(n_log_n).index_add_(0, bin_group, elias_gamma_bits(counts + 1)) + empty
-    range_bits = elias_gamma_bits(zigzag(lo_all.to(torch.int64)) + 1) + elias_gamma_bits(width)
+    range_bits = elias_gamma_bits(zigzag(lo_all) + 1) + elias_gamma_bits(width)
     uniform = group_sizes * torch.log2(width.to(torch.float64))
     # Each group is coded with whichever is cheaper: its own probability table, or a
     # uniform code over [lo, hi] (small groups cannot pay for a table). One flag bit says which.
