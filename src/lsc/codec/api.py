@@ -333,8 +333,12 @@ def _spectral_job(m: dict, data) -> tuple:
             m.get("segments"))
 
 
-def _rebuild_spectral(m: dict, q_positions: np.ndarray, e: np.ndarray) -> dict:
-    """Decoded integers (P, num_blocks) in row-major position order -> weight (and what made it)."""
+def _rebuild_spectral(m: dict, q_positions: np.ndarray, e: np.ndarray, device: torch.device | None = None) -> dict:
+    """Decoded integers (P, num_blocks) in row-major position order -> weight (and what made it).
+
+    The weight is rebuilt on ``device`` (the CPU by default): a model on a GPU gets the bits
+    its own eval forward computes there, since a transform's float rounding is per device.
+    """
     dtype = _DTYPES[m["dtype"]]
     layout = BlockLayout(tuple(m["shape"]), tuple(m["block"]))
     # (num_blocks, P) as a transposed view: reconstruct reads it once, converting as it goes
@@ -343,7 +347,10 @@ def _rebuild_spectral(m: dict, q_positions: np.ndarray, e: np.ndarray) -> dict:
     mean = _tensor_from_bytes(bytes.fromhex(m["mean"]), cdt, [])
     std = _tensor_from_bytes(bytes.fromhex(m["std"]), cdt, [])
     e_t = torch.from_numpy(e)
-    w = reconstruct(q, e_t, layout, mean, std, dtype, m["transform"])
+    if device is None or device.type == "cpu":
+        w = reconstruct(q, e_t, layout, mean, std, dtype, m["transform"])
+    else:
+        w = reconstruct(q.T.to(device).T, e_t.to(device), layout, mean.to(device), std.to(device), dtype, m["transform"])
     return {"weight": w, "q": q, "exponent": e_t, "mean": mean, "std": std, "layout": layout}
 
 
@@ -354,8 +361,11 @@ def _decode_raw(m: dict, data) -> torch.Tensor:
     return _tensor_from_bytes(raw, dtype, m["shape"])
 
 
-def _decode_all(header: dict, streams, keep_integers: bool = False, workers: int | None = None):
-    """Decode every tensor; on bad data raise the LscFormatError of the first bad tensor in file order."""
+def _decode_all(header: dict, streams, keep_integers: bool = False, workers: int | None = None,
+                devices: dict[str, torch.device] | None = None):
+    """Decode every tensor; on bad data raise the LscFormatError of the first bad tensor in file order.
+
+    ``devices``: name -> device to rebuild that spectral weight on (default: the CPU)."""
     metas = header["tensors"]
     decoded: dict[int, Any] = {}  # file position -> tensor (or dict of buffers)
     errors: dict[int, LscFormatError] = {}
@@ -383,7 +393,7 @@ def _decode_all(header: dict, streams, keep_integers: bool = False, workers: int
                     break  # serial: nothing later can come first
                 try:
                     q, e = decoder.get(j)
-                    d = _guarded(m, _rebuild_spectral, m, q, e)
+                    d = _guarded(m, _rebuild_spectral, m, q, e, (devices or {}).get(m["name"]))
                 except LscFormatError as exc:
                     errors[i] = exc
                     continue
@@ -456,8 +466,9 @@ def load(path, model: nn.Module | None = None, *, strict: bool = True, lazy=Fals
          **lazy_options):
     """Read a .lsc file (path or bytes).
 
-    Without ``model``: returns the plain state_dict. With a plain ``model``: loads it
-    (``load_state_dict(strict=strict)``) and returns the model. With a spectral model:
+    Without ``model``: returns the plain state_dict (on the CPU). With a plain ``model``: loads
+    it (``load_state_dict(strict=strict)``), rebuilding each weight on the device of the
+    model's tensor, and returns the model. With a spectral model:
     sets its coefficients, statistics and (frozen) exponents so that its eval-mode
     weights equal the file's decoded weights bit for bit, and returns the model.
     ``lazy=True`` (or ``"packed"`` / ``"entropy"``): keep the weights compressed in memory
@@ -473,7 +484,10 @@ def load(path, model: nn.Module | None = None, *, strict: bool = True, lazy=Fals
         return load_lazy(path, model, mode="packed" if lazy is True else lazy, strict=strict, **lazy_options)
     header, streams, _ = _parts_from_bytes(_read(path))
     is_spectral = model is not None and getattr(_unwrap(model), "_lsc", None) is not None
-    plain, spec = _decode_all(header, streams, keep_integers=is_spectral, workers=workers)
+    # a plain model's weights are rebuilt where its tensors live: on a GPU, its output then equals
+    # the eval forward of the spectral model on that GPU bit for bit (a spectral model rebuilds its own)
+    devices = None if model is None or is_spectral else {k: v.device for k, v in model.state_dict().items()}
+    plain, spec = _decode_all(header, streams, keep_integers=is_spectral, workers=workers, devices=devices)
     if model is None:
         return plain
     if not is_spectral:
