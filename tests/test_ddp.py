@@ -119,8 +119,10 @@ def _fsdp_run(variant: str, rank: int, outdir: str) -> None:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
         wrapped = FSDP(train, device_id=torch.device("cpu"))
     else:
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
-        wrapped = fully_shard(train)
+        # a CPU mesh named explicitly: by default fully_shard would move the model to a GPU where one exists
+        wrapped = fully_shard(train, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
     opt = torch.optim.SGD(wrapped.parameters(), lr=LR, momentum=0.9)
     for step in range(2):
         x, y = batch(step, rank)
@@ -139,10 +141,13 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     outdir = str(tmp_path_factory.mktemp("ddp"))
-    # fork (children inherit the imported torch: no 5-10 s re-import per rank); spawn where fork is unavailable
-    ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    # fork (children inherit the imported torch: no 5-10 s re-import per rank); spawn where fork is
+    # unavailable, or where CUDA is (autograd starts a thread per device type at the first backward, and
+    # a child forked after that cannot run backward)
     import torch.nn.parallel  # noqa: F401  (DDP imports torch._dynamo lazily: do it once, before forking)
     import torch._dynamo  # noqa: F401
+    fork = "fork" in mp.get_all_start_methods() and not torch.cuda.is_available()
+    ctx = mp.get_context("fork" if fork else "spawn")
     port = _free_port()
     procs = [ctx.Process(target=_worker, args=(r, port, outdir)) for r in range(WORLD)]
     for p in procs:

@@ -278,8 +278,8 @@ def test_hand_differentiated_qnet_matches_autograd():
         results.append((e, s, [p.grad.clone() for p in params]))
     (e0, s0, g0), (e1, s1, g1) = results
     assert torch.equal(e0, e1) and torch.equal(s0, s1)
-    for a, b in zip(g0, g1):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for a, b in zip(g0, g1):  # fp32 sums over the rows in another order: error relative to the gradient's scale
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
 
 
 def test_chunked_paths_are_taken_for_tensors_with_several_block_rows(chunking):
