@@ -18,8 +18,10 @@ malloc tuned identically on both sides to keep freed memory (``MALLOC_MMAP_THRES
 ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_``; what PyTorch's CPU tuning guide gets from
 jemalloc or tcmalloc), which leaves no page faults in either step and compares arithmetic
 and dispatch only. Page faults per step are reported too.
-Usage: python benchmarks/bench_training.py [--quick] [--no-write]
-(``--quick``: digits only, 3 steps, one round, a smoke test; it never overwrites results/training.md.)
+Usage: python benchmarks/bench_training.py [--quick] [--no-write] [--device cuda]
+(``--quick``: digits only, 3 steps, one round, a smoke test; it never overwrites results/training.md.
+``--device cuda``: the same comparison on the GPU, each step timed to completion
+(``torch.cuda.synchronize``), written to results/training_cuda.md; malloc plays no part there.)
 """
 from __future__ import annotations
 
@@ -53,17 +55,17 @@ def _step_fn(model, params, loss_fn, rate: bool):
     return step
 
 
-def digits_case(batch=128):
+def digits_case(batch=128, device="cpu"):
     from lsc.zoo import DigitsCNN, load_digits_split
     xtr, ytr, _, _ = load_digits_split()
-    x, y = xtr[:batch], ytr[:batch]
+    x, y = xtr[:batch].to(device), ytr[:batch].to(device)
     return DigitsCNN, lambda m: nn.functional.cross_entropy(m(x), y), f"digits CNN (151k params, batch {batch})"
 
 
-def minilm_case(batch=16, seq=64):
+def minilm_case(batch=16, seq=64, device="cpu"):
     from minilm import load_minilm
     model, tok = load_minilm()
-    ids = torch.randint(1000, 29000, (batch, seq))
+    ids = torch.randint(1000, 29000, (batch, seq)).to(device)
     mask = torch.ones_like(ids)
 
     def loss(m):
@@ -71,16 +73,21 @@ def minilm_case(batch=16, seq=64):
     return lambda: model, loss, f"MiniLM-L6 (22.7M params, batch {batch}x{seq} tokens)"
 
 
-CASES = {"digits": lambda: digits_case(128), "minilm-16x64": lambda: minilm_case(16, 64),
-         "minilm-32x128": lambda: minilm_case(32, 128)}
+CASES = {"digits": lambda d: digits_case(128, d), "minilm-16x64": lambda d: minilm_case(16, 64, d),
+         "minilm-32x128": lambda d: minilm_case(32, 128, d)}
 
 
-def measure_side(case: str, side: str, steps: int, warmup: int = 3, threads: int = 1) -> dict:
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure_side(case: str, side: str, steps: int, warmup: int = 3, threads: int = 1, device: str = "cpu") -> dict:
     """Median wall and CPU time of ``steps`` training steps of one side, in this process."""
     torch.set_num_threads(threads)  # one thread: steadier on a shared machine; same for both sides
     torch.manual_seed(0)  # the same initial model and batch on both sides
-    make, loss_fn, name = CASES[case]()
-    model = make()
+    make, loss_fn, name = CASES[case](device)
+    model = make().to(device)
     params = list(model.parameters())
     if side == "spectral":
         params += list(lsc.spectral(model).parameters())
@@ -88,18 +95,20 @@ def measure_side(case: str, side: str, steps: int, warmup: int = 3, threads: int
     step = _step_fn(model, params, loss_fn, side == "spectral")
     times, cpu, faults = [], [], []
     for i in range(warmup + steps):
+        _sync(device)
         t, c, f = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         step()
+        _sync(device)
         if i >= warmup:
             times.append(time.perf_counter() - t)
             cpu.append(time.process_time() - c)
             faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
-    refresh_ms, every = _refresh_ms(model) if side == "spectral" else (0.0, 1)
+    refresh_ms, every = _refresh_ms(model, device) if side == "spectral" else (0.0, 1)
     return dict(name=name, ms=1e3 * statistics.median(times), cpu_ms=1e3 * statistics.median(cpu),
                 faults=statistics.median(faults), refresh_ms=refresh_ms, refresh_every=every)
 
 
-def _refresh_ms(model, reps: int = 3) -> tuple[float, int]:
+def _refresh_ms(model, device, reps: int = 3) -> tuple[float, int]:
     """(extra ms, steps between) of the exact rate pass that ``quantization_loss`` runs every ``rate_refresh`` steps.
 
     The median step never contains it (it is one step in 25), so it is measured here, as a
@@ -112,8 +121,10 @@ def _refresh_ms(model, reps: int = 3) -> tuple[float, int]:
         got = []
         for refresh in (True, False):
             st.rate_calls = 0 if refresh else 1
+            _sync(device)
             t = time.perf_counter()
             lsc.quantization_loss(model, weight=1e-3)
+            _sync(device)
             got.append(time.perf_counter() - t)
         extra.append(got[0] - got[1])
     return 1e3 * max(0.0, statistics.median(extra)), st.rate_refresh
@@ -124,13 +135,14 @@ KEEP_MEMORY = {"MALLOC_MMAP_THRESHOLD_": str(1 << 32), "MALLOC_TRIM_THRESHOLD_":
 MALLOCS = {"default": {}, "keep": KEEP_MEMORY}
 
 
-def compare(case: str, steps: int, rounds: int, malloc: str = "default") -> dict:
+def compare(case: str, steps: int, rounds: int, malloc: str = "default", device: str = "cpu") -> dict:
     """Alternate plain and spectral processes ``rounds`` times; ratio of the median step times."""
     got = {"plain": [], "spectral": []}
     env = {k: v for k, v in os.environ.items() if k not in KEEP_MEMORY} | MALLOCS[malloc]
     for _ in range(rounds):
         for side in got:
-            out = subprocess.run([sys.executable, __file__, "--side", side, "--case", case, "--steps", str(steps)],
+            out = subprocess.run([sys.executable, __file__, "--side", side, "--case", case, "--steps", str(steps),
+                                  "--device", device],
                                  check=True, capture_output=True, text=True, env=env).stdout
             got[side].append(json.loads(out.strip().splitlines()[-1]))
     refresh = statistics.median(r["refresh_ms"] for r in got["spectral"])
@@ -161,6 +173,27 @@ def run(quick: bool = False) -> list[dict]:
     return rows
 
 
+def run_cuda(device: str, write: bool = True) -> list[dict]:
+    """The comparison on a GPU: step times to completion, alternating processes, 3 rounds."""
+    rows = []
+    for case, steps in (("digits", 200), ("minilm-16x64", 50), ("minilm-32x128", 50)):
+        r = compare(case, steps, 3, device=device)
+        rows.append(r)
+        print(f"{r['model']:<45} {device}  plain {r['plain_ms']:8.2f} ms  spectral {r['spectral_ms']:8.2f} ms  "
+              f"ratio {r['ratio']:.2f}x  exact rate pass {r['refresh_ms']:.1f} ms", flush=True)
+    if write:
+        name = torch.cuda.get_device_name(device)
+        lines = [f"## Training-step overhead on {name} (spectral / plain, same run)\n",
+                 f"`python benchmarks/bench_training.py --device {device}`: forward + backward + Adam step timed to "
+                 "completion (`torch.cuda.synchronize`), plain and spectral processes alternating, 3 rounds, median "
+                 f"step; the exact rate pass (every 25 steps) amortized. torch {torch.__version__}.\n",
+                 "| model | plain step (ms) | spectral step (ms) | ratio | exact rate pass (ms) |", "|---|---:|---:|---:|---:|"]
+        lines += [f"| {r['model']} | {r['plain_ms']:.2f} | {r['spectral_ms']:.2f} | **{r['ratio']:.2f}x** | "
+                  f"{r['refresh_ms']:.1f} |" for r in rows]
+        (Path(__file__).parent / "results" / "training_cuda.md").write_text("\n".join(lines) + "\n")
+    return rows
+
+
 def to_markdown(rows) -> str:
     out = ["| model | default malloc: plain / spectral step (ms) | ratio | page faults per step | "
            "malloc keeping memory: plain / spectral step (ms) | ratio | ratio (CPU time) | exact rate pass (ms, every 25 steps) |",
@@ -180,9 +213,13 @@ if __name__ == "__main__":
     ap.add_argument("--side", choices=["plain", "spectral"], help=argparse.SUPPRESS)  # child process
     ap.add_argument("--case", choices=sorted(CASES), help=argparse.SUPPRESS)
     ap.add_argument("--steps", type=int, default=3, help=argparse.SUPPRESS)
+    ap.add_argument("--device", default="cpu", help="cpu (the target's figures) or cuda")
     args = ap.parse_args()
     if args.side:
-        print(json.dumps(measure_side(args.case, args.side, args.steps)))
+        print(json.dumps(measure_side(args.case, args.side, args.steps, device=args.device)))
+        sys.exit(0)
+    if args.device != "cpu":
+        run_cuda(args.device, write=not args.no_write)
         sys.exit(0)
     rows = run(args.quick)
     if args.quick or args.no_write:

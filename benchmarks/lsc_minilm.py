@@ -1,6 +1,7 @@
 """lsc on MiniLM-L6 by distillation fine-tuning (CPU budget).
 
     python benchmarks/lsc_minilm.py --target-mb 4.5 --steps 400 [--out benchmarks/.cache/minilm_lsc.json]
+    python benchmarks/lsc_minilm.py --device cuda --steps 4000 --set batch_size=64 --save minilm.lsc
 
 Teacher: the original all-MiniLM-L6-v2. Student: a copy reparameterized with
 ``lsc.spectral``, trained on KJV *training* verses (``minilm.kjv_split``; the
@@ -26,6 +27,7 @@ import ast
 import copy
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -64,12 +66,16 @@ def _pool(hidden, mask):
 
 
 def distill(target_bytes: float, steps: int, *, n_heldout=256, log=print, keep_vocab=False, loader=load_minilm,
-            corpus=None, **overrides) -> dict:
+            corpus=None, device="cpu", save=None, **overrides) -> dict:
     """One fine-tuned point; ``loader() -> (model, tokenizer)`` and ``corpus = (train, held)`` are
-    replaceable so the smoke test can run the same code on a tiny model."""
+    replaceable so the smoke test can run the same code on a tiny model.
+
+    Teacher and student train on ``device``; the file is always decoded into a fresh CPU model,
+    and ``save`` (a path) keeps a copy of it."""
     cfg = {**MINILM_CONFIG, **overrides}
     torch.manual_seed(0)
     teacher, tok = loader()
+    teacher.to(device)
     train, held = corpus or kjv_split()
     held = held[:n_heldout]
     ref = embed(teacher, tok, held, max_length=cfg["max_length"])
@@ -79,16 +85,16 @@ def distill(target_bytes: float, steps: int, *, n_heldout=256, log=print, keep_v
     bounds = cfg["init_max_error"]
     if not keep_vocab:
         seen = train_vocab(tok, train, cfg["max_length"])
-        full_norm = float(student.embeddings.word_embeddings.weight.norm())
+        full_norm = float(student.embeddings.word_embeddings.weight.detach().norm())
         held_ids = set(i for row in tok(held, truncation=True, max_length=cfg["max_length"])["input_ids"] for i in row)
         info["vocab_kept"] = int(seen.sum())
         info["heldout_tokens_unseen"] = int(sum(1 for i in held_ids if not seen[i]))
         with torch.no_grad():
-            student.embeddings.word_embeddings.weight[~seen] = 0.0
+            student.embeddings.word_embeddings.weight[~seen.to(device)] = 0.0
         if cfg["scale_vocab_bound"]:
             # the post-training bound is relative to ||W||: keep it relative to the *original* table's norm,
             # so dropping the unseen rows does not make the kept ones pay for a tighter bound
-            ratio = full_norm / max(float(student.embeddings.word_embeddings.weight.norm()), 1e-12)
+            ratio = full_norm / max(float(student.embeddings.word_embeddings.weight.detach().norm()), 1e-12)
             bounds = {"embeddings.word_embeddings.weight": bounds * ratio, "default": bounds}
         log(f"  vocabulary: {int(seen.sum())} of {len(seen)} rows kept (tokens of the training verses); "
             f"{info['heldout_tokens_unseen']} held-out token types unseen")
@@ -120,7 +126,7 @@ def distill(target_bytes: float, steps: int, *, n_heldout=256, log=print, keep_v
             mod.p = 0.0
     for step in range(steps):
         batch = [train[int(i)] for i in perm[(step * bs) % len(perm):(step * bs) % len(perm) + bs]]
-        enc = tok(batch, padding=True, truncation=True, max_length=cfg["max_length"], return_tensors="pt")
+        enc = tok(batch, padding=True, truncation=True, max_length=cfg["max_length"], return_tensors="pt").to(device)
         with torch.no_grad():
             th = teacher(**enc).last_hidden_state
         sh = student(**enc).last_hidden_state
@@ -139,11 +145,17 @@ def distill(target_bytes: float, steps: int, *, n_heldout=256, log=print, keep_v
     student.eval()
     ctrl.finalize()
     train_s = time.perf_counter() - t0
-    size, dec, enc_s, dec_s = timed_file_round_trip(lambda path: lsc.save(student, path), lambda: loader()[0])
+
+    def write(path):
+        lsc.save(student, path)
+        if save:
+            shutil.copyfile(path, save)
+
+    size, dec, enc_s, dec_s = timed_file_round_trip(write, lambda: loader()[0])
     met = cosine_metrics(ref, embed(dec, tok, held, max_length=cfg["max_length"]))
     row = dict(model="minilm", method="lsc (fine-tuned)", setting=f"target={target_bytes / 1e6:g}MB", bytes=size,
                ratio=4 * n / size, bpp=8 * size / n, enc_s=enc_s, dec_s=dec_s, steps=steps, train_s=train_s,
-               batch_size=bs, passes=met["mean_cos"] >= 0.99, **met, **info)
+               batch_size=bs, device=str(device), passes=met["mean_cos"] >= 0.99, **met, **info)
     log(f"  RESULT {json.dumps(row)}")
     return row
 
@@ -155,10 +167,13 @@ def main(argv=None):
     ap.add_argument("--keep-vocab", action="store_true")
     ap.add_argument("--set", action="append", default=[], help="override a MINILM_CONFIG key: key=value")
     ap.add_argument("--out", default=None, help="append the result row (JSON line) to this file")
+    ap.add_argument("--device", default="cpu", help="train on this device (the file is decoded on the CPU)")
+    ap.add_argument("--save", default=None, help="keep the .lsc file at this path")
     args = ap.parse_args(argv)
     over = {k: type(MINILM_CONFIG[k])(ast.literal_eval(v)) for k, v in (kv.split("=", 1) for kv in args.set)}
     torch.set_num_threads(int(os.environ.get("LSC_THREADS", "2")))
-    row = distill(args.target_mb * 1e6, args.steps, keep_vocab=args.keep_vocab, **over)
+    row = distill(args.target_mb * 1e6, args.steps, keep_vocab=args.keep_vocab, device=args.device, save=args.save,
+                  **over)
     row["config"] = {**MINILM_CONFIG, **over}
     if args.out:
         with open(args.out, "a") as f:

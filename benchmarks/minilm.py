@@ -60,16 +60,18 @@ def load_minilm():
 @torch.no_grad()
 def embed(model, tokenizer, sentences, batch_size: int = 64,
           max_length: int = 64) -> torch.Tensor:
-    """Mean-pooled, L2-normalised embeddings, as sentence-transformers does."""
+    """Mean-pooled, L2-normalised embeddings, as sentence-transformers does (on the model's
+    device; returned on the CPU so embeddings from models on different devices compare)."""
+    device = next(model.parameters()).device
     out = []
     for i in range(0, len(sentences), batch_size):
         enc = tokenizer(list(sentences[i:i + batch_size]), padding=True,
                         truncation=True, max_length=max_length,
-                        return_tensors="pt")
+                        return_tensors="pt").to(device)
         hidden = model(**enc).last_hidden_state
         mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-        out.append(torch.nn.functional.normalize(pooled, dim=-1))
+        out.append(torch.nn.functional.normalize(pooled, dim=-1).cpu())
     return torch.cat(out)
 
 
