@@ -160,6 +160,23 @@ def distill(target_bytes: float, steps: int, *, n_heldout=256, log=print, keep_v
     return row
 
 
+def score_file(path, n_heldout=256, max_length=64, loader=load_minilm, corpus=None) -> dict:
+    """Held-out mean / minimum cosine of a MiniLM .lsc file (decoded on the CPU) against the fp32 teacher.
+
+    Scores files trained elsewhere (e.g. with ``--device cuda`` on another machine) on this one;
+    ``loader`` and ``corpus`` as in :func:`distill`."""
+    teacher, tok = loader()
+    held = (corpus or kjv_split())[1][:n_heldout]
+    ref = embed(teacher, tok, held, max_length=max_length)
+    t0 = time.perf_counter()
+    dec = lsc.load(path, loader()[0])
+    dec_s = time.perf_counter() - t0
+    n = sum(p.numel() for p in teacher.parameters())
+    size = os.path.getsize(path)
+    met = cosine_metrics(ref, embed(dec, tok, held, max_length=max_length))
+    return dict(file=str(path), bytes=size, ratio=4 * n / size, bpp=8 * size / n, dec_s=dec_s, **met)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--target-mb", type=float, default=4.5)
@@ -169,7 +186,12 @@ def main(argv=None):
     ap.add_argument("--out", default=None, help="append the result row (JSON line) to this file")
     ap.add_argument("--device", default="cpu", help="train on this device (the file is decoded on the CPU)")
     ap.add_argument("--save", default=None, help="keep the .lsc file at this path")
+    ap.add_argument("--score", nargs="+", metavar="FILE", help="only score these .lsc files (held-out cosine)")
     args = ap.parse_args(argv)
+    if args.score:
+        for path in args.score:
+            print(json.dumps(score_file(path)))
+        return
     over = {k: type(MINILM_CONFIG[k])(ast.literal_eval(v)) for k, v in (kv.split("=", 1) for kv in args.set)}
     torch.set_num_threads(int(os.environ.get("LSC_THREADS", "2")))
     row = distill(args.target_mb * 1e6, args.steps, keep_vocab=args.keep_vocab, device=args.device, save=args.save,

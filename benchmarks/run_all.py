@@ -49,7 +49,7 @@ from benchmarks import run_baselines as RB  # noqa: E402
 CACHE = ROOT / "benchmarks" / ".cache" / "run_all"
 RESULTS = ROOT / "benchmarks" / "results"
 NOTES = ROOT / "benchmarks" / "results" / "notes.md"  # hand-written analysis of the numbers, folded in verbatim
-INCLUDED = ["codec.md", "training.md", "lazy.md", "posttraining.md", "beyond.md"]
+INCLUDED = ["codec.md", "training.md", "training_cuda.md", "lazy.md", "posttraining.md", "beyond.md", "minilm_gpu.md"]
 
 # ------------------------------------------------------------------ plans
 

@@ -57,11 +57,11 @@ def test_cache_reuses_points(digits):
     assert [r["bytes"] for r in again["rows"]] == [r["bytes"] for r in sec["rows"]]
 
 
-def test_minilm_distill_tiny():
+def test_minilm_distill_tiny(tmp_path):
     pytest.importorskip("transformers")
     from transformers import BertConfig, BertModel
 
-    from benchmarks.lsc_minilm import distill
+    from benchmarks.lsc_minilm import distill, score_file
     from benchmarks.minilm import kjv_split, minilm_dir
     from transformers import AutoTokenizer
 
@@ -74,10 +74,16 @@ def test_minilm_distill_tiny():
         return BertModel(cfg, add_pooling_layer=False).eval(), tok
 
     train, held = kjv_split()
+    path = tmp_path / "tiny.lsc"
     row = distill(60_000, 3, n_heldout=8, log=lambda s: None, loader=loader, corpus=(train[:48], held[:8]),
-                  batch_size=4, max_length=16, init_max_error=0.1)
+                  batch_size=4, max_length=16, init_max_error=0.1, save=path)
     assert ROW_KEYS <= set(row)
     assert row["bytes"] > 0 and -1.0 <= row["mean_cos"] <= 1.0 + 1e-6 and row["steps"] == 3
+    # the kept file is the one scored: scoring it again (as for files trained on another machine) agrees
+    again = score_file(path, n_heldout=8, max_length=16, loader=loader, corpus=(train[:48], held[:8]))
+    assert again["bytes"] == row["bytes"] == path.stat().st_size
+    assert again["mean_cos"] == pytest.approx(row["mean_cos"], abs=1e-6)
+    assert again["min_cos"] == pytest.approx(row["min_cos"], abs=1e-6)
 
 
 def test_report_and_plots(digits, tmp_path):
