@@ -291,3 +291,32 @@ def test_chunked_paths_are_taken_for_tensors_with_several_block_rows(chunking):
     job = next(iter(training._JOBS.values()))
     assert (job.rows > 0) == (chunking == "chunked")
     assert len(rate._chunks(100, 64, c.device)) == (1 if chunking == "whole" else 100)
+
+
+def test_torch_compile_of_a_spectral_model_trains_and_evaluates_like_eager():
+    """The user's layers compile; the spectral weights and the rate term run eagerly inside the graph."""
+    from lsc.zoo import DigitsCNN
+
+    def make():
+        torch.manual_seed(0)
+        m = DigitsCNN()
+        return m, lsc.spectral(m, init_bits=6)
+
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    (eager, q_eager), (model, q_model) = make(), make()
+    compiled = torch.compile(model, backend="aot_eager")
+    for _ in range(3):
+        for m, q, f in ((eager, q_eager, eager), (model, q_model, compiled)):
+            m.train()
+            (f(x).pow(2).mean() + lsc.quantization_loss(m)).backward()
+            with torch.no_grad():
+                for p in list(m.parameters()) + list(q.parameters()):
+                    p -= 1e-2 * p.grad
+                    p.grad = None
+    for a, b in zip(list(eager.parameters()) + list(q_eager.parameters()),
+                    list(model.parameters()) + list(q_model.parameters())):
+        assert torch.equal(a, b)
+    eager.eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(compiled(x), eager(x))

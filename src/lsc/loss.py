@@ -54,6 +54,7 @@ def bits_per_weight(model: nn.Module) -> torch.Tensor:
     return rate_estimate(model).total / compressed_numel(model)
 
 
+@torch.compiler.disable  # eager inside a compiled training step, like the spectral weights themselves
 def quantization_loss(model: nn.Module, weight: float | None = None) -> torch.Tensor:
     """``weight * bits_per_weight(model)``, cheap enough to add to every training step.
 

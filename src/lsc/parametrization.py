@@ -94,6 +94,10 @@ class SpectralParametrization(nn.Module):
             step = step_size(self.exponent())
         return step.to(self.mean.dtype).reshape(-1)
 
+    # Under torch.compile the weight is computed eagerly (a graph break at each weight access): its
+    # kernels write through out= views and reuse buffers, which tracing cannot follow, and the
+    # cached q_net / rate state is Python-side. The user's layers around it still compile.
+    @torch.compiler.disable
     def forward(self, *originals: torch.Tensor) -> torch.Tensor:
         coeffs = originals[0]
         if self.training:
