@@ -77,9 +77,11 @@ CASES = {"digits": lambda d: digits_case(128, d), "minilm-16x64": lambda d: mini
          "minilm-32x128": lambda d: minilm_case(32, 128, d)}
 
 
-def _sync(device):
+def _syncer(device):
+    """A call that waits for the device's queued work (nothing to wait for on the CPU)."""
     if torch.device(device).type == "cuda":
-        torch.cuda.synchronize(device)
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
 
 
 def measure_side(case: str, side: str, steps: int, warmup: int = 3, threads: int = 1, device: str = "cpu") -> dict:
@@ -93,12 +95,13 @@ def measure_side(case: str, side: str, steps: int, warmup: int = 3, threads: int
         params += list(lsc.spectral(model).parameters())
     model.train()
     step = _step_fn(model, params, loss_fn, side == "spectral")
+    sync = _syncer(device)
     times, cpu, faults = [], [], []
     for i in range(warmup + steps):
-        _sync(device)
+        sync()
         t, c, f = time.perf_counter(), time.process_time(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         step()
-        _sync(device)
+        sync()
         if i >= warmup:
             times.append(time.perf_counter() - t)
             cpu.append(time.process_time() - c)
@@ -116,15 +119,16 @@ def _refresh_ms(model, device, reps: int = 3) -> tuple[float, int]:
     """
     from lsc.state import get_state
     st = get_state(model)
+    sync = _syncer(device)
     extra = []
     for _ in range(reps):
         got = []
         for refresh in (True, False):
             st.rate_calls = 0 if refresh else 1
-            _sync(device)
+            sync()
             t = time.perf_counter()
             lsc.quantization_loss(model, weight=1e-3)
-            _sync(device)
+            sync()
             got.append(time.perf_counter() - t)
         extra.append(got[0] - got[1])
     return 1e3 * max(0.0, statistics.median(extra)), st.rate_refresh
