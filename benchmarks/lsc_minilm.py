@@ -153,11 +153,16 @@ def distill(target_bytes: float, steps: int, *, n_heldout=256, log=print, keep_v
 
     size, dec, enc_s, dec_s = timed_file_round_trip(write, lambda: loader()[0])
     met = cosine_metrics(ref, embed(dec, tok, held, max_length=cfg["max_length"]))
-    row = dict(model="minilm", method="lsc (fine-tuned)", setting=f"target={target_bytes / 1e6:g}MB", bytes=size,
-               ratio=4 * n / size, bpp=8 * size / n, enc_s=enc_s, dec_s=dec_s, steps=steps, train_s=train_s,
+    row = dict(model="minilm", method="lsc (fine-tuned)", setting=f"target={target_bytes / 1e6:g}MB",
+               **_size_fields(size, n), enc_s=enc_s, dec_s=dec_s, steps=steps, train_s=train_s,
                batch_size=bs, device=str(device), passes=met["mean_cos"] >= 0.99, **met, **info)
     log(f"  RESULT {json.dumps(row)}")
     return row
+
+
+def _size_fields(size: int, n: int) -> dict:
+    """File bytes, ratio against fp32 and bits per parameter."""
+    return dict(bytes=size, ratio=4 * n / size, bpp=8 * size / n)
 
 
 def score_file(path, n_heldout=256, max_length=64, loader=load_minilm, corpus=None) -> dict:
@@ -174,7 +179,7 @@ def score_file(path, n_heldout=256, max_length=64, loader=load_minilm, corpus=No
     n = sum(p.numel() for p in teacher.parameters())
     size = os.path.getsize(path)
     met = cosine_metrics(ref, embed(dec, tok, held, max_length=max_length))
-    return dict(file=str(path), bytes=size, ratio=4 * n / size, bpp=8 * size / n, dec_s=dec_s, **met)
+    return dict(file=str(path), **_size_fields(size, n), dec_s=dec_s, **met)
 
 
 def main(argv=None):

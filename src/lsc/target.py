@@ -29,7 +29,7 @@ from torch import nn
 
 from .errors import LscError
 from .loss import compressed_numel, quantization_loss, rate_estimate
-from .rate import FILE_OVERHEAD_BYTES, HEADER_BYTES_PER_TENSOR
+from .rate import HEADER_BYTES_PER_TENSOR
 from .state import get_state
 
 __all__ = ["RateController", "raw_bytes"]
@@ -126,7 +126,7 @@ class RateController:
         ``rate_refresh`` steps, tracked by the surrogate in between), not a fresh exact pass
         per step, which would cost MiniLM 0.3-0.9 s of CPU a step.
         """
-        bpw = quantization_loss(self.model, weight=1.0) - 8 * FILE_OVERHEAD_BYTES / self.numel
+        bpw = quantization_loss(self.model, weight=1.0)  # like bits_per_weight: the file overhead included
         value = float(bpw.detach())
         if update:
             self.step(value)
