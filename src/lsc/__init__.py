@@ -16,6 +16,7 @@ from .lowrank import factorize, fold_factored_state_dict
 from .posttraining import PostTrainingResult, compress_posttraining, load_checkpoint
 from .qnet import QuantizationNetwork
 from .quantizer import release_buffers
+from .sensitivity import TensorSensitivity, allocate_error_bounds, measure_sensitivity, predicted_distortion
 from .target import RateController
 
 __version__ = "0.2.0"
@@ -28,6 +29,7 @@ __all__ = [
     "encode_buffers", "decode_buffers", "quantize_buffers_", "choose_buffer_tolerance",
     # post-training, inference, distributed
     "compress_posttraining", "PostTrainingResult", "load_checkpoint",
+    "measure_sensitivity", "allocate_error_bounds", "predicted_distortion", "TensorSensitivity",
     "load_lazy", "lazy_info", "set_cache", "track_decode_memory",
     "SpectralTrainingModule", "save_on_rank0", "unwrap_spectral",
     # errors

@@ -77,6 +77,8 @@ def _block_for(name: str, shape: tuple[int, ...], block_size) -> tuple[int, ...]
 def _per_tensor(option, name: str, shape: tuple[int, ...]):
     """Resolve an option given globally, as {glob: value, "default": value}, or as callable(name, shape)."""
     if isinstance(option, dict):
+        if name in option:  # an exact name wins (names may hold characters that are special to fnmatch)
+            return option[name]
         for pattern, value in option.items():
             if pattern != "default" and fnmatch(name, pattern):
                 return value

@@ -1,0 +1,129 @@
+"""Calibrated error bounds: sensitivity measurement, the allocation, and their use in post-training compression."""
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import lsc
+from lsc import TensorSensitivity as S
+
+
+def _rate(bounds, sens):
+    """Bits the high-rate model charges for these bounds (up to a constant): sum n log2(1 / e)."""
+    return sum(s.numel * math.log2(1 / bounds[n]) for n, s in sens.items())
+
+
+def test_allocation_meets_the_target_and_beats_a_uniform_bound():
+    sens = {"a": S(1.0, 100), "b": S(100.0, 100), "c": S(1.0, 10_000)}
+    bounds = lsc.allocate_error_bounds(sens, 1e-3)
+    assert lsc.predicted_distortion(sens, bounds) == pytest.approx(1e-3, rel=1e-9)
+    # e^2 proportional to n / s: 100x the sensitivity at equal size -> a 10x tighter bound
+    assert bounds["a"] / bounds["b"] == pytest.approx(10.0)
+    assert bounds["c"] / bounds["a"] == pytest.approx(10.0)
+    assert bounds["default"] == 0.05
+    # one bound for all at the same predicted distortion costs more bits
+    uniform = math.sqrt(1e-3 / sum(s.per_error2 for s in sens.values()))
+    assert _rate(bounds, sens) < _rate({n: uniform for n in sens}, sens) - 100
+
+
+def test_insensitive_tensors_are_capped_and_the_rest_still_meet_the_target():
+    sens = {"dead": S(0.0, 1000), "a": S(1.0, 100), "b": S(4.0, 100)}
+    bounds = lsc.allocate_error_bounds(sens, 1e-3, max_bound=0.4)
+    assert bounds["dead"] == 0.4
+    assert lsc.predicted_distortion(sens, bounds) == pytest.approx(1e-3, rel=1e-9)
+    assert bounds["a"] == pytest.approx(2 * bounds["b"])
+    # a budget larger than everything at the cap: every tensor at the cap
+    loose = lsc.allocate_error_bounds(sens, 10.0, max_bound=0.4)
+    assert all(loose[n] == 0.4 for n in sens)
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(target=0.0), "target"), (dict(target=float("nan")), "target"),
+                                           (dict(target=1e-3, max_bound=0.0), "max_bound")])
+def test_allocation_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(lsc.LscError, match=match):
+        lsc.allocate_error_bounds({"a": S(1.0, 10)}, **kwargs)
+    with pytest.raises(lsc.LscError, match="empty"):
+        lsc.allocate_error_bounds({}, 1e-3)
+
+
+class TwoBranches(nn.Module):
+    """out = loud(x) + 0.01 * quiet(x): the quiet branch's weights barely reach the output."""
+
+    def __init__(self):
+        super().__init__()
+        self.loud = nn.Linear(64, 64)
+        self.quiet = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.loud(x) + 0.01 * self.quiet(x)
+
+
+def _mse_to(model, x):
+    with torch.no_grad():
+        ref = model(x).clone()
+
+    @torch.no_grad()
+    def distortion(m):
+        return float(((m(x) - ref) ** 2).mean() / ref.pow(2).mean())
+    return distortion
+
+
+def test_measure_sensitivity_ranks_tensors_and_restores_the_model():
+    torch.manual_seed(0)
+    model = TwoBranches()
+    x = torch.randn(256, 64)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.random.get_rng_state()
+    sens = lsc.measure_sensitivity(model, _mse_to(model, x), probe=0.05, progress=False)
+    assert set(sens) == {"loud.weight", "quiet.weight"}  # vectors are not probed
+    assert sens["loud.weight"].numel == 64 * 64
+    assert sens["loud.weight"].per_error2 > 1000 * sens["quiet.weight"].per_error2 > 0
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    # the small-error model: distortion per squared error hardly depends on the probe's size
+    again = lsc.measure_sensitivity(model, _mse_to(model, x), probe=0.02, progress=False)
+    assert again["loud.weight"].per_error2 == pytest.approx(sens["loud.weight"].per_error2, rel=0.25)
+
+
+def test_calibrated_bounds_give_a_smaller_file_at_the_same_distortion(tmp_path):
+    torch.manual_seed(0)
+    x = torch.randn(256, 64)
+    base = TwoBranches()
+    state = base.state_dict()
+    distortion = _mse_to(base, x)
+    sens = lsc.measure_sensitivity(base, distortion, progress=False)
+    target = 1e-3
+    bounds = lsc.allocate_error_bounds(sens, target)
+    uniform = math.sqrt(target / sum(s.per_error2 for s in sens.values()))
+    got = {}
+    for name, max_error in (("calibrated", bounds), ("uniform", uniform)):
+        model = TwoBranches()
+        model.load_state_dict(state)
+        res = lsc.compress_posttraining(model, max_error=max_error, path=tmp_path / f"{name}.lsc", progress=False)
+        decoded = lsc.load(tmp_path / f"{name}.lsc", TwoBranches())
+        got[name] = (res.file_bytes, distortion(decoded))
+        if name == "calibrated":  # each tensor got its own bound, by exact name
+            assert {t["name"]: t["bound"] for t in res.tensors if t["name"] in bounds} == \
+                {n: pytest.approx(bounds[n]) for n in sens}
+    assert got["calibrated"][0] < 0.8 * got["uniform"][0]
+    assert got["calibrated"][1] <= 2 * target and got["uniform"][1] <= 2 * target
+
+
+def test_measure_sensitivity_rejects_bad_input_and_restores_weights_on_failure():
+    model = TwoBranches()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lsc.LscError, match="probe"):
+        lsc.measure_sensitivity(model, lambda m: 0.0, probe=0.0)
+    calls = []
+
+    def nan_when_perturbed(m):
+        calls.append(1)
+        return 0.0 if len(calls) == 1 else float("nan")
+    with pytest.raises(lsc.LscError, match="loud.weight perturbed"):
+        lsc.measure_sensitivity(model, nan_when_perturbed, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    with pytest.raises(lsc.LscError, match="must return a number"):
+        lsc.measure_sensitivity(model, lambda m: "far", progress=False)
+    with pytest.raises(lsc.LscError, match="rank >= 2"):
+        lsc.measure_sensitivity(nn.LayerNorm(8), lambda m: 0.0, progress=False)
