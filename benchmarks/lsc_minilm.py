@@ -99,13 +99,23 @@ def distill(target_bytes: float, steps: int, *, n_heldout=256, log=print, keep_v
         log(f"  vocabulary: {int(seen.sum())} of {len(seen)} rows kept (tokens of the training verses); "
             f"{info['heldout_tokens_unseen']} held-out token types unseen")
     t_init = time.perf_counter()
+    if cfg.get("init_calibrated"):
+        # start from the calibrated post-training allocation instead: per-tensor bounds from measured
+        # sensitivities (1 - mean cosine on 128 training verses), for a predicted 1 - cos of init_calibrated
+        calib = train[:: max(1, len(train) // 128)][:128]
+        ref_c = embed(student, tok, calib, max_length=cfg["max_length"])
+        sens = lsc.measure_sensitivity(
+            student, lambda m: 1 - cosine_metrics(ref_c, embed(m, tok, calib, max_length=cfg["max_length"]))["mean_cos"],
+            progress=False)
+        bounds = lsc.allocate_error_bounds(sens, cfg["init_calibrated"])
     if cfg["init_max_error"] > 0:
         # start from lsc's post-training allocation (per-tensor bits meeting an error bound), then learn
         lsc.compress_posttraining(student, max_error=bounds, block_size=cfg["block_size"], progress=False)
         q_net = lsc.state.get_state(student).q_net
         for p in q_net.parameters():
             p.requires_grad_(True)
-        info["init"] = f"post-training max_error={cfg['init_max_error']}"
+        info["init"] = (f"post-training, calibrated 1-cos target={cfg['init_calibrated']}" if cfg.get("init_calibrated")
+                        else f"post-training max_error={cfg['init_max_error']}")
     else:
         q_net = lsc.spectral(student, block_size=cfg["block_size"], init_bits=cfg["init_bits"])
         info["init"] = f"init_bits={cfg['init_bits']}"

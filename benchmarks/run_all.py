@@ -57,18 +57,23 @@ FULL = dict(
     digits_grid=RB.DIGITS_GRID,
     digits_lsc=[(t, 3000) for t in (3000, 4000, 5000, 6000, 10000)],
     digits_pt=[0.05, 0.1, 0.2, 0.3, 0.4],
+    digits_cal=[(1e-4, 2), (3e-4, 2), (1e-3, 2), (3e-4, 1)],  # (KL target, passes)
     minilm_grid=RB.MINILM_GRID,
     minilm_lsc=[(4.5e6, 200, dict(scale_vocab_bound=False)), (10e6, 160, {}), (11.5e6, 120, dict(keep_vocab=True)),
-                (9e6, 200, dict(keep_vocab=True))],
+                (9e6, 200, dict(keep_vocab=True)), (9e6, 200, dict(keep_vocab=True, init_calibrated=0.011)),
+                (10e6, 200, dict(keep_vocab=True, init_calibrated=0.011))],
     minilm_pt=[0.05, 0.04, {"default": 0.05, "embeddings.*": 0.08}],
+    minilm_cal=[0.008, 0.01, 0.011, 0.0125],
 )
 QUICK = dict(
     digits_grid=dict(svd_eps=[0.1, 0.2], prune_fracs=[0.7, 0.9], qps=[-32, -26, -20]),
     digits_lsc=[(6000, 600)],
     digits_pt=[0.05],
+    digits_cal=[(3e-4, 2)],
     minilm_grid=RB.MINILM_QUICK,
     minilm_lsc=[(4.5e6, 30, {})],
     minilm_pt=[0.05],
+    minilm_cal=[0.01],
 )
 
 
@@ -105,7 +110,8 @@ class Cache:
 # ------------------------------------------------------------------ sections
 
 def digits_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
-    from benchmarks.bench_rate_accuracy import DIGITS_CONFIG, digits_lsc_point, digits_posttraining_point
+    from benchmarks.bench_rate_accuracy import (DIGITS_CONFIG, digits_calibrated_point, digits_lsc_point,
+                                                digits_posttraining_point)
     from lsc.zoo import evaluate, load_digits_split
     data = load_digits_split()
     base = RB.digits_model()
@@ -124,6 +130,13 @@ def digits_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
         rows.append(r)
         if not cached:
             log("  " + RB.format_row(r) + f"  ({steps} steps, {r['train_s']:.0f} s)")
+    for t, passes in plan.get("digits_cal", []):
+        r, cached = cache.get(f"digits-cal target={t} passes={passes}",
+                              lambda: digits_calibrated_point(base, t, passes=passes, data=data), log)
+        r["passes"] = r["accuracy"] >= bar
+        rows.append(r)
+        if not cached:
+            log("  " + RB.format_row(r))
     for e in plan["digits_pt"]:
         r, cached = cache.get(f"digits-pt max_error={e}", lambda: digits_posttraining_point(base, e, data=data), log)
         r["passes"] = r["accuracy"] >= bar
@@ -152,6 +165,46 @@ def minilm_posttraining_point(max_error: float, n_heldout=256, max_length=64) ->
                 passes=met["mean_cos"] >= RB.MINILM_MIN_COS, **met)
 
 
+CALIBRATION_VERSES = 128  # training verses (never held-out ones) on which sensitivities are measured
+_SENSITIVITY: dict = {}
+
+
+def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=None, corpus=None,
+                            n_calib=CALIBRATION_VERSES) -> dict:
+    """lsc post-training with calibrated bounds on MiniLM: per-tensor sensitivity (1 - mean cosine to the
+    original on ``n_calib`` training verses) -> ``allocate_error_bounds(target)`` -> compress_posttraining.
+    ``loader`` and ``corpus`` are replaceable, as in ``distill``, so the smoke test runs this on a tiny model."""
+    import lsc
+    from benchmarks.minilm import cosine_metrics, embed, kjv_split, load_minilm
+    from benchmarks.roundtrip import timed_file_round_trip
+    loader = loader or load_minilm
+    model, tok = loader()
+    n = sum(p.numel() for p in model.parameters())
+    train, held = corpus or kjv_split()
+    held = held[:n_heldout]
+    calib = train[:: max(1, len(train) // n_calib)][:n_calib]
+    ref = embed(model, tok, held, max_length=max_length)
+    t0 = time.perf_counter()
+    key = (loader, n_calib, max_length)
+    if key not in _SENSITIVITY:  # one measurement serves every target
+        ref_c = embed(model, tok, calib, max_length=max_length)
+        sens = lsc.measure_sensitivity(
+            model, lambda m: 1 - cosine_metrics(ref_c, embed(m, tok, calib, max_length=max_length))["mean_cos"],
+            progress=False)
+        _SENSITIVITY[key] = (sens, time.perf_counter() - t0)
+    sens, calib_s = _SENSITIVITY[key]
+    bounds = lsc.allocate_error_bounds(sens, target)
+    size, dec, enc_s, dec_s = timed_file_round_trip(
+        lambda path: lsc.compress_posttraining(model, max_error=bounds, path=path, progress=False),
+        lambda: loader()[0])
+    met = cosine_metrics(ref, embed(dec, tok, held, max_length=max_length))
+    return dict(model="minilm", method="lsc (post-training, calibrated)",
+                setting=f"1-cos target={target} ({n_calib} training verses)", bytes=size,
+                ratio=4 * n / size, bpp=8 * size / n, enc_s=enc_s, dec_s=dec_s, calib_s=calib_s,
+                predicted_cos=1 - lsc.predicted_distortion(sens, bounds),
+                passes=met["mean_cos"] >= RB.MINILM_MIN_COS, **met)
+
+
 def minilm_lsc_key(target, steps, over) -> str:
     from benchmarks.lsc_minilm import MINILM_CONFIG
     return f"minilm-lsc target={target} steps={steps} {json.dumps({**MINILM_CONFIG, **over}, sort_keys=True)}"
@@ -167,6 +220,11 @@ def minilm_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
         rows.append(r)
         if not cached:
             log("  " + RB.format_row(r))
+    for t in plan.get("minilm_cal", []):
+        r, cached = cache.get(f"minilm-cal target={t} verses={CALIBRATION_VERSES}", lambda: minilm_calibrated_point(t), log)
+        rows.append(r)
+        if not cached:
+            log("  " + RB.format_row(r) + f"  (sensitivity measured in {r['calib_s']:.0f} s)")
     for t, steps, over in plan["minilm_lsc"]:
         key = minilm_lsc_key(t, steps, over)
         if not cache.compute_training and not cache.has(key):
@@ -174,6 +232,8 @@ def minilm_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
             continue
         r, cached = cache.get(key, lambda: distill(t, steps, log=log, **over), log)
         r["setting"] += " (full vocab)" if over.get("keep_vocab") else " (KJV vocab)"
+        if over.get("init_calibrated"):
+            r["setting"] += f", calibrated start (1-cos {over['init_calibrated']})"
         rows.append(r)
         if not cached:
             log("  " + RB.format_row(r) + f"  ({steps} steps, {r['train_s']:.0f} s)")
@@ -221,7 +281,8 @@ def _table(rows, model) -> list[str]:
     out = [f"| method | setting | bytes | ratio vs fp32 | bits/param | {head} | encode s | decode s | train | passes |",
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---|:-:|"]
     for r in sorted(rows, key=lambda r: (r["method"], r["bytes"])):
-        train = f"{r['steps']} steps, {r['train_s']:.0f} s" if "steps" in r else "-"
+        train = (f"{r['steps']} steps, {r['train_s']:.0f} s" if "steps" in r else
+                 f"calibration {r['calib_s']:.0f} s" if "calib_s" in r else "-")
         out.append(f"| {r['method']} | {r['setting'] or '-'} | {r['bytes']:,} | {r['ratio']:.1f}x | {r['bpp']:.3f} | "
                    f"{_metric(r)} | {r['enc_s']:.2f} | {r['dec_s']:.2f} | {train} | {'yes' if r['passes'] else 'no'} |")
     return out
@@ -311,6 +372,7 @@ def headline(digits, minilm) -> list[str]:
         rows = sec["rows"]
         cells = []
         for label, prefix in (("lsc (fine-tuned)", "lsc (fine-tuned)"), ("lsc (post-training)", "lsc (post-training)"),
+                              ("lsc (post-training, calibrated)", "lsc (post-training, calibrated)"),
                               ("NNCodec", "nncodec"), ("int4+zstd", "int4+zstd"), ("int8+zstd", "int8+zstd")):
             r = _smallest(rows, prefix)
             cells.append(f"{label}: {_fmt_b(r['bytes'])} ({r['ratio']:.1f}x)" if r else f"{label}: none passes")
@@ -334,7 +396,9 @@ def write_report(digits, minilm, argv, total_s, path=ROOT / "BENCHMARKS.md",
     L += ["Compressors: fp32/fp16 + zstd-19; per-channel int8/int4 round-to-nearest + zstd-19; post-training truncated "
           "SVD (calibrated, per-layer error eps) + int8; global magnitude pruning + int8 + zstd; NNCodec 2.1.3 "
           "(MPEG NNC, DeepCABAC) sweeping qp; lsc fine-tuned at several size targets (`lsc.RateController`) and lsc "
-          "post-training (`lsc.compress_posttraining(max_error=...)`, no data). Bytes are the real encoded payload "
+          "post-training (`lsc.compress_posttraining(max_error=...)`, no data), also with calibrated per-tensor bounds "
+          "(`lsc.measure_sensitivity` + `lsc.allocate_error_bounds`; calibration data: the training images, or 128 training "
+          "verses, never the test or held-out set). Bytes are the real encoded payload "
           "(lsc: the `.lsc` file from `lsc.save`); every metric is computed on the weights decoded from those bytes. "
           "Encode/decode times are wall times on the shared machine.", ""]
     if digits:

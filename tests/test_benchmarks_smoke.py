@@ -29,7 +29,7 @@ ROW_KEYS = {"model", "method", "setting", "bytes", "ratio", "bpp", "enc_s", "dec
 def digits(tmp_path_factory):
     from benchmarks import run_all as RA
     plan = dict(digits_grid=dict(fixed=("int8+zstd", "int4+zstd"), svd_eps=[0.2], prune_fracs=[0.9], qps=[-20]),
-                digits_lsc=[(8000, 15)], digits_pt=[0.1])
+                digits_lsc=[(8000, 15)], digits_pt=[0.1], digits_cal=[(3e-4, 2)])
     cache = RA.Cache(tmp_path_factory.mktemp("cache"), fresh=False)
     include_nncodec = importlib.util.find_spec("nnc") is not None
     sec = RA.digits_section(plan, cache, include_nncodec=include_nncodec, log=lambda s: None)
@@ -39,12 +39,14 @@ def digits(tmp_path_factory):
 def test_digits_section_rows(digits):
     sec, _, _ = digits
     methods = {r["method"] for r in sec["rows"]}
-    assert {"int8+zstd", "int4+zstd", "lsc (fine-tuned)", "lsc (post-training)"} <= methods
+    assert {"int8+zstd", "int4+zstd", "lsc (fine-tuned)", "lsc (post-training)", "lsc (post-training, calibrated)"} <= methods
     for r in sec["rows"]:
         assert ROW_KEYS <= set(r), r
         assert r["bytes"] > 0 and 0.0 <= r["accuracy"] <= 1.0
     ft = next(r for r in sec["rows"] if r["method"] == "lsc (fine-tuned)")
     assert ft["steps"] == 15 and ft["train_s"] > 0
+    cal = next(r for r in sec["rows"] if r["method"] == "lsc (post-training, calibrated)")
+    assert cal["calib_s"] > 0 and "KL target=0.0003" in cal["setting"]
 
 
 def test_cache_reuses_points(digits):
@@ -84,6 +86,31 @@ def test_minilm_distill_tiny(tmp_path):
     assert again["bytes"] == row["bytes"] == path.stat().st_size
     assert again["mean_cos"] == pytest.approx(row["mean_cos"], abs=1e-6)
     assert again["min_cos"] == pytest.approx(row["min_cos"], abs=1e-6)
+
+
+def test_minilm_calibrated_point_tiny():
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from benchmarks import run_all as RA
+    from benchmarks.minilm import kjv_split, minilm_dir
+
+    tok = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
+    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+
+    def loader():
+        torch.manual_seed(0)
+        return BertModel(cfg, add_pooling_layer=False).eval(), tok
+
+    train, held = kjv_split()
+    rows = [RA.minilm_calibrated_point(t, n_heldout=8, max_length=16, loader=loader, corpus=(train[:64], held[:8]),
+                                       n_calib=8) for t in (1e-3, 1e-2)]
+    for row in rows:
+        assert ROW_KEYS <= set(row) and row["method"] == "lsc (post-training, calibrated)"
+        assert 0.0 < row["predicted_cos"] < 1.0 and -1.0 <= row["mean_cos"] <= 1.0 + 1e-6
+    # a looser output budget gives a smaller file
+    assert rows[1]["bytes"] < rows[0]["bytes"]
 
 
 def test_report_and_plots(digits, tmp_path):

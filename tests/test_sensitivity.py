@@ -127,3 +127,19 @@ def test_measure_sensitivity_rejects_bad_input_and_restores_weights_on_failure()
         lsc.measure_sensitivity(model, lambda m: "far", progress=False)
     with pytest.raises(lsc.LscError, match="rank >= 2"):
         lsc.measure_sensitivity(nn.LayerNorm(8), lambda m: 0.0, progress=False)
+
+
+def test_probe_per_tensor_from_a_bounds_dict():
+    torch.manual_seed(0)
+    model = TwoBranches()
+    d = _mse_to(model, torch.randn(64, 64))
+    small = lsc.measure_sensitivity(model, d, probe=0.02, progress=False)
+    large = lsc.measure_sensitivity(model, d, probe=0.3, progress=False)
+    mixed = lsc.measure_sensitivity(model, d, probe={"loud.weight": 0.02, "default": 0.3}, progress=False)
+    assert mixed["loud.weight"] == small["loud.weight"] and mixed["quiet.weight"] == large["quiet.weight"]
+    # the second pass of the recipe: probing at the allocated bounds
+    bounds = lsc.allocate_error_bounds(small, 1e-3)
+    again = lsc.measure_sensitivity(model, d, probe=bounds, progress=False)
+    assert set(again) == set(small)
+    with pytest.raises(lsc.LscError, match="quiet.weight"):
+        lsc.measure_sensitivity(model, d, probe={"quiet.weight": 1.5}, progress=False)

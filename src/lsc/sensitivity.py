@@ -55,7 +55,7 @@ def _distortion(fn: Callable[[nn.Module], float], model: nn.Module, what: str) -
 
 
 @torch.no_grad()
-def measure_sensitivity(model: nn.Module, distortion: Callable[[nn.Module], float], *, probe: float = 0.05,
+def measure_sensitivity(model: nn.Module, distortion: Callable[[nn.Module], float], *, probe=0.05,
                         include=None, exclude=None, seed: int = 0,
                         progress: bool | None = None) -> dict[str, TensorSensitivity]:
     """Sensitivity of ``distortion(model)`` to a relative error in each tensor of rank >= 2.
@@ -67,12 +67,22 @@ def measure_sensitivity(model: nn.Module, distortion: Callable[[nn.Module], floa
     when ``distortion`` raises. ``include`` / ``exclude`` select tensors as in
     :func:`lsc.spectral`. Noise comes from a private generator (``seed``): the global
     random state is not touched.
+
+    ``probe`` is the relative norm of the noise: one number, or a ``{name: bound}`` dict such
+    as the result of :func:`allocate_error_bounds`. Probing each tensor at the error it
+    will get measures its sensitivity where it matters: the distortion grows faster than
+    ``e**2`` at large errors, so a second pass, ``measure_sensitivity(model, distortion,
+    probe=bounds)`` then ``allocate_error_bounds`` again, corrects over-generous bounds.
     """
-    if not (0 < probe <= 1):
-        raise LscError(f"probe={probe} must be in (0, 1]: the relative norm of the noise added to each tensor")
     chosen = [(name, p) for name, _, _, p, _ in selected_parameters(model, include, exclude) if p.dim() >= 2]
     if not chosen:
         raise LscError("no floating-point tensors of rank >= 2 selected: nothing to measure (check include/exclude)")
+    probes = {}
+    for name, _ in chosen:
+        e = probe.get(name, probe.get("default", 0.05)) if isinstance(probe, Mapping) else probe
+        if not (isinstance(e, (int, float)) and 0 < e <= 1):
+            raise LscError(f"probe={e!r} for {name} must be in (0, 1]: the relative norm of the noise added to it")
+        probes[name] = float(e)
     base = _distortion(distortion, model, "the model as it is")
     gen = torch.Generator().manual_seed(int(seed))
     out = {}
@@ -80,13 +90,13 @@ def measure_sensitivity(model: nn.Module, distortion: Callable[[nn.Module], floa
         original = p.detach().clone()
         noise = torch.randn(p.shape, generator=gen, dtype=torch.float32).to(device=p.device)
         norm = float(noise.norm())
-        scale = probe * float(original.float().norm()) / max(norm, 1e-30)
+        scale = probes[name] * float(original.float().norm()) / max(norm, 1e-30)
         try:
             p.add_((noise * scale).to(p.dtype))
             d = _distortion(distortion, model, f"with {name} perturbed")
         finally:
             p.copy_(original)
-        out[name] = TensorSensitivity(max(d - base, 0.0) / probe ** 2, p.numel())
+        out[name] = TensorSensitivity(max(d - base, 0.0) / probes[name] ** 2, p.numel())
     return out
 
 
