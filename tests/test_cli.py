@@ -209,3 +209,28 @@ def test_interrupted_decompress_keeps_the_old_checkpoint(tmp_path, monkeypatch):
         write_checkpoint({"w": torch.zeros(5)}, out)
     assert out.read_bytes() == old
     assert os.listdir(tmp_path) == ["dense.safetensors"]
+
+
+def test_compress_with_a_bounds_file(files, tmp_path, capsys):
+    import json
+
+    from lsc.cli import main
+    d, sd = files
+    names = [k for k, v in sd.items() if v.dim() >= 2]
+    bounds = {names[0]: 0.01, names[1]: 0.3, "default": 0.05}
+    path = tmp_path / "bounds.json"
+    path.write_text(json.dumps(bounds))
+    assert main(["compress", str(d / "cnn.pt"), "-o", str(tmp_path / "b.lsc"), "--bounds", str(path)]) == 0
+    assert f"--bounds {path} (2 tensors)" in capsys.readouterr().out
+    dec = lsc.load(tmp_path / "b.lsc")
+    for k, v in sd.items():
+        err = float(torch.linalg.vector_norm(dec[k] - v) / torch.linalg.vector_norm(v))
+        assert err <= (bounds[k] if k in bounds else 0.05) + 1e-9
+    assert float(torch.linalg.vector_norm(dec[names[1]] - sd[names[1]]) / torch.linalg.vector_norm(sd[names[1]])) > 0.05
+    # bad files: one clear line, nothing written
+    for text, needle in (("[1, 2]", "JSON object"), ("{", "not a readable JSON"), ('{"a": -1}', "finite number >= 0"),
+                         ('{"a": true}', "finite number >= 0")):
+        path.write_text(text)
+        assert main(["compress", str(d / "cnn.pt"), "-o", str(tmp_path / "bad.lsc"), "--bounds", str(path)]) != 0
+        assert needle in capsys.readouterr().err
+        assert not (tmp_path / "bad.lsc").exists()

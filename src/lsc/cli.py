@@ -97,7 +97,10 @@ def cmd_compress(args) -> int:
     src = _check_input(args.checkpoint, "checkpoint file")
     if args.bits is not None and args.max_error:
         raise CliError("give either --bits or --max-error, not both")
-    max_error = None if args.bits is not None else _parse_max_error(args.max_error or [])
+    if args.bounds:
+        max_error = _read_bounds(_check_input(args.bounds, "bounds file"))
+    else:
+        max_error = None if args.bits is not None else _parse_max_error(args.max_error or [])
     out = _check_output(args.output or str(src.with_suffix(".lsc")), [src])
     t0 = time.perf_counter()
     sd = load_checkpoint(src)
@@ -105,7 +108,8 @@ def cmd_compress(args) -> int:
     n_float = sum(t.numel() for t in sd.values() if t.is_floating_point())
     fp32 = sum(4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size() for t in sd.values())
     _out(args, f"{src}: {len(sd)} tensors, {n_float:,} float weights ({fmt_bytes(fp32)} as fp32)")
-    rule = f"--bits {args.bits:g}" if args.bits is not None else "--max-error " + _describe(max_error)
+    rule = (f"--bits {args.bits:g}" if args.bits is not None else f"--bounds {args.bounds} ({len(max_error) - 1} tensors)"
+            if args.bounds else "--max-error " + _describe(max_error))
     res = compress_posttraining(sd, bits=args.bits, max_error=max_error, path=out, block_size=args.block_size,
                                 exclude=args.exclude or None, min_bits=args.min_bits, max_bits=args.max_bits,
                                 max_error_1d=args.max_error_1d, progress=_progress_flag(args))
@@ -142,6 +146,21 @@ def _parse_max_error(values: list[str]):
         else:
             default = e
     return {**overrides, "default": default} if overrides else default
+
+
+def _read_bounds(path: Path) -> dict:
+    """A JSON object ``{name: bound, ..., "default": bound}`` (``json.dump(lsc.allocate_error_bounds(...))``)."""
+    import json
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CliError(f"--bounds {path}: not a readable JSON file ({e})") from None
+    if not isinstance(data, dict) or not data:
+        raise CliError(f"--bounds {path}: expected a JSON object {{tensor name: bound}}")
+    for name, e in data.items():
+        if isinstance(e, bool) or not isinstance(e, (int, float)) or not (e >= 0 and math.isfinite(e)):
+            raise CliError(f"--bounds {path}: the bound of {name!r} must be a finite number >= 0, got {e!r}")
+    return {**{k: float(v) for k, v in data.items()}, "default": float(data.get("default", DEFAULT_MAX_ERROR))}
 
 
 def _describe(max_error) -> str:
@@ -293,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-error", action="append", metavar="E|GLOB=E",
                    help="per-tensor bound on ||W-W^||/||W||, bits found by binary search (default "
                         f"{DEFAULT_MAX_ERROR}); repeat as GLOB=E to give matching tensors their own bound")
+    g.add_argument("--bounds", metavar="JSON",
+                   help="per-tensor bounds from a JSON object {name: E, ..., \"default\": E}, e.g. saved from "
+                        "lsc.allocate_error_bounds (calibrated on your data in Python)")
     c.add_argument("--max-error-1d", type=float, default=None, metavar="E1",
                    help="bound for biases and norm scales (1-D tensors; default: max-error / 20)")
     c.add_argument("--block-size", type=int, default=8, help="DCT block edge per dimension (default 8)")
