@@ -61,7 +61,8 @@ FULL = dict(
     minilm_grid=RB.MINILM_GRID,
     minilm_lsc=[(4.5e6, 200, dict(scale_vocab_bound=False)), (10e6, 160, {}), (11.5e6, 120, dict(keep_vocab=True)),
                 (9e6, 200, dict(keep_vocab=True)), (9e6, 200, dict(keep_vocab=True, init_calibrated=0.011)),
-                (10e6, 200, dict(keep_vocab=True, init_calibrated=0.011))],
+                (10e6, 200, dict(keep_vocab=True, init_calibrated=0.011)),
+                (9.5e6, 200, dict(keep_vocab=True, init_calibrated=0.011, lr=2e-4))],
     minilm_pt=[0.05, 0.04, {"default": 0.05, "embeddings.*": 0.08}],
     minilm_cal=[0.008, 0.01, 0.011, 0.0125],
 )
@@ -234,6 +235,8 @@ def minilm_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
         r["setting"] += " (full vocab)" if over.get("keep_vocab") else " (KJV vocab)"
         if over.get("init_calibrated"):
             r["setting"] += f", calibrated start (1-cos {over['init_calibrated']})"
+        if "lr" in over:
+            r["setting"] += f", lr {over['lr']:g}"
         rows.append(r)
         if not cached:
             log("  " + RB.format_row(r) + f"  ({steps} steps, {r['train_s']:.0f} s)")
