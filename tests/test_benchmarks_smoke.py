@@ -59,13 +59,13 @@ def test_cache_reuses_points(digits):
     assert [r["bytes"] for r in again["rows"]] == [r["bytes"] for r in sec["rows"]]
 
 
-def test_minilm_distill_tiny(tmp_path):
+@pytest.fixture(scope="module")
+def tiny_bert():
+    """(loader, corpus): a 1-layer BERT with MiniLM's tokenizer, and KJV (train, held-out) verses."""
     pytest.importorskip("transformers")
-    from transformers import BertConfig, BertModel
+    from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from benchmarks.lsc_minilm import distill, score_file
     from benchmarks.minilm import kjv_split, minilm_dir
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
     cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
@@ -74,8 +74,12 @@ def test_minilm_distill_tiny(tmp_path):
     def loader():
         torch.manual_seed(0)
         return BertModel(cfg, add_pooling_layer=False).eval(), tok
+    return loader, kjv_split()
 
-    train, held = kjv_split()
+
+def test_minilm_distill_tiny(tmp_path, tiny_bert):
+    from benchmarks.lsc_minilm import distill, score_file
+    loader, (train, held) = tiny_bert
     path = tmp_path / "tiny.lsc"
     row = distill(60_000, 3, n_heldout=8, log=lambda s: None, loader=loader, corpus=(train[:48], held[:8]),
                   batch_size=4, max_length=16, init_max_error=0.1, save=path)
@@ -88,22 +92,9 @@ def test_minilm_distill_tiny(tmp_path):
     assert again["min_cos"] == pytest.approx(row["min_cos"], abs=1e-6)
 
 
-def test_minilm_calibrated_point_tiny():
-    pytest.importorskip("transformers")
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
+def test_minilm_calibrated_point_tiny(tiny_bert):
     from benchmarks import run_all as RA
-    from benchmarks.minilm import kjv_split, minilm_dir
-
-    tok = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, max_position_embeddings=64)
-
-    def loader():
-        torch.manual_seed(0)
-        return BertModel(cfg, add_pooling_layer=False).eval(), tok
-
-    train, held = kjv_split()
+    loader, (train, held) = tiny_bert
     rows = [RA.minilm_calibrated_point(t, n_heldout=8, max_length=16, loader=loader, corpus=(train[:64], held[:8]),
                                        n_calib=8) for t in (1e-3, 1e-2)]
     for row in rows:
