@@ -127,6 +127,11 @@ def test_measure_sensitivity_rejects_bad_input_and_restores_weights_on_failure()
         lsc.measure_sensitivity(model, lambda m: "far", progress=False)
     with pytest.raises(lsc.LscError, match="rank >= 2"):
         lsc.measure_sensitivity(nn.LayerNorm(8), lambda m: 0.0, progress=False)
+    with pytest.raises(lsc.LscError, match="probe"):
+        lsc.measure_sensitivity(model, lambda m: 0.0, probe={"default": True}, progress=False)
+    lsc.spectral(model)
+    with pytest.raises(lsc.LscError, match="already a spectral model"):
+        lsc.measure_sensitivity(model, lambda m: 0.0, progress=False)
 
 
 def test_probe_per_tensor_from_a_bounds_dict():

@@ -63,7 +63,7 @@ def measure_sensitivity(model: nn.Module, distortion: Callable[[nn.Module], floa
     ``distortion(model) -> float`` measures how far the model's output is from the
     original's on calibration data (e.g. 1 - mean cosine to the original embeddings, or
     the KL divergence to the original logits); it is called once on the model as it is
-    and once per probed tensor. Each tensor is restored bit for bit after its probe, also
+    and once per probed tensor (under ``torch.no_grad``). Each tensor is restored bit for bit after its probe, also
     when ``distortion`` raises. ``include`` / ``exclude`` select tensors as in
     :func:`lsc.spectral`. Noise comes from a private generator (``seed``): the global
     random state is not touched.
@@ -74,13 +74,16 @@ def measure_sensitivity(model: nn.Module, distortion: Callable[[nn.Module], floa
     ``e**2`` at large errors, so a second pass, ``measure_sensitivity(model, distortion,
     probe=bounds)`` then ``allocate_error_bounds`` again, corrects over-generous bounds.
     """
+    if getattr(model, "_lsc", None) is not None:
+        raise LscError("model is already a spectral model: measure the sensitivity of the original model, "
+                       "then compress it with compress_posttraining(model, max_error=bounds)")
     chosen = [(name, p) for name, _, _, p, _ in selected_parameters(model, include, exclude) if p.dim() >= 2]
     if not chosen:
         raise LscError("no floating-point tensors of rank >= 2 selected: nothing to measure (check include/exclude)")
     probes = {}
     for name, _ in chosen:
         e = probe.get(name, probe.get("default", 0.05)) if isinstance(probe, Mapping) else probe
-        if not (isinstance(e, (int, float)) and 0 < e <= 1):
+        if isinstance(e, bool) or not (isinstance(e, (int, float)) and 0 < e <= 1):
             raise LscError(f"probe={e!r} for {name} must be in (0, 1]: the relative norm of the noise added to it")
         probes[name] = float(e)
     base = _distortion(distortion, model, "the model as it is")
