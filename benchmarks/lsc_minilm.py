@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import fnmatch
 import json
 import os
 import shutil
@@ -120,7 +121,12 @@ def distill(target_bytes: float, steps: int, *, n_heldout=256, log=print, keep_v
         q_net = lsc.spectral(student, block_size=cfg["block_size"], init_bits=cfg["init_bits"])
         info["init"] = f"init_bits={cfg['init_bits']}"
     info["init_s"] = time.perf_counter() - t_init
-    coeffs = [p for _, p in student.named_parameters()]
+    # ``freeze``: glob patterns of parameters kept as they are (their bits still learn through q_net)
+    frozen = {name for name, _ in student.named_parameters()
+              if any(fnmatch.fnmatch(name, g) for g in cfg.get("freeze", ()))}
+    coeffs = [p for name, p in student.named_parameters() if name not in frozen]
+    for name, p in student.named_parameters():
+        p.requires_grad_(name not in frozen)
     opt = torch.optim.Adam([dict(params=coeffs, lr=cfg["lr"]), dict(params=list(q_net.parameters()), lr=cfg["qnet_lr"])])
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[cfg["lr"], cfg["qnet_lr"]], total_steps=steps,
                                                 pct_start=0.1, div_factor=10, final_div_factor=10)

@@ -62,7 +62,8 @@ FULL = dict(
     minilm_lsc=[(4.5e6, 200, dict(scale_vocab_bound=False)), (10e6, 160, {}), (11.5e6, 120, dict(keep_vocab=True)),
                 (9e6, 200, dict(keep_vocab=True)), (9e6, 200, dict(keep_vocab=True, init_calibrated=0.011)),
                 (10e6, 200, dict(keep_vocab=True, init_calibrated=0.011)),
-                (9.5e6, 200, dict(keep_vocab=True, init_calibrated=0.011, lr=2e-4))],
+                (9.5e6, 200, dict(keep_vocab=True, init_calibrated=0.011, lr=2e-4)),
+                (9.5e6, 200, dict(keep_vocab=True, init_calibrated=0.011, freeze=["embeddings.word_embeddings.*"]))],
     minilm_pt=[0.05, 0.04, {"default": 0.05, "embeddings.*": 0.08}],
     minilm_cal=[0.008, 0.01, 0.011, 0.0125],
 )
@@ -237,6 +238,8 @@ def minilm_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
             r["setting"] += f", calibrated start (1-cos {over['init_calibrated']})"
         if "lr" in over:
             r["setting"] += f", lr {over['lr']:g}"
+        if over.get("freeze"):
+            r["setting"] += ", frozen: " + " ".join(over["freeze"])
         rows.append(r)
         if not cached:
             log("  " + RB.format_row(r) + f"  ({steps} steps, {r['train_s']:.0f} s)")
