@@ -148,3 +148,34 @@ def test_probe_per_tensor_from_a_bounds_dict():
     assert set(again) == set(small)
     with pytest.raises(lsc.LscError, match="quiet.weight"):
         lsc.measure_sensitivity(model, d, probe={"quiet.weight": 1.5}, progress=False)
+
+
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16)
+        self.mid = nn.Linear(16, 16)
+        self.out = nn.Linear(16, 50, bias=False)
+        self.out.weight = self.emb.weight
+
+    def forward(self, ids):
+        return self.out(torch.tanh(self.mid(self.emb(ids))))
+
+
+def test_tied_and_half_precision_tensors_are_probed_once_and_restored():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 50, (32, 8))
+    for dtype in (torch.float32, torch.float16):
+        model = Tied().to(dtype)
+        with torch.no_grad():
+            ref = model(ids).float()
+
+        @torch.no_grad()
+        def d(m):
+            return float(((m(ids).float() - ref) ** 2).mean())
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        sens = lsc.measure_sensitivity(model, d, progress=False)
+        assert set(sens) == {"emb.weight", "mid.weight"}  # the tied copy is one tensor
+        assert all(s.per_error2 > 0 for s in sens.values())
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+        assert model.out.weight is model.emb.weight
