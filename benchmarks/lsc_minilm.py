@@ -100,6 +100,7 @@ def distill(target_bytes: float, steps: int, *, n_heldout=256, log=print, keep_v
         log(f"  vocabulary: {int(seen.sum())} of {len(seen)} rows kept (tokens of the training verses); "
             f"{info['heldout_tokens_unseen']} held-out token types unseen")
     t_init = time.perf_counter()
+    sens = None
     if cfg.get("init_calibrated"):
         # start from the calibrated post-training allocation instead: per-tensor bounds from measured
         # sensitivities (1 - mean cosine on 128 training verses), for a predicted 1 - cos of init_calibrated
@@ -159,7 +160,8 @@ def distill(target_bytes: float, steps: int, *, n_heldout=256, log=print, keep_v
             log(f"  step {step:4d}  cos {float(cos.detach().mean()):.4f}  predicted {ctrl.predicted_bytes() / 1e6:.3f} MB  "
                 f"lambda {ctrl.weight:.3g}  {time.perf_counter() - t0:.0f}s")
     student.eval()
-    ctrl.finalize()
+    # finalize_sensitivity: the last cut follows the measured sensitivities instead of one shift for all
+    ctrl.finalize(sensitivity=sens if cfg.get("finalize_sensitivity") else None)
     train_s = time.perf_counter() - t0
 
     def write(path):

@@ -175,37 +175,75 @@ class RateController:
 
     # -- landing on target
     @torch.no_grad()
-    def _shift(self, delta_bits: float) -> None:
+    def _shift(self, delta_bits) -> None:
+        """Add ``delta_bits`` (a number, or one value per tensor id) to every tensor's bit allocation."""
         q = self.state.q_net
-        q.tensor_offset.add_(delta_bits / q.bits_scale)
+        q.tensor_offset.add_(torch.as_tensor(delta_bits, dtype=q.tensor_offset.dtype, device=q.tensor_offset.device)
+                             / q.bits_scale)
 
     @torch.no_grad()
-    def finalize(self, measure: Callable[[nn.Module], float] | None = None, *, max_iter: int = 40,
-                 search_bits: float = 12.0) -> float:
-        """Shift all bit allocations by one common amount until the size is within tolerance.
+    def _sensitivity_offsets(self, sensitivity) -> torch.Tensor:
+        """Per tensor id, bits to add so that the small-error model's marginal distortion per bit is equal.
 
-        Leaves the model alone if it already is within half the tolerance. ``measure``
-        (``model -> bytes``) replaces the prediction, e.g. ``lambda m: len(lsc.compress(m))``.
-        Returns the final relative size error.
+        With relative error ``e_t`` now and distortion ``s_t * e_t**2 * 4**(-d_t)`` after adding
+        ``d_t`` bits (``n_t * d_t`` bits of file), the cheapest distortion for a size change has
+        ``d_t = k + log2(s_t * e_t**2 / n_t) / 2``; the offsets are centred so that they cost no
+        bits (sum of ``n_t * d_t`` zero), and ``k`` is found by :meth:`finalize`'s bisection.
+        Tensors without a measured sensitivity get ``k`` alone.
+        """
+        q = self.state.q_net
+        out = torch.zeros_like(q.tensor_offset, dtype=torch.float64)
+        got = []
+        for entry in self.state.entries:
+            s = sensitivity.get(entry.name)
+            if s is None or s.per_error2 <= 0:
+                continue
+            par, coeffs = entry.parts()
+            c = coeffs.detach().to(par.mean.dtype)
+            ints, exps = par.integer_state(c)
+            step = par.step(exps)
+            residual = float((ints.to(c.dtype) * step - c).norm()) * float(par.std)
+            norm = math.sqrt(float(par.std) ** 2 * float(c.norm()) ** 2 + par.layout.numel * float(par.mean) ** 2)
+            e = max(residual / max(norm, 1e-30), 1e-12)
+            got.append((par.tensor_id, par.layout.numel, 0.5 * math.log2(s.per_error2 * e * e / par.layout.numel)))
+        if got:
+            centre = sum(n * o for _, n, o in got) / sum(n for _, n, _ in got)
+            for tid, _, o in got:
+                out[tid] = o - centre
+        return out
+
+    @torch.no_grad()
+    def finalize(self, measure: Callable[[nn.Module], float] | None = None, *, sensitivity=None, max_iter: int = 40,
+                 search_bits: float = 12.0) -> float:
+        """Shift the bit allocations until the size is within tolerance.
+
+        Without ``sensitivity`` every tensor is shifted by one common amount. With
+        ``sensitivity`` (from :func:`lsc.measure_sensitivity` on the original model), each
+        tensor is first moved to where its distortion per bit matches the others' (see
+        :meth:`_sensitivity_offsets`), then all are shifted together: a cut lands where the
+        output cares least. Leaves the model alone if it already is within half the
+        tolerance. ``measure`` (``model -> bytes``) replaces the prediction, e.g.
+        ``lambda m: len(lsc.compress(m))``. Returns the final relative size error.
         """
         err = self.relative_error(measure)
         if abs(err) <= self.tolerance / 2:
             return err
+        offsets = self._sensitivity_offsets(sensitivity) if sensitivity else 0.0
         lo, hi = -search_bits, search_bits  # size grows with the shift
         applied = 0.0
-        best = (abs(err), 0.0, err)
+        best = (abs(err), None, err)
         for _ in range(max_iter):
             mid = (lo + hi) / 2
-            self._shift(mid - applied)
-            applied = mid
+            self._shift(offsets + mid - applied)
+            applied = offsets + mid
             err = self.relative_error(measure)
             if abs(err) < best[0]:
-                best = (abs(err), mid, err)
+                best = (abs(err), offsets + mid, err)
             if abs(err) <= self.tolerance / 4:
                 break
             if err > 0:
                 hi = mid
             else:
                 lo = mid
-        self._shift(best[1] - applied)
+        self._shift((best[1] if best[1] is not None else 0.0) - applied)
         return best[2]
