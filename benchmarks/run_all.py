@@ -63,7 +63,8 @@ FULL = dict(
                 (9e6, 200, dict(keep_vocab=True)), (9e6, 200, dict(keep_vocab=True, init_calibrated=0.011)),
                 (10e6, 200, dict(keep_vocab=True, init_calibrated=0.011)),
                 (9.5e6, 200, dict(keep_vocab=True, init_calibrated=0.011, lr=2e-4)),
-                (9.5e6, 200, dict(keep_vocab=True, init_calibrated=0.011, freeze=["embeddings.word_embeddings.*"]))],
+                (9.5e6, 200, dict(keep_vocab=True, init_calibrated=0.011, freeze=["embeddings.word_embeddings.*"])),
+                (9.5e6, 200, dict(keep_vocab=True, init_calibrated=0.011, lr=2e-4, finalize_sensitivity=True))],
     minilm_pt=[0.05, 0.04, {"default": 0.05, "embeddings.*": 0.08}],
     minilm_cal=[0.008, 0.01, 0.011, 0.0125],
 )
@@ -238,6 +239,8 @@ def minilm_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
             r["setting"] += f", calibrated start (1-cos {over['init_calibrated']})"
         if "lr" in over:
             r["setting"] += f", lr {over['lr']:g}"
+        if over.get("finalize_sensitivity"):
+            r["setting"] += ", sensitivity-aware final cut"
         if over.get("freeze"):
             r["setting"] += ", frozen: " + " ".join(over["freeze"])
         rows.append(r)
