@@ -61,6 +61,17 @@ def train_vocab(tok, train, max_length=64) -> torch.Tensor:
     return seen
 
 
+CALIBRATION_VERSES = 128  # training verses (never held-out ones) on which sensitivities are measured
+
+
+def calibration_sensitivity(model, tok, train, max_length=64, n_calib=CALIBRATION_VERSES) -> dict:
+    """``lsc.measure_sensitivity`` of 1 - mean cosine to ``model``'s own embeddings of ``n_calib`` training verses."""
+    calib = train[:: max(1, len(train) // n_calib)][:n_calib]
+    ref = embed(model, tok, calib, max_length=max_length)
+    return lsc.measure_sensitivity(
+        model, lambda m: 1 - cosine_metrics(ref, embed(m, tok, calib, max_length=max_length))["mean_cos"], progress=False)
+
+
 def _pool(hidden, mask):
     m = mask.unsqueeze(-1).to(hidden.dtype)
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
@@ -104,11 +115,7 @@ def distill(target_bytes: float, steps: int, *, n_heldout=256, log=print, keep_v
     if cfg.get("init_calibrated"):
         # start from the calibrated post-training allocation instead: per-tensor bounds from measured
         # sensitivities (1 - mean cosine on 128 training verses), for a predicted 1 - cos of init_calibrated
-        calib = train[:: max(1, len(train) // 128)][:128]
-        ref_c = embed(student, tok, calib, max_length=cfg["max_length"])
-        sens = lsc.measure_sensitivity(
-            student, lambda m: 1 - cosine_metrics(ref_c, embed(m, tok, calib, max_length=cfg["max_length"]))["mean_cos"],
-            progress=False)
+        sens = calibration_sensitivity(student, tok, train, cfg["max_length"])
         bounds = lsc.allocate_error_bounds(sens, cfg["init_calibrated"])
     if cfg["init_max_error"] > 0:
         # start from lsc's post-training allocation (per-tensor bits meeting an error bound), then learn
