@@ -151,23 +151,37 @@ def digits_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
     return dict(rows=rows, ref=ref, n=sum(p.numel() for p in base.parameters()), seconds=time.perf_counter() - t0)
 
 
-def minilm_posttraining_point(max_error: float, n_heldout=256, max_length=64) -> dict:
-    """lsc post-training (no data) on MiniLM: compress_posttraining + save + load + held-out cosine."""
+def _minilm_posttraining_row(max_error, method: str, setting: str, n_heldout=256, max_length=64, loader=None,
+                             corpus=None, calibrate=None) -> dict:
+    """compress_posttraining(max_error) on MiniLM + save + load + held-out cosine, as one table row.
+
+    ``max_error`` may be a callable ``(sensitivity) -> bounds`` with ``calibrate(model, tok, train)
+    -> (sensitivity, seconds)``; ``loader`` and ``corpus`` are replaceable, as in ``distill``."""
     import lsc
     from benchmarks.minilm import cosine_metrics, embed, kjv_split, load_minilm
     from benchmarks.roundtrip import timed_file_round_trip
-    model, tok = load_minilm()
+    loader = loader or load_minilm
+    model, tok = loader()
     n = sum(p.numel() for p in model.parameters())
-    _, held = kjv_split()
+    train, held = corpus or kjv_split()
     held = held[:n_heldout]
     ref = embed(model, tok, held, max_length=max_length)
+    extra = {}
+    if calibrate is not None:
+        sens, extra["calib_s"] = calibrate(model, tok, train)
+        max_error = max_error(sens)
+        extra["predicted_cos"] = 1 - lsc.predicted_distortion(sens, max_error)
     size, dec, enc_s, dec_s = timed_file_round_trip(
         lambda path: lsc.compress_posttraining(model, max_error=max_error, path=path, progress=False),
-        lambda: load_minilm()[0])
+        lambda: loader()[0])
     met = cosine_metrics(ref, embed(dec, tok, held, max_length=max_length))
-    return dict(model="minilm", method="lsc (post-training)", setting=f"max_error={max_error}", bytes=size,
-                ratio=4 * n / size, bpp=8 * size / n, enc_s=enc_s, dec_s=dec_s,
-                passes=met["mean_cos"] >= RB.MINILM_MIN_COS, **met)
+    return dict(model="minilm", method=method, setting=setting, bytes=size, ratio=4 * n / size, bpp=8 * size / n,
+                enc_s=enc_s, dec_s=dec_s, **extra, passes=met["mean_cos"] >= RB.MINILM_MIN_COS, **met)
+
+
+def minilm_posttraining_point(max_error: float, n_heldout=256, max_length=64) -> dict:
+    """lsc post-training (no data) on MiniLM: compress_posttraining + save + load + held-out cosine."""
+    return _minilm_posttraining_row(max_error, "lsc (post-training)", f"max_error={max_error}", n_heldout, max_length)
 
 
 _SENSITIVITY: dict = {}
@@ -180,30 +194,17 @@ def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=
     ``loader`` and ``corpus`` are replaceable, as in ``distill``, so the smoke test runs this on a tiny model."""
     import lsc
     from benchmarks.lsc_minilm import CALIBRATION_VERSES, calibration_sensitivity
-    from benchmarks.minilm import cosine_metrics, embed, kjv_split, load_minilm
-    from benchmarks.roundtrip import timed_file_round_trip
-    loader = loader or load_minilm
     n_calib = n_calib or CALIBRATION_VERSES
-    model, tok = loader()
-    n = sum(p.numel() for p in model.parameters())
-    train, held = corpus or kjv_split()
-    held = held[:n_heldout]
-    ref = embed(model, tok, held, max_length=max_length)
-    t0 = time.perf_counter()
-    key = (loader, n_calib, max_length)
-    if key not in _SENSITIVITY:  # one measurement serves every target
-        _SENSITIVITY[key] = (calibration_sensitivity(model, tok, train, max_length, n_calib), time.perf_counter() - t0)
-    sens, calib_s = _SENSITIVITY[key]
-    bounds = lsc.allocate_error_bounds(sens, target)
-    size, dec, enc_s, dec_s = timed_file_round_trip(
-        lambda path: lsc.compress_posttraining(model, max_error=bounds, path=path, progress=False),
-        lambda: loader()[0])
-    met = cosine_metrics(ref, embed(dec, tok, held, max_length=max_length))
-    return dict(model="minilm", method="lsc (post-training, calibrated)",
-                setting=f"1-cos target={target} ({n_calib} training verses)", bytes=size,
-                ratio=4 * n / size, bpp=8 * size / n, enc_s=enc_s, dec_s=dec_s, calib_s=calib_s,
-                predicted_cos=1 - lsc.predicted_distortion(sens, bounds),
-                passes=met["mean_cos"] >= RB.MINILM_MIN_COS, **met)
+
+    def calibrate(model, tok, train):
+        key = (loader, n_calib, max_length)
+        if key not in _SENSITIVITY:  # one measurement serves every target
+            t0 = time.perf_counter()
+            _SENSITIVITY[key] = (calibration_sensitivity(model, tok, train, max_length, n_calib), time.perf_counter() - t0)
+        return _SENSITIVITY[key]
+    return _minilm_posttraining_row(lambda sens: lsc.allocate_error_bounds(sens, target),
+                                    "lsc (post-training, calibrated)", f"1-cos target={target} ({n_calib} training verses)",
+                                    n_heldout, max_length, loader, corpus, calibrate)
 
 
 def minilm_lsc_key(target, steps, over) -> str:

@@ -108,8 +108,12 @@ def cmd_compress(args) -> int:
     n_float = sum(t.numel() for t in sd.values() if t.is_floating_point())
     fp32 = sum(4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size() for t in sd.values())
     _out(args, f"{src}: {len(sd)} tensors, {n_float:,} float weights ({fmt_bytes(fp32)} as fp32)")
-    rule = (f"--bits {args.bits:g}" if args.bits is not None else f"--bounds {args.bounds} ({len(max_error) - 1} tensors)"
-            if args.bounds else "--max-error " + _describe(max_error))
+    if args.bits is not None:
+        rule = f"--bits {args.bits:g}"
+    elif args.bounds:
+        rule = f"--bounds {args.bounds} ({len(max_error) - 1} tensors)"
+    else:
+        rule = "--max-error " + _describe(max_error)
     res = compress_posttraining(sd, bits=args.bits, max_error=max_error, path=out, block_size=args.block_size,
                                 exclude=args.exclude or None, min_bits=args.min_bits, max_bits=args.max_bits,
                                 max_error_1d=args.max_error_1d, progress=_progress_flag(args))

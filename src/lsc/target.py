@@ -231,7 +231,7 @@ class RateController:
         offsets = self._sensitivity_offsets(sensitivity) if sensitivity else 0.0
         lo, hi = -search_bits, search_bits  # size grows with the shift
         applied = 0.0
-        best = (abs(err), None, err)
+        best = (abs(err), 0.0, err)  # 0.0: no change
         for _ in range(max_iter):
             mid = (lo + hi) / 2
             self._shift(offsets + mid - applied)
@@ -245,5 +245,5 @@ class RateController:
                 hi = mid
             else:
                 lo = mid
-        self._shift((best[1] if best[1] is not None else 0.0) - applied)
+        self._shift(best[1] - applied)
         return best[2]
