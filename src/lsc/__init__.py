@@ -10,6 +10,7 @@ from .codec import compress_weights, decompress_weights, file_info, load, save
 from .convert import spectral
 from .distributed import SpectralTrainingModule, save_on_rank0, unwrap_spectral
 from .errors import LscError, LscFormatError
+from .feedback import collect_hessians
 from .lazy import lazy_info, load_lazy, set_cache, track_decode_memory
 from .loss import bits_per_weight, quantization_loss, rate_estimate, report
 from .lowrank import factorize, fold_factored_state_dict
@@ -29,7 +30,7 @@ __all__ = [
     "encode_buffers", "decode_buffers", "quantize_buffers_", "choose_buffer_tolerance",
     # post-training, inference, distributed
     "compress_posttraining", "PostTrainingResult", "load_checkpoint",
-    "measure_sensitivity", "allocate_error_bounds", "predicted_distortion", "TensorSensitivity",
+    "measure_sensitivity", "allocate_error_bounds", "predicted_distortion", "TensorSensitivity", "collect_hessians",
     "load_lazy", "lazy_info", "set_cache", "track_decode_memory",
     "SpectralTrainingModule", "save_on_rank0", "unwrap_spectral",
     # errors

@@ -39,6 +39,7 @@ from torch import nn
 
 from .convert import _per_tensor, selected_parameters, spectral
 from .errors import LscError
+from .feedback import feedback_quantize, output_error, supports_feedback
 from .quantizer import EXPONENT_RESOLUTION, MAX_BITS, MIN_BITS, integer_coefficients
 from .reconstruct import reconstruct
 from .state import get_state
@@ -164,6 +165,39 @@ def module_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
 
 
 # ----------------------------------------------------------------- the search
+
+def _check_hessians(hessians, model: nn.Module, compressed: Mapping[str, torch.Tensor]) -> dict:
+    """``hessians`` as a dict, every entry naming a tensor of the model and shaped (fan_in, fan_in)."""
+    if hessians is None:
+        return {}
+    if not isinstance(hessians, Mapping):
+        raise LscError(f"hessians must be a dict {{name: X^T X}} (from lsc.collect_hessians), got {type(hessians).__name__}")
+    known = {n for n, _ in model.named_parameters()}
+    for name, h in hessians.items():
+        if name not in known:
+            raise LscError(f"hessians: the model has no parameter named {name!r}")
+        if not isinstance(h, torch.Tensor):
+            raise LscError(f"hessians[{name!r}] must be a tensor, got {type(h).__name__}")
+        w = compressed.get(name)
+        if w is not None and w.dim() >= 2:
+            fan_in = math.prod(w.shape[1:])
+            if tuple(h.shape) != (fan_in, fan_in):
+                raise LscError(f"hessians[{name!r}] has shape {tuple(h.shape)}; a {tuple(w.shape)} weight needs "
+                               f"({fan_in}, {fan_in}) (X^T X of its inputs)")
+            if not bool(torch.isfinite(h).all()):
+                raise LscError(f"hessians[{name!r}] contains NaN or Inf")
+    return dict(hessians)
+
+
+def _store_symbols(entry, par, q: torch.Tensor, exponent: torch.Tensor) -> None:
+    """Make ``q`` (num_blocks, P) the stored symbols: coefficients = q * step, which round back to q exactly."""
+    step = par.step(exponent)
+    coeffs_param = entry.coefficients
+    coeffs_param.copy_((q.to(step.dtype).reshape(par.layout.coeff_shape) * step).to(coeffs_param.dtype))
+    q2, _ = par.integer_state(coeffs_param)
+    if not torch.equal(q2.reshape(q.shape), q):  # pragma: no cover - guards the exactness argument
+        raise LscError(f"{entry.name}: internal error storing the chosen coefficients")
+
 
 def relative_error(w_hat: torch.Tensor, w: torch.Tensor) -> float:
     """``||w_hat - w|| / ||w||`` in float64 (0 for two zero tensors, inf for any change of a zero tensor)."""
@@ -327,6 +361,12 @@ class PostTrainingResult:
     def max_rel_error(self) -> float:
         return max((t["rel_error"] for t in self.tensors), default=0.0)
 
+    @property
+    def feedback_ratios(self) -> dict[str, float]:
+        """``{name: output error with error feedback / with plain rounding}`` of the tensors quantized with
+        feedback: pass to :func:`lsc.allocate_error_bounds` (``feedback=``) to re-allocate for it."""
+        return {t["name"]: t["output_error_ratio"] for t in self.tensors if t.get("output_error_ratio") is not None}
+
 
 def _progress(iterable, total, desc, progress, unit="tensor"):
     if progress is False:
@@ -340,7 +380,8 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
                           max_error: Optional[float] = None, *, path: Union[str, os.PathLike, None] = None,
                           block_size=8, include=None, exclude=None, min_bits: float = -4.0,
                           max_bits: float = 16.0, rdo: Union[float, str] = 0.0,
-                          max_error_1d: Optional[float] = None, progress: Optional[bool] = None) -> PostTrainingResult:
+                          max_error_1d: Optional[float] = None, hessians: Optional[Mapping[str, torch.Tensor]] = None,
+                          damp: float = 0.01, progress: Optional[bool] = None) -> PostTrainingResult:
     """Compress a trained model or state_dict without data or fine-tuning.
 
     Args:
@@ -356,6 +397,15 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
         block_size, include, exclude: as in :func:`lsc.spectral` (excluded tensors are stored raw).
         max_error_1d: bound for 0-D and 1-D tensors (biases, norm scales, which
             cost little and shift every output); default ``max_error / 20``.
+        hessians: ``{name: X^T X}`` of each layer's inputs on calibration data (from
+            :func:`lsc.collect_hessians`). Those tensors are quantized with error feedback
+            (GPTQ-style, see :mod:`lsc.feedback`) at the step their bound or ``bits`` chose:
+            about the same size, a smaller output error on inputs like the calibration
+            data, a larger weight error (``rel_error`` reports it; the bound then holds
+            for the plain rounding that chose the step). Rows record the ratio of the two
+            output errors, which :func:`lsc.allocate_error_bounds` can use (``feedback=``).
+            Tied tensors, and conv kernels larger than a block, are rounded as usual.
+        damp: ridge added to each Hessian, as a fraction of its mean diagonal (GPTQ's 1%).
         min_bits, max_bits: search range of ``max_error`` (a tensor that cannot
             meet the bound gets ``max_bits``).
         rdo: strength of rate-distortion optimized rounding (0: round to nearest;
@@ -384,6 +434,10 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
         _error_bound(max_error_1d, "max_error_1d", ())
     if not (rdo == "auto" or (isinstance(rdo, (int, float)) and 0 <= float(rdo) < math.inf)):
         raise LscError(f"rdo={rdo!r} must be 'auto' or a number >= 0")
+    if hessians is not None and rdo != 0.0:
+        raise LscError("rdo and hessians do not combine: error feedback already chooses each symbol; use one of them")
+    if not (isinstance(damp, (int, float)) and 0 <= damp < math.inf):
+        raise LscError(f"damp={damp!r} must be a number >= 0")
     if not (MIN_BITS <= min_bits <= max_bits <= MAX_BITS):
         raise LscError(f"need {MIN_BITS:g} <= min_bits <= max_bits <= {MAX_BITS:g}, got {min_bits}, {max_bits}")
 
@@ -399,6 +453,7 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
 
     # detach() keeps the original storage alive: parametrize rebinds the parameter itself to the coefficients
     originals = {name: p.detach() for name, _, _, p, _ in selected_parameters(model, include, exclude)}
+    hessians = _check_hessians(hessians, model, originals)
     q_net = spectral(model, block_size=block_size, init_bits=0.0, include=include, exclude=exclude, bits_scale=4.0)
     model.eval()
     st = get_state(model)
@@ -427,21 +482,29 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
                 e = round(float(bits) * res)
                 t_rdo = 1.0 if rdo == "auto" else float(rdo)
                 err = _error_at(par, coeffs, weight, e, t_rdo)
+            ratio = None
+            use_feedback = entry.name in hessians and supports_feedback(par.layout) and not entry.tied_names
             # bits = init_bits (0) + bits_scale (4) * offset, and e / 16 is exact in float32
             q_net.tensor_offset[par.tensor_id] = e / (res * 4.0)
             got = par.exponent().to(torch.int64)
             if not bool((got == e).all()):  # pragma: no cover - guards the exactness argument above
                 raise LscError(f"{entry.name}: internal error setting the bit allocation ({got.unique().tolist()} != {e})")
-            if t_rdo > 0:  # store the RD-optimized symbols: coefficients = q * step round back to q exactly
-                q, ev = _quantize_at(par, coeffs, e, t_rdo)
-                step = par.step(ev)
-                coeffs_param = entry.coefficients
-                coeffs_param.copy_((q.to(step.dtype).reshape(par.layout.coeff_shape) * step).to(coeffs_param.dtype))
-                q2, _ = par.integer_state(coeffs_param)
-                if not torch.equal(q2.reshape(q.shape), q):  # pragma: no cover
-                    raise LscError(f"{entry.name}: internal error storing rate-optimized coefficients")
+            if t_rdo > 0:  # store the RD-optimized symbols
+                _store_symbols(entry, par, *_quantize_at(par, coeffs, e, t_rdo))
+            elif use_feedback:
+                h = hessians[entry.name]
+                rounded = _quantize_at(par, coeffs, e, 0.0)
+                ev = rounded[1]
+                q = feedback_quantize(weight, h, par.layout, par.step(ev), float(par.mean), float(par.std), par.transform, damp)
+                _store_symbols(entry, par, q.reshape(rounded[0].shape), ev)
+                w_fb = reconstruct(q.reshape(rounded[0].shape), ev, par.layout, par.mean, par.std, par.orig_dtype, par.transform)
+                w_rtn = reconstruct(rounded[0], ev, par.layout, par.mean, par.std, par.orig_dtype, par.transform)
+                plain = output_error(w_rtn.to(torch.float64) - weight.to(torch.float64), h)
+                ratio = output_error(w_fb.to(torch.float64) - weight.to(torch.float64), h) / plain if plain > 0 else 1.0
+                err = relative_error(w_fb, weight)
             rows.append(dict(name=entry.name, shape=tuple(par.layout.shape), numel=par.layout.numel,
-                             bits=e / res, rel_error=err, bound=bound, tied=list(entry.tied_names)))
+                             bits=e / res, rel_error=err, bound=bound, tied=list(entry.tied_names),
+                             feedback=ratio is not None, output_error_ratio=ratio))
     for p in q_net.parameters():
         p.requires_grad_(False)
     result = PostTrainingResult(model=model, tensors=rows)

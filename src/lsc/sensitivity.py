@@ -103,19 +103,34 @@ def measure_sensitivity(model: nn.Module, distortion: Callable[[nn.Module], floa
     return out
 
 
-def predicted_distortion(sensitivity: Mapping[str, TensorSensitivity], bounds: Mapping[str, float]) -> float:
-    """``sum_t s_t * e_t**2``: the distortion the sensitivity model predicts for these bounds."""
-    return sum(s.per_error2 * float(bounds[name]) ** 2 for name, s in sensitivity.items() if name in bounds)
+def predicted_distortion(sensitivity: Mapping[str, TensorSensitivity], bounds: Mapping[str, float], *,
+                         feedback: Mapping[str, float] | None = None) -> float:
+    """``sum_t r_t * s_t * e_t**2``: the distortion the sensitivity model predicts for these bounds
+    (``r_t``: ``feedback`` ratios as in :func:`allocate_error_bounds`, 1 without)."""
+    ratio = feedback or {}
+    return sum(float(ratio.get(name, 1.0)) * s.per_error2 * float(bounds[name]) ** 2
+               for name, s in sensitivity.items() if name in bounds)
 
 
 def allocate_error_bounds(sensitivity: Mapping[str, TensorSensitivity], target: float, *, max_bound: float = 0.5,
-                          default: float = 0.05) -> dict[str, float]:
+                          default: float = 0.05, feedback: Mapping[str, float] | None = None) -> dict[str, float]:
     """Per-tensor relative error bounds of the smallest file whose predicted distortion is ``target``.
 
     ``e_t = sqrt(c * n_t / s_t)``, at most ``max_bound`` (beyond about 0.5 a tensor is
     mostly zeros and the small-error model no longer holds). Returns ``{name: e_t}`` plus
     ``"default": default`` for the tensors that were not measured (vectors).
+
+    ``feedback``: ``{name: r_t}``, the output error that error feedback leaves per unit of
+    plain rounding's (``PostTrainingResult.feedback_ratios`` of a trial compression with
+    ``hessians``); each such tensor's sensitivity is taken as ``r_t * s_t``, so the bounds
+    (which choose the step by plain rounding's error) are for compressing with feedback.
     """
+    if feedback:
+        for name, r in feedback.items():
+            if not (isinstance(r, (int, float)) and 0 <= r < math.inf):
+                raise LscError(f"feedback[{name!r}]={r!r} must be a finite number >= 0 (an output error ratio)")
+        sensitivity = {name: TensorSensitivity(s.per_error2 * float(feedback.get(name, 1.0)), s.numel)
+                       for name, s in sensitivity.items()}
     if not (target > 0 and math.isfinite(target)):
         raise LscError(f"target={target} must be a positive number: the allowed output distortion")
     if not (0 < max_bound <= 1):

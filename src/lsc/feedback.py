@@ -1,0 +1,140 @@
+"""Error feedback for post-training compression: quantize a layer so that its *output* stays close.
+
+Rounding every coefficient to the nearest step minimizes the weight error; what a
+layer's user sees is the output error ``||(W - W_hat) X||`` on real inputs ``X``.
+Optimal Brain Quantization and GPTQ (Frantar et al., 2022) quantize a weight matrix
+a column at a time and move the columns not yet quantized to cancel the error just
+made, using the inverse of the layer's Hessian ``H = X^T X``. lsc quantizes whole
+blocks, and a block's DCT mixes its columns, so here the unit is one block column
+(``b`` input features of every output row): its coefficients are rounded together
+and the error is spread over the later columns with the grouped form of the same
+update, ``W_rest -= E U_BB^-1 U_B,rest``, where ``U`` is the upper Cholesky factor of
+``H^-1`` (with ``B`` the block column, this is the exact OBS compensation for fixing
+all of ``B`` at once). The step sizes do not change, so the coded size barely does;
+the layer's output error on the calibration inputs drops, on MiniLM by 2-6x.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import LscError
+from .transforms import block_inverse_transform, block_transform
+
+__all__ = ["collect_hessians", "feedback_quantize", "supports_feedback", "output_error"]
+
+
+@torch.no_grad()
+def collect_hessians(model: nn.Module, run: Callable[[nn.Module], object]) -> dict[str, torch.Tensor]:
+    """``{weight name: X^T X}`` of the inputs every ``nn.Linear`` and ``nn.Conv2d`` sees while ``run(model)`` runs.
+
+    ``X`` has one row per input vector (a token, or a conv patch as ``F.unfold`` cuts
+    it), accumulated in float64 over every call. Run the calibration data the way the
+    model will see it, without padding rows (a padded token would count as an input).
+    Grouped and non-zero-padded convolutions are skipped. Names are those of
+    ``model.named_parameters()``, as :func:`lsc.compress_posttraining` expects them.
+    """
+    hessians: dict[str, torch.Tensor] = {}
+    hooks = []
+    names = {id(p): n for n, p in model.named_parameters()}
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if not isinstance(w, torch.Tensor) or id(w) not in names:
+            continue
+        if isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.padding_mode == "zeros"
+                                          and not isinstance(mod.padding, str)):
+            hooks.append(mod.register_forward_pre_hook(_accumulate(hessians, names[id(w)])))
+    if not hooks:
+        raise LscError("the model has no nn.Linear or nn.Conv2d layer whose inputs lsc could record")
+    try:
+        run(model)
+    finally:
+        for h in hooks:
+            h.remove()
+    if not hessians:
+        raise LscError("run(model) did not call any nn.Linear or nn.Conv2d layer: no inputs were recorded")
+    return hessians
+
+
+def _accumulate(store: dict, name: str):
+    def hook(mod, args):
+        x = args[0].detach()
+        if isinstance(mod, nn.Conv2d):
+            x = F.unfold(x if x.dim() == 4 else x.unsqueeze(0), mod.kernel_size, mod.dilation, mod.padding, mod.stride)
+            x = x.transpose(1, 2)
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        h = x.T @ x
+        store[name] = h if name not in store else store[name].add_(h)
+    return hook
+
+
+def supports_feedback(layout) -> bool:
+    """Whether a tensor's blocks form whole block columns of its (out, fan_in) matrix.
+
+    True for matrices and for conv kernels whose kernel dims fit in one block (the usual
+    3x3 or 5x5 with blocks of 8): then the fan_in columns of one input-channel block are
+    contiguous, as the update needs.
+    """
+    return len(layout.shape) >= 2 and all(g == 1 for g in layout.grid[2:])
+
+
+def _upper_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; unused inputs get a unit diagonal."""
+    h = h.clone()
+    diag = torch.diagonal(h)
+    diag[diag == 0] = 1.0  # an input that is always zero: its weights can take any value
+    diag += damp * float(diag.mean())
+    try:
+        lower = torch.linalg.cholesky(h)
+        return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
+    except RuntimeError as e:  # torch.linalg.LinAlgError
+        raise LscError(f"the Hessian is not positive definite even with damp={damp}; raise damp ({e})") from None
+
+
+def feedback_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout, step: torch.Tensor, mean: float, std: float,
+                      transform: str = "dct", damp: float = 0.01) -> torch.Tensor:
+    """Integer coefficients (``layout.coeff_shape``, int64) of ``weight`` at per-position ``step`` (block shape).
+
+    Block columns are quantized left to right; each one's rounding error, in the
+    standardized domain, is compensated in the columns after it (see the module
+    docstring). Padding rows and columns carry no error forward. With ``hessian``
+    a multiple of the identity the result is plain rounding.
+    """
+    shape, block, grid = layout.shape, layout.block_shape, layout.grid
+    out, fan_in = shape[0], math.prod(shape[1:])
+    kernel = math.prod(block[2:])  # whole kernel per block (supports_feedback)
+    width = block[1] * kernel      # columns of one block column
+    if tuple(hessian.shape) != (fan_in, fan_in):
+        raise LscError(f"Hessian of shape {tuple(hessian.shape)} does not match the {fan_in} inputs of a {tuple(shape)} tensor")
+    dev = weight.device
+    rows, cols = grid[0] * block[0], grid[1] * width
+    z = torch.zeros(rows, cols, dtype=torch.float64, device=dev)
+    z[:out, :fan_in] = (weight.detach().to(torch.float64).reshape(out, fan_in) - mean) / std
+    h = torch.eye(cols, dtype=torch.float64, device=dev)
+    h[:fan_in, :fan_in] = hessian.to(device=dev, dtype=torch.float64)
+    u = _upper_inverse_factor(h, damp)
+    step = step.to(device=dev, dtype=torch.float64)
+    q = torch.empty(grid[0], grid[1], *block, dtype=torch.int64, device=dev)
+    for j in range(grid[1]):
+        a, b = j * width, (j + 1) * width
+        blocks = z[:, a:b].reshape(grid[0], *block)
+        symbols = torch.round(block_transform(blocks, block, transform) / step)
+        q[:, j] = symbols.to(torch.int64)
+        if j == grid[1] - 1:
+            break
+        err = z[:, a:b] - block_inverse_transform(symbols * step, block, transform).reshape(rows, width)
+        err[out:] = 0  # padding rows are cropped: their error reaches no output
+        if b > fan_in:
+            err[:, fan_in - a:] = 0
+        z[:, b:] -= err @ torch.linalg.solve_triangular(u[a:b, a:b], u[a:b, b:], upper=True)
+    return q.reshape(layout.coeff_shape)
+
+
+def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``trace(D H D^T)`` for the weight error ``D`` seen as (out, fan_in): the summed squared output error."""
+    d = delta.detach().to(torch.float64).reshape(delta.shape[0], -1)
+    return float(((d @ hessian.to(device=d.device, dtype=torch.float64)) * d).sum())

@@ -1,0 +1,138 @@
+"""Error feedback (GPTQ-style) in post-training compression: lsc.collect_hessians + hessians=."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lsc
+from lsc import TensorSensitivity as S
+from lsc.feedback import feedback_quantize
+from lsc.blocking import BlockLayout
+
+
+def _correlated_inputs(n, features, seed=0):
+    """Inputs whose features are strongly correlated and of very different scales, like a transformer's."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(features, features, generator=g) * torch.logspace(0, -2, features).unsqueeze(1)
+    return torch.randn(n, features, generator=g) @ mix + 0.1 * torch.randn(n, features, generator=g)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(12, 16, 3, padding=1)
+        self.fc = nn.Linear(37, 21)  # neither dim a multiple of the 8x8 block: padding rows and columns
+
+    def forward(self, img, vec):
+        return self.conv(img).mean((2, 3)), self.fc(vec)
+
+
+def _setup(seed=0):
+    torch.manual_seed(seed)
+    net = Net()
+    vec = _correlated_inputs(512, 37, seed)
+    img = _correlated_inputs(64 * 36, 12, seed + 1).reshape(64, 6, 6, 12).permute(0, 3, 1, 2).contiguous()
+    return net, img, vec
+
+
+def _output_errors(net, ref, img, vec):
+    with torch.no_grad():
+        out = net(img, vec)
+    return [float((o - r).pow(2).sum()) for o, r in zip(out, ref)]
+
+
+def test_collect_hessians_is_x_transpose_x_of_every_layer_input():
+    net, img, vec = _setup()
+    h = lsc.collect_hessians(net, lambda m: (m(img[:10], vec[:100]), m(img[10:], vec[100:])))
+    assert set(h) == {"conv.weight", "fc.weight"}
+    x = vec.double()
+    torch.testing.assert_close(h["fc.weight"], x.T @ x)
+    patches = F.unfold(img.double(), 3, padding=1).transpose(1, 2).reshape(-1, 12 * 9)
+    torch.testing.assert_close(h["conv.weight"], patches.T @ patches)
+    assert all(t.dtype == torch.float64 for t in h.values())
+
+
+def test_feedback_cuts_the_output_error_at_about_the_same_size(tmp_path):
+    net, img, vec = _setup()
+    with torch.no_grad():
+        ref = net(img, vec)
+    hessians = lsc.collect_hessians(net, lambda m: m(img, vec))
+    plain, fed = copy.deepcopy(net), copy.deepcopy(net)
+    a = lsc.compress_posttraining(plain, bits=3, path=tmp_path / "plain.lsc", progress=False)
+    b = lsc.compress_posttraining(fed, bits=3, hessians=hessians, path=tmp_path / "fed.lsc", progress=False)
+    err_plain, err_fed = _output_errors(plain, ref, img, vec), _output_errors(fed, ref, img, vec)
+    for p, f in zip(err_plain, err_fed):
+        assert f < 0.5 * p  # the output error on the calibration inputs at least halves
+    assert abs(b.file_bytes / a.file_bytes - 1) < 0.1
+    rows = {r["name"]: r for r in b.tensors}
+    assert rows["fc.weight"]["feedback"] and rows["conv.weight"]["feedback"] and not rows["fc.bias"]["feedback"]
+    ratios = b.feedback_ratios
+    assert set(ratios) == {"conv.weight", "fc.weight"}
+    assert ratios["fc.weight"] == pytest.approx(err_fed[1] / err_plain[1], rel=0.05)  # biases are exact enough
+    # the weight error grows: feedback trades it for the output error
+    assert rows["fc.weight"]["rel_error"] > {r["name"]: r for r in a.tensors}["fc.weight"]["rel_error"]
+    # the file decodes to exactly the weights the compressed model uses
+    fresh = Net()
+    fresh.load_state_dict(lsc.load(tmp_path / "fed.lsc"))
+    with torch.no_grad():
+        for name in ("conv.weight", "fc.weight"):
+            mod = getattr(fed, name.split(".")[0])
+            assert torch.equal(getattr(fresh, name.split(".")[0]).weight, mod.weight)
+
+
+def test_an_identity_hessian_gives_plain_rounding():
+    net, img, vec = _setup()
+    plain, fed = copy.deepcopy(net), copy.deepcopy(net)
+    lsc.compress_posttraining(plain, max_error=0.1, progress=False)
+    lsc.compress_posttraining(fed, max_error=0.1, hessians={"fc.weight": 7 * torch.eye(37, dtype=torch.float64)},
+                              progress=False)
+    assert torch.equal(plain.fc.weight, fed.fc.weight)
+    assert torch.equal(plain.conv.weight, fed.conv.weight)
+
+
+def test_feedback_quantize_of_an_isolated_block_column_is_rounding():
+    layout = BlockLayout((8, 8), (8, 8))  # one block column: nothing after it to compensate
+    w = torch.randn(8, 8, dtype=torch.float64)
+    step = torch.full((8, 8), 0.3, dtype=torch.float64)
+    h = _correlated_inputs(100, 8).double()
+    q = feedback_quantize(w, h.T @ h, layout, step, 0.0, 1.0)
+    from lsc.transforms import block_transform
+    assert torch.equal(q, torch.round(block_transform(w.reshape(1, 1, 8, 8), (8, 8)) / step).to(torch.int64))
+
+
+def test_allocation_with_feedback_ratios_scales_each_sensitivity():
+    sens = {"a": S(1.0, 1000), "b": S(1.0, 1000)}
+    plain = lsc.allocate_error_bounds(sens, 1e-4)
+    fed = lsc.allocate_error_bounds(sens, 1e-4, feedback={"a": 0.25})
+    assert plain["a"] == pytest.approx(plain["b"])
+    assert fed["a"] / fed["b"] == pytest.approx(2.0)  # a quarter of the sensitivity: twice the error
+    assert lsc.predicted_distortion(sens, fed, feedback={"a": 0.25}) == pytest.approx(1e-4)
+    with pytest.raises(lsc.LscError, match="feedback"):
+        lsc.allocate_error_bounds(sens, 1e-4, feedback={"a": float("nan")})
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(hessians={"fc.weight": torch.eye(36)}), r"shape \(36, 36\).*\(37, 37\)"),
+    (dict(hessians={"nope.weight": torch.eye(37)}), "no parameter named 'nope.weight'"),
+    (dict(hessians={"fc.weight": torch.full((37, 37), float("nan"))}), "NaN"),
+    (dict(hessians={"fc.weight": [[1.0]]}), "must be a tensor"),
+    (dict(hessians=[torch.eye(37)]), "must be a dict"),
+    (dict(hessians={"fc.weight": torch.eye(37)}, rdo=1.0), "rdo and hessians"),
+    (dict(hessians={}, damp=-1), "damp"),
+])
+def test_bad_hessians_are_refused_before_anything_changes(kwargs, match):
+    net, _, _ = _setup()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    with pytest.raises(lsc.LscError, match=match):
+        lsc.compress_posttraining(net, max_error=0.1, progress=False, **kwargs)
+    assert getattr(net, "_lsc", None) is None
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+
+
+def test_collect_hessians_needs_a_layer_that_runs():
+    with pytest.raises(lsc.LscError, match="no nn.Linear or nn.Conv2d"):
+        lsc.collect_hessians(nn.Sequential(nn.LayerNorm(4)), lambda m: m(torch.randn(2, 4)))
+    with pytest.raises(lsc.LscError, match="did not call"):
+        lsc.collect_hessians(nn.Sequential(nn.Linear(4, 4)), lambda m: None)
