@@ -234,3 +234,36 @@ def test_compress_with_a_bounds_file(files, tmp_path, capsys):
         assert main(["compress", str(d / "cnn.pt"), "-o", str(tmp_path / "bad.lsc"), "--bounds", str(path)]) != 0
         assert needle in capsys.readouterr().err
         assert not (tmp_path / "bad.lsc").exists()
+
+
+def test_compress_with_a_hessians_file(files, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from lsc.cli import main
+    d, sd = files
+    model = DigitsCNN()
+    model.load_state_dict(sd)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 1, 8, 8, generator=g)
+    x = x + torch.randn(256, 1, 1, 1, generator=g)  # correlated pixels: feedback has something to cancel
+    hess = lsc.collect_hessians(model, lambda m: m(x))
+    path = tmp_path / "hess.safetensors"
+    save_file(hess, str(path))
+    args = ["compress", str(d / "cnn.pt"), "--max-error", "0.3"]
+    assert main(args + ["-o", str(tmp_path / "plain.lsc")]) == 0
+    capsys.readouterr()
+    assert main(args + ["-o", str(tmp_path / "fed.lsc"), "--hessians", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert f"error feedback from --hessians {path}" in out and "error feedback on 4 tensors" in out
+
+    def output_error(file):
+        m = DigitsCNN()
+        m.load_state_dict(lsc.load(file))
+        with torch.no_grad():
+            return float((m(x) - model(x)).pow(2).mean())
+    assert output_error(tmp_path / "fed.lsc") < output_error(tmp_path / "plain.lsc")
+    # a file that is not safetensors: one clear line, nothing written
+    bad = tmp_path / "hess.txt"
+    bad.write_text("not tensors")
+    assert main(["compress", str(d / "cnn.pt"), "-o", str(tmp_path / "bad.lsc"), "--hessians", str(bad)]) != 0
+    assert "--hessians" in capsys.readouterr().err and not (tmp_path / "bad.lsc").exists()

@@ -101,6 +101,7 @@ def cmd_compress(args) -> int:
         max_error = _read_bounds(_check_input(args.bounds, "bounds file"))
     else:
         max_error = None if args.bits is not None else _parse_max_error(args.max_error or [])
+    hessians = _read_hessians(_check_input(args.hessians, "Hessians file")) if args.hessians else None
     out = _check_output(args.output or str(src.with_suffix(".lsc")), [src])
     t0 = time.perf_counter()
     sd = load_checkpoint(src)
@@ -116,11 +117,16 @@ def cmd_compress(args) -> int:
         rule = "--max-error " + _describe(max_error)
     res = compress_posttraining(sd, bits=args.bits, max_error=max_error, path=out, block_size=args.block_size,
                                 exclude=args.exclude or None, min_bits=args.min_bits, max_bits=args.max_bits,
-                                max_error_1d=args.max_error_1d, progress=_progress_flag(args))
+                                max_error_1d=args.max_error_1d, hessians=hessians, progress=_progress_flag(args))
     secs = time.perf_counter() - t0
     size = res.file_bytes
     worst = max(res.tensors, key=lambda t: t["rel_error"]) if res.tensors else None
-    _out(args, f"compressed {len(res.tensors)} tensors post-training ({rule}, no data, no fine-tuning)")
+    data = f"error feedback from --hessians {args.hessians}" if hessians is not None else "no data"
+    _out(args, f"compressed {len(res.tensors)} tensors post-training ({rule}, {data}, no fine-tuning)")
+    ratios = sorted(res.feedback_ratios.values())
+    if ratios:
+        _out(args, f"  error feedback on {len(ratios)} tensors: output error x{ratios[len(ratios) // 2]:.2f} "
+                   f"of plain rounding's (median; {ratios[0]:.2f}-{ratios[-1]:.2f})")
     _out(args, f"  bits/frequency: mean {res.mean_bits:.2f}, min {min(t['bits'] for t in res.tensors):.2f}, "
                f"max {max(t['bits'] for t in res.tensors):.2f}")
     if worst is not None:
@@ -165,6 +171,16 @@ def _read_bounds(path: Path) -> dict:
         if isinstance(e, bool) or not isinstance(e, (int, float)) or not (e >= 0 and math.isfinite(e)):
             raise CliError(f"--bounds {path}: the bound of {name!r} must be a finite number >= 0, got {e!r}")
     return {**{k: float(v) for k, v in data.items()}, "default": float(data.get("default", DEFAULT_MAX_ERROR))}
+
+
+def _read_hessians(path: Path) -> dict:
+    """``{weight name: X^T X}`` from a .safetensors file (``safetensors.torch.save_file(lsc.collect_hessians(...))``)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CliError(f"--hessians {path}: not a readable safetensors file ({e})") from None
 
 
 def _describe(max_error) -> str:
@@ -319,6 +335,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bounds", metavar="JSON",
                    help="per-tensor bounds from a JSON object {name: E, ..., \"default\": E}, e.g. saved from "
                         "lsc.allocate_error_bounds (calibrated on your data in Python)")
+    c.add_argument("--hessians", metavar="SAFETENSORS",
+                   help="X^T X of each layer's inputs, {weight name: tensor} saved from lsc.collect_hessians: "
+                        "quantize those layers with error feedback (smaller output error, same size)")
     c.add_argument("--max-error-1d", type=float, default=None, metavar="E1",
                    help="bound for biases and norm scales (1-D tensors; default: max-error / 20)")
     c.add_argument("--block-size", type=int, default=8, help="DCT block edge per dimension (default 8)")
