@@ -117,10 +117,13 @@ def digits_posttraining_point(base, max_error: float, data=None) -> dict:
                 ratio=4 * n / size, bpp=8 * size / n, enc_s=enc_s, dec_s=dec_s, **ev)
 
 
-def digits_calibrated_point(base, target: float, max_bound: float = 0.5, passes: int = 2, data=None) -> dict:
+def digits_calibrated_point(base, target: float, max_bound: float = 0.5, passes: int = 2, data=None,
+                            feedback: bool = False) -> dict:
     """lsc post-training with calibrated bounds on the digits CNN: sensitivities measured as the KL divergence
     from the fp32 model's predictions on the training images, ``allocate_error_bounds(target, max_bound)``;
-    each further pass re-measures every tensor at its allocated bound and allocates again."""
+    each further pass re-measures every tensor at its allocated bound and allocates again. With ``feedback``,
+    the layers are quantized with error feedback on their inputs from the training images (``collect_hessians``),
+    and the bounds are re-allocated with the output-error ratios of a trial compression."""
     data = data or load_digits_split()
     xtr = data[0]
     model = copy.deepcopy(base)
@@ -135,14 +138,20 @@ def digits_calibrated_point(base, target: float, max_bound: float = 0.5, passes:
     for _ in range(passes):
         sens = lsc.measure_sensitivity(model, kl, probe=probe, progress=False)
         probe = bounds = lsc.allocate_error_bounds(sens, target, max_bound=max_bound)
+    hessians = None
+    if feedback:
+        hessians = lsc.collect_hessians(model, lambda m: m(xtr))
+        trial = lsc.compress_posttraining(copy.deepcopy(model), max_error=bounds, hessians=hessians, progress=False)
+        bounds = lsc.allocate_error_bounds(sens, target, max_bound=max_bound, feedback=trial.feedback_ratios)
     calib_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    lsc.compress_posttraining(model, max_error=bounds, progress=False)
+    lsc.compress_posttraining(model, max_error=bounds, hessians=hessians, progress=False)
     search_s = time.perf_counter() - t0
     size, dec, enc_s, dec_s = file_bytes_and_model(model)
     ev = evaluate(dec, data[2], data[3])
     n = sum(p.numel() for p in base.parameters())
-    return dict(model="digits", method="lsc (post-training, calibrated)",
+    return dict(model="digits", method="lsc (post-training, calibrated + error feedback)" if feedback
+                else "lsc (post-training, calibrated)",
                 setting=f"KL target={target}, {passes} pass{'es' if passes > 1 else ''}, cap {max_bound}", bytes=size, ratio=4 * n / size,
                 bpp=8 * size / n, enc_s=enc_s + search_s, dec_s=dec_s, calib_s=calib_s, **ev)
 

@@ -29,6 +29,7 @@ with every point cached it takes ~30 s.
 from __future__ import annotations
 
 import argparse
+import copy
 import datetime
 import hashlib
 import importlib.metadata as md
@@ -60,6 +61,7 @@ FULL = dict(
     digits_lsc=[(t, 3000) for t in (3000, 4000, 5000, 6000, 10000)],
     digits_pt=[0.05, 0.1, 0.2, 0.3, 0.4],
     digits_cal=[(1e-4, 2), (3e-4, 2), (1e-3, 2), (3e-4, 1)],  # (KL target, passes)
+    digits_cal_fb=[(1e-3, 2, 0.5), (3e-3, 2, 0.8), (3e-3, 2, 0.85), (3e-3, 2, 0.9), (1e-2, 2, 0.9)],  # + cap
     minilm_grid=RB.MINILM_GRID,
     minilm_lsc=[(4.5e6, 200, dict(scale_vocab_bound=False)), (10e6, 160, {}), (11.5e6, 120, dict(keep_vocab=True)),
                 (9e6, 200, dict(keep_vocab=True)), (9e6, 200, dict(keep_vocab=True, init_calibrated=0.011)),
@@ -69,16 +71,19 @@ FULL = dict(
                 (9.5e6, 200, dict(keep_vocab=True, init_calibrated=0.011, lr=2e-4, finalize_sensitivity=True))],
     minilm_pt=[0.05, 0.04, {"default": 0.05, "embeddings.*": 0.08}],
     minilm_cal=[0.008, 0.01, 0.011, 0.0125],
+    minilm_cal_fb=[0.011, 0.0125, 0.013, 0.014],
 )
 QUICK = dict(
     digits_grid=dict(svd_eps=[0.1, 0.2], prune_fracs=[0.7, 0.9], qps=[-32, -26, -20]),
     digits_lsc=[(6000, 600)],
     digits_pt=[0.05],
     digits_cal=[(3e-4, 2)],
+    digits_cal_fb=[(3e-3, 2, 0.85)],
     minilm_grid=RB.MINILM_QUICK,
     minilm_lsc=[(4.5e6, 30, {})],
     minilm_pt=[0.05],
     minilm_cal=[0.01],
+    minilm_cal_fb=[0.011],
 )
 
 
@@ -135,9 +140,12 @@ def digits_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
         rows.append(r)
         if not cached:
             log("  " + RB.format_row(r) + f"  ({steps} steps, {r['train_s']:.0f} s)")
-    for t, passes in plan.get("digits_cal", []):
-        r, cached = cache.get(f"digits-cal target={t} passes={passes}",
-                              lambda: digits_calibrated_point(base, t, passes=passes, data=data), log)
+    cal = [(t, p, 0.5, False) for t, p in plan.get("digits_cal", [])] + \
+        [(t, p, cap, True) for t, p, cap in plan.get("digits_cal_fb", [])]
+    for t, passes, cap, fb in cal:
+        key = f"digits-cal target={t} passes={passes}" + (f" feedback cap={cap}" if fb else "")
+        r, cached = cache.get(key, lambda: digits_calibrated_point(base, t, max_bound=cap, passes=passes, data=data,
+                                                                   feedback=fb), log)
         r["passes"] = r["accuracy"] >= bar
         rows.append(r)
         if not cached:
@@ -152,7 +160,7 @@ def digits_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
 
 
 def _minilm_posttraining_row(max_error, method: str, setting: str, n_heldout=256, max_length=64, loader=None,
-                             corpus=None, calibrate=None) -> dict:
+                             corpus=None, calibrate=None, hessians=None, feedback=None) -> dict:
     """compress_posttraining(max_error) on MiniLM + save + load + held-out cosine, as one table row.
 
     ``max_error`` may be a callable ``(sensitivity) -> bounds`` with ``calibrate(model, tok, train)
@@ -170,9 +178,10 @@ def _minilm_posttraining_row(max_error, method: str, setting: str, n_heldout=256
     if calibrate is not None:
         sens, extra["calib_s"] = calibrate(model, tok, train)
         max_error = max_error(sens)
-        extra["predicted_cos"] = 1 - lsc.predicted_distortion(sens, max_error)
+        extra["predicted_cos"] = 1 - lsc.predicted_distortion(sens, max_error, feedback=feedback)
     size, dec, enc_s, dec_s = timed_file_round_trip(
-        lambda path: lsc.compress_posttraining(model, max_error=max_error, path=path, progress=False),
+        lambda path: lsc.compress_posttraining(model, max_error=max_error, path=path, hessians=hessians or None,
+                                               progress=False),
         lambda: loader()[0])
     met = cosine_metrics(ref, embed(dec, tok, held, max_length=max_length))
     return dict(model="minilm", method=method, setting=setting, bytes=size, ratio=4 * n / size, bpp=8 * size / n,
@@ -188,12 +197,15 @@ _SENSITIVITY: dict = {}
 
 
 def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=None, corpus=None,
-                            n_calib=None) -> dict:
+                            n_calib=None, feedback: bool = False) -> dict:
     """lsc post-training with calibrated bounds on MiniLM: per-tensor sensitivity (1 - mean cosine to the
     original on ``n_calib`` training verses) -> ``allocate_error_bounds(target)`` -> compress_posttraining.
+    With ``feedback``, every Linear layer is quantized with error feedback on its inputs from the same
+    verses (``collect_hessians``, one unpadded verse at a time), and the bounds are re-allocated with the
+    output-error ratios of a trial compression.
     ``loader`` and ``corpus`` are replaceable, as in ``distill``, so the smoke test runs this on a tiny model."""
     import lsc
-    from benchmarks.lsc_minilm import CALIBRATION_VERSES, calibration_sensitivity
+    from benchmarks.lsc_minilm import CALIBRATION_VERSES, HESSIAN_VERSES, calibration_hessians, calibration_sensitivity
     n_calib = n_calib or CALIBRATION_VERSES
 
     def calibrate(model, tok, train):
@@ -202,9 +214,26 @@ def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=
             t0 = time.perf_counter()
             _SENSITIVITY[key] = (calibration_sensitivity(model, tok, train, max_length, n_calib), time.perf_counter() - t0)
         return _SENSITIVITY[key]
-    return _minilm_posttraining_row(lambda sens: lsc.allocate_error_bounds(sens, target),
-                                    "lsc (post-training, calibrated)", f"1-cos target={target} ({n_calib} training verses)",
-                                    n_heldout, max_length, loader, corpus, calibrate)
+    if not feedback:
+        return _minilm_posttraining_row(lambda sens: lsc.allocate_error_bounds(sens, target),
+                                        "lsc (post-training, calibrated)", f"1-cos target={target} ({n_calib} training verses)",
+                                        n_heldout, max_length, loader, corpus, calibrate)
+    hessians = {}
+
+    def calibrate_with_hessians(model, tok, train):
+        sens, seconds = calibrate(model, tok, train)
+        t0 = time.perf_counter()
+        hessians.update(calibration_hessians(model, tok, train, max_length, n_calib * HESSIAN_VERSES // CALIBRATION_VERSES))
+        trial = lsc.compress_posttraining(copy.deepcopy(model), max_error=lsc.allocate_error_bounds(sens, target),
+                                          hessians=hessians, progress=False)
+        ratios.update(trial.feedback_ratios)
+        return sens, seconds + time.perf_counter() - t0
+    ratios = {}
+    return _minilm_posttraining_row(lambda sens: lsc.allocate_error_bounds(sens, target, feedback=ratios),
+                                    "lsc (post-training, calibrated + error feedback)",
+                                    f"1-cos target={target} ({n_calib} training verses; Hessians: "
+                                    f"{n_calib * HESSIAN_VERSES // CALIBRATION_VERSES})",
+                                    n_heldout, max_length, loader, corpus, calibrate_with_hessians, hessians, ratios)
 
 
 def minilm_lsc_key(target, steps, over) -> str:
@@ -222,8 +251,10 @@ def minilm_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
         rows.append(r)
         if not cached:
             log("  " + RB.format_row(r))
-    for t in plan.get("minilm_cal", []):
-        r, cached = cache.get(f"minilm-cal target={t} verses=128", lambda: minilm_calibrated_point(t), log)
+    cal = [(t, False) for t in plan.get("minilm_cal", [])] + [(t, True) for t in plan.get("minilm_cal_fb", [])]
+    for t, fb in cal:
+        r, cached = cache.get(f"minilm-cal target={t} verses=128" + (" feedback hessian-verses=512" if fb else ""),
+                              lambda: minilm_calibrated_point(t, feedback=fb), log)
         rows.append(r)
         if not cached:
             log("  " + RB.format_row(r) + f"  (sensitivity measured in {r['calib_s']:.0f} s)")
@@ -381,6 +412,8 @@ def headline(digits, minilm) -> list[str]:
         cells = []
         for label, prefix in (("lsc (fine-tuned)", "lsc (fine-tuned)"), ("lsc (post-training)", "lsc (post-training)"),
                               ("lsc (post-training, calibrated)", "lsc (post-training, calibrated)"),
+                              ("lsc (post-training, calibrated + error feedback)",
+                               "lsc (post-training, calibrated + error feedback)"),
                               ("NNCodec", "nncodec"), ("int4+zstd", "int4+zstd"), ("int8+zstd", "int8+zstd")):
             r = _smallest(rows, prefix)
             cells.append(f"{label}: {_fmt_b(r['bytes'])} ({r['ratio']:.1f}x)" if r else f"{label}: none passes")

@@ -29,7 +29,7 @@ ROW_KEYS = {"model", "method", "setting", "bytes", "ratio", "bpp", "enc_s", "dec
 def digits(tmp_path_factory):
     from benchmarks import run_all as RA
     plan = dict(digits_grid=dict(fixed=("int8+zstd", "int4+zstd"), svd_eps=[0.2], prune_fracs=[0.9], qps=[-20]),
-                digits_lsc=[(8000, 15)], digits_pt=[0.1], digits_cal=[(3e-4, 2)])
+                digits_lsc=[(8000, 15)], digits_pt=[0.1], digits_cal=[(3e-4, 2)], digits_cal_fb=[(3e-4, 1, 0.8)])
     cache = RA.Cache(tmp_path_factory.mktemp("cache"), fresh=False)
     include_nncodec = importlib.util.find_spec("nnc") is not None
     sec = RA.digits_section(plan, cache, include_nncodec=include_nncodec, log=lambda s: None)
@@ -47,6 +47,8 @@ def test_digits_section_rows(digits):
     assert ft["steps"] == 15 and ft["train_s"] > 0
     cal = next(r for r in sec["rows"] if r["method"] == "lsc (post-training, calibrated)")
     assert cal["calib_s"] > 0 and "KL target=0.0003" in cal["setting"]
+    fb = next(r for r in sec["rows"] if r["method"] == "lsc (post-training, calibrated + error feedback)")
+    assert fb["calib_s"] > 0 and "1 pass," in fb["setting"]
 
 
 def test_cache_reuses_points(digits):
@@ -102,6 +104,10 @@ def test_minilm_calibrated_point_tiny(tiny_bert):
         assert 0.0 < row["predicted_cos"] < 1.0 and -1.0 <= row["mean_cos"] <= 1.0 + 1e-6
     # a looser output budget gives a smaller file
     assert rows[1]["bytes"] < rows[0]["bytes"]
+    fb = RA.minilm_calibrated_point(1e-2, n_heldout=8, max_length=16, loader=loader, corpus=(train[:64], held[:8]),
+                                    n_calib=8, feedback=True)
+    assert fb["method"] == "lsc (post-training, calibrated + error feedback)"
+    assert 0.0 < fb["predicted_cos"] < 1.0 and -1.0 <= fb["mean_cos"] <= 1.0 + 1e-6
 
 
 def test_report_and_plots(digits, tmp_path):
