@@ -136,3 +136,19 @@ def test_collect_hessians_needs_a_layer_that_runs():
         lsc.collect_hessians(nn.Sequential(nn.LayerNorm(4)), lambda m: m(torch.randn(2, 4)))
     with pytest.raises(lsc.LscError, match="did not call"):
         lsc.collect_hessians(nn.Sequential(nn.Linear(4, 4)), lambda m: None)
+
+
+def test_tied_tensors_are_rounded_plainly_and_half_precision_gets_feedback(tmp_path):
+    torch.manual_seed(0)
+    tied = nn.Sequential(nn.Linear(16, 16, bias=False), nn.Linear(16, 16, bias=False), nn.Linear(16, 24)).half()
+    tied[1].weight = tied[0].weight
+    x = _correlated_inputs(256, 16).half()
+    hess = lsc.collect_hessians(tied, lambda m: m(x))
+    assert set(hess) == {"0.weight", "2.weight"}  # the tie is one parameter: its two uses add up
+    res = lsc.compress_posttraining(tied, bits=2, hessians=hess, path=tmp_path / "t.lsc", progress=False)
+    rows = {r["name"]: r for r in res.tensors}
+    assert not rows["0.weight"]["feedback"] and rows["0.weight"]["tied"] == ["1.weight"]
+    assert rows["2.weight"]["feedback"] and rows["2.weight"]["output_error_ratio"] < 1.0
+    back = lsc.load(tmp_path / "t.lsc")
+    assert back["2.weight"].dtype == torch.float16
+    assert torch.equal(back["2.weight"], tied[2].weight) and torch.equal(back["1.weight"], back["0.weight"])
