@@ -120,7 +120,7 @@ def test_quantization_loss_is_weighted_by_coefficient_count():
     numel = sum(e.parametrization.layout.numel for e in model._lsc.entries)
     assert numel == 64 * 64 + 64 + 128
     torch.testing.assert_close(lsc.bits_per_weight(model), est.total / numel)
-    assert lsc.quantization_loss(model, weight=0.5).detach().item() == pytest.approx(0.5 * float(est.total / numel))
+    assert lsc.quantization_loss(model, weight=0.5).detach().item() == pytest.approx(0.5 * float(est.total.detach() / numel))
 
 
 def test_bits_network_never_starts_dead():
