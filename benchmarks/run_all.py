@@ -160,11 +160,12 @@ def digits_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
 
 
 def _minilm_posttraining_row(max_error, method: str, setting: str, n_heldout=256, max_length=64, loader=None,
-                             corpus=None, calibrate=None, hessians=None, feedback=None) -> dict:
+                             corpus=None, calibrate=None) -> dict:
     """compress_posttraining(max_error) on MiniLM + save + load + held-out cosine, as one table row.
 
-    ``max_error`` may be a callable ``(sensitivity) -> bounds`` with ``calibrate(model, tok, train)
-    -> (sensitivity, seconds)``; ``loader`` and ``corpus`` are replaceable, as in ``distill``."""
+    With ``calibrate(model, tok, train) -> dict(sens, seconds, bounds[, hessians, feedback])`` the bounds
+    (and Hessians for error feedback) come from calibration instead; ``loader`` and ``corpus`` are
+    replaceable, as in ``distill``."""
     import lsc
     from benchmarks.minilm import cosine_metrics, embed, kjv_split, load_minilm
     from benchmarks.roundtrip import timed_file_round_trip
@@ -174,14 +175,13 @@ def _minilm_posttraining_row(max_error, method: str, setting: str, n_heldout=256
     train, held = corpus or kjv_split()
     held = held[:n_heldout]
     ref = embed(model, tok, held, max_length=max_length)
-    extra = {}
+    extra, hessians = {}, None
     if calibrate is not None:
-        sens, extra["calib_s"] = calibrate(model, tok, train)
-        max_error = max_error(sens)
-        extra["predicted_cos"] = 1 - lsc.predicted_distortion(sens, max_error, feedback=feedback)
+        cal = calibrate(model, tok, train)
+        max_error, hessians, extra["calib_s"] = cal["bounds"], cal.get("hessians"), cal["seconds"]
+        extra["predicted_cos"] = 1 - lsc.predicted_distortion(cal["sens"], max_error, feedback=cal.get("feedback"))
     size, dec, enc_s, dec_s = timed_file_round_trip(
-        lambda path: lsc.compress_posttraining(model, max_error=max_error, path=path, hessians=hessians or None,
-                                               progress=False),
+        lambda path: lsc.compress_posttraining(model, max_error=max_error, path=path, hessians=hessians, progress=False),
         lambda: loader()[0])
     met = cosine_metrics(ref, embed(dec, tok, held, max_length=max_length))
     return dict(model="minilm", method=method, setting=setting, bytes=size, ratio=4 * n / size, bpp=8 * size / n,
@@ -200,40 +200,33 @@ def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=
                             n_calib=None, feedback: bool = False) -> dict:
     """lsc post-training with calibrated bounds on MiniLM: per-tensor sensitivity (1 - mean cosine to the
     original on ``n_calib`` training verses) -> ``allocate_error_bounds(target)`` -> compress_posttraining.
-    With ``feedback``, every Linear layer is quantized with error feedback on its inputs from the same
+    With ``feedback``, every Linear layer is quantized with error feedback on its inputs from training
     verses (``collect_hessians``, one unpadded verse at a time), and the bounds are re-allocated with the
     output-error ratios of a trial compression.
     ``loader`` and ``corpus`` are replaceable, as in ``distill``, so the smoke test runs this on a tiny model."""
     import lsc
     from benchmarks.lsc_minilm import CALIBRATION_VERSES, HESSIAN_VERSES, calibration_hessians, calibration_sensitivity
     n_calib = n_calib or CALIBRATION_VERSES
+    n_hessian = n_calib * HESSIAN_VERSES // CALIBRATION_VERSES
 
     def calibrate(model, tok, train):
         key = (loader, n_calib, max_length)
         if key not in _SENSITIVITY:  # one measurement serves every target
             t0 = time.perf_counter()
             _SENSITIVITY[key] = (calibration_sensitivity(model, tok, train, max_length, n_calib), time.perf_counter() - t0)
-        return _SENSITIVITY[key]
-    if not feedback:
-        return _minilm_posttraining_row(lambda sens: lsc.allocate_error_bounds(sens, target),
-                                        "lsc (post-training, calibrated)", f"1-cos target={target} ({n_calib} training verses)",
-                                        n_heldout, max_length, loader, corpus, calibrate)
-    hessians = {}
-
-    def calibrate_with_hessians(model, tok, train):
-        sens, seconds = calibrate(model, tok, train)
+        sens, seconds = _SENSITIVITY[key]
+        if not feedback:
+            return dict(sens=sens, seconds=seconds, bounds=lsc.allocate_error_bounds(sens, target))
         t0 = time.perf_counter()
-        hessians.update(calibration_hessians(model, tok, train, max_length, n_calib * HESSIAN_VERSES // CALIBRATION_VERSES))
+        hessians = calibration_hessians(model, tok, train, max_length, n_hessian)
         trial = lsc.compress_posttraining(copy.deepcopy(model), max_error=lsc.allocate_error_bounds(sens, target),
                                           hessians=hessians, progress=False)
-        ratios.update(trial.feedback_ratios)
-        return sens, seconds + time.perf_counter() - t0
-    ratios = {}
-    return _minilm_posttraining_row(lambda sens: lsc.allocate_error_bounds(sens, target, feedback=ratios),
-                                    "lsc (post-training, calibrated + error feedback)",
-                                    f"1-cos target={target} ({n_calib} training verses; Hessians: "
-                                    f"{n_calib * HESSIAN_VERSES // CALIBRATION_VERSES})",
-                                    n_heldout, max_length, loader, corpus, calibrate_with_hessians, hessians, ratios)
+        ratios = trial.feedback_ratios
+        return dict(sens=sens, seconds=seconds + time.perf_counter() - t0, hessians=hessians, feedback=ratios,
+                    bounds=lsc.allocate_error_bounds(sens, target, feedback=ratios))
+    method = "lsc (post-training, calibrated + error feedback)" if feedback else "lsc (post-training, calibrated)"
+    setting = f"1-cos target={target} ({n_calib} training verses" + (f"; Hessians: {n_hessian})" if feedback else ")")
+    return _minilm_posttraining_row(None, method, setting, n_heldout, max_length, loader, corpus, calibrate)
 
 
 def minilm_lsc_key(target, steps, over) -> str:
