@@ -491,16 +491,16 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
                 raise LscError(f"{entry.name}: internal error setting the bit allocation ({got.unique().tolist()} != {e})")
             if t_rdo > 0:  # store the RD-optimized symbols
                 _store_symbols(entry, par, *_quantize_at(par, coeffs, e, t_rdo))
-            elif use_feedback:
-                h = hessians[entry.name]
-                rounded = _quantize_at(par, coeffs, e, 0.0)
-                ev = rounded[1]
-                q = feedback_quantize(weight, h, par.layout, par.step(ev), float(par.mean), float(par.std), par.transform, damp)
-                _store_symbols(entry, par, q.reshape(rounded[0].shape), ev)
-                w_fb = reconstruct(q.reshape(rounded[0].shape), ev, par.layout, par.mean, par.std, par.orig_dtype, par.transform)
-                w_rtn = reconstruct(rounded[0], ev, par.layout, par.mean, par.std, par.orig_dtype, par.transform)
-                plain = output_error(w_rtn.to(torch.float64) - weight.to(torch.float64), h)
-                ratio = output_error(w_fb.to(torch.float64) - weight.to(torch.float64), h) / plain if plain > 0 else 1.0
+            elif use_feedback:  # same step, symbols chosen for the output error; rows keep both errors' ratio
+                h, w64 = hessians[entry.name], weight.to(torch.float64)
+                q_plain, ev = _quantize_at(par, coeffs, e, 0.0)
+                q = feedback_quantize(weight, h, par.layout, par.step(ev), float(par.mean), float(par.std), par.transform,
+                                      damp).reshape(q_plain.shape)
+                _store_symbols(entry, par, q, ev)
+                w_fb, w_plain = (reconstruct(x, ev, par.layout, par.mean, par.std, par.orig_dtype, par.transform)
+                                 for x in (q, q_plain))
+                plain = output_error(w_plain.to(torch.float64) - w64, h)
+                ratio = output_error(w_fb.to(torch.float64) - w64, h) / plain if plain > 0 else 1.0
                 err = relative_error(w_fb, weight)
             rows.append(dict(name=entry.name, shape=tuple(par.layout.shape), numel=par.layout.numel,
                              bits=e / res, rel_error=err, bound=bound, tied=list(entry.tied_names),
