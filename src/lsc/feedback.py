@@ -35,7 +35,8 @@ def collect_hessians(model: nn.Module, run: Callable[[nn.Module], object]) -> di
     ``X`` has one row per input vector (a token, or a conv patch as ``F.unfold`` cuts
     it), accumulated in float64 over every call. Run the calibration data the way the
     model will see it, without padding rows (a padded token would count as an input).
-    Grouped and non-zero-padded convolutions are skipped. Names are those of
+    Grouped convolutions, and those with a padding mode other than zeros or padding given as a
+    string (``"same"``), are skipped. Names are those of
     ``model.named_parameters()``, as :func:`lsc.compress_posttraining` expects them.
     """
     hessians: dict[str, torch.Tensor] = {}
