@@ -107,9 +107,19 @@ def predicted_distortion(sensitivity: Mapping[str, TensorSensitivity], bounds: M
                          feedback: Mapping[str, float] | None = None) -> float:
     """``sum_t r_t * s_t * e_t**2``: the distortion the sensitivity model predicts for these bounds
     (``r_t``: ``feedback`` ratios as in :func:`allocate_error_bounds`, 1 without)."""
-    ratio = feedback or {}
-    return sum(float(ratio.get(name, 1.0)) * s.per_error2 * float(bounds[name]) ** 2
-               for name, s in sensitivity.items() if name in bounds)
+    return sum(s.per_error2 * float(bounds[name]) ** 2
+               for name, s in _with_feedback(sensitivity, feedback).items() if name in bounds)
+
+
+def _with_feedback(sensitivity: Mapping[str, TensorSensitivity], feedback: Mapping[str, float] | None):
+    """``sensitivity`` with each tensor's ``s_t`` times its feedback ratio ``r_t`` (checked), if any."""
+    if not feedback:
+        return sensitivity
+    for name, r in feedback.items():
+        if not (isinstance(r, (int, float)) and 0 <= r < math.inf):
+            raise LscError(f"feedback[{name!r}]={r!r} must be a finite number >= 0 (an output error ratio)")
+    return {name: TensorSensitivity(s.per_error2 * float(feedback.get(name, 1.0)), s.numel)
+            for name, s in sensitivity.items()}
 
 
 def allocate_error_bounds(sensitivity: Mapping[str, TensorSensitivity], target: float, *, max_bound: float = 0.5,
@@ -125,12 +135,7 @@ def allocate_error_bounds(sensitivity: Mapping[str, TensorSensitivity], target: 
     ``hessians``); each such tensor's sensitivity is taken as ``r_t * s_t``, so the bounds
     (which choose the step by plain rounding's error) are for compressing with feedback.
     """
-    if feedback:
-        for name, r in feedback.items():
-            if not (isinstance(r, (int, float)) and 0 <= r < math.inf):
-                raise LscError(f"feedback[{name!r}]={r!r} must be a finite number >= 0 (an output error ratio)")
-        sensitivity = {name: TensorSensitivity(s.per_error2 * float(feedback.get(name, 1.0)), s.numel)
-                       for name, s in sensitivity.items()}
+    sensitivity = _with_feedback(sensitivity, feedback)
     if not (target > 0 and math.isfinite(target)):
         raise LscError(f"target={target} must be a positive number: the allowed output distortion")
     if not (0 < max_bound <= 1):
