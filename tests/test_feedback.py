@@ -10,6 +10,7 @@ import lsc
 from lsc import TensorSensitivity as S
 from lsc.feedback import feedback_quantize
 from lsc.blocking import BlockLayout
+from lsc.state import get_state
 
 
 def _correlated_inputs(n, features, seed=0):
@@ -118,6 +119,9 @@ def test_allocation_with_feedback_ratios_scales_each_sensitivity():
     (dict(hessians={"nope.weight": torch.eye(37)}), "no parameter named 'nope.weight'"),
     (dict(hessians={"fc.weight": torch.full((37, 37), float("nan"))}), "NaN"),
     (dict(hessians={"fc.weight": [[1.0]]}), "must be a tensor"),
+    (dict(hessians={"fc.weight": torch.ones(20)}), r"one count per row.*\(21, 37\)"),
+    (dict(hessians={"fc.bias": torch.ones(21)}), "needs a matrix"),
+    (dict(hessians={"fc.weight": -torch.ones(21)}), "counts >= 0"),
     (dict(hessians=[torch.eye(37)]), "must be a dict"),
     (dict(hessians={"fc.weight": torch.eye(37)}, rdo=1.0), "rdo and hessians"),
     (dict(hessians={}, damp=-1), "damp"),
@@ -132,7 +136,7 @@ def test_bad_hessians_are_refused_before_anything_changes(kwargs, match):
 
 
 def test_collect_hessians_needs_a_layer_that_runs():
-    with pytest.raises(lsc.LscError, match="no nn.Linear or nn.Conv2d"):
+    with pytest.raises(lsc.LscError, match="no nn.Linear, nn.Conv2d or nn.Embedding"):
         lsc.collect_hessians(nn.Sequential(nn.LayerNorm(4)), lambda m: m(torch.randn(2, 4)))
     with pytest.raises(lsc.LscError, match="did not call"):
         lsc.collect_hessians(nn.Sequential(nn.Linear(4, 4)), lambda m: None)
@@ -152,3 +156,86 @@ def test_tied_tensors_are_rounded_plainly_and_half_precision_gets_feedback(tmp_p
     back = lsc.load(tmp_path / "t.lsc")
     assert back["2.weight"].dtype == torch.float16
     assert torch.equal(back["2.weight"], tied[2].weight) and torch.equal(back["1.weight"], back["0.weight"])
+
+
+class Lookup(nn.Module):
+    """A text model in miniature: an embedding table read through Zipf-distributed tokens, then a Linear layer."""
+
+    def __init__(self, vocab=400, dim=48):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.fc = nn.Linear(dim, 8)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids).mean(1))
+
+
+def _zipf_ids(n, vocab, seed=0):
+    """Token ids whose frequencies fall as 1/rank, over a fifth of the vocabulary (the rest never occur)."""
+    g = torch.Generator().manual_seed(seed)
+    p = 1.0 / torch.arange(1, vocab // 5 + 1, dtype=torch.float64)
+    ids = torch.multinomial(p / p.sum(), n * 12, replacement=True, generator=g)
+    return torch.randperm(vocab, generator=g)[ids].reshape(n, 12)  # frequent ids spread over the table
+
+
+def test_collect_hessians_counts_the_rows_an_embedding_looks_up():
+    torch.manual_seed(0)
+    net, ids = Lookup(), _zipf_ids(64, 400)
+    h = lsc.collect_hessians(net, lambda m: (m(ids[:10]), m(ids[10:])))
+    assert set(h) == {"emb.weight", "fc.weight"}
+    assert h["emb.weight"].dtype == torch.float64
+    assert torch.equal(h["emb.weight"], torch.bincount(ids.reshape(-1), minlength=400).double())
+    tied = nn.Sequential(nn.Embedding(10, 6), nn.Linear(6, 10, bias=False))
+    tied[1].weight = tied[0].weight  # an output layer tied to the input table keeps its X^T X
+    ht = lsc.collect_hessians(tied, lambda m: m(torch.tensor([[1, 2, 3]])))
+    assert list(ht) == ["0.weight"] and ht["0.weight"].shape == (6, 6)
+
+
+def test_row_counts_spend_the_bits_on_the_rows_that_are_read(tmp_path):
+    torch.manual_seed(0)
+    net, ids = Lookup(), _zipf_ids(4096, 400)
+    with torch.no_grad():
+        ref = net(ids)
+    counts = lsc.collect_hessians(net, lambda m: m(ids))["emb.weight"]
+    plain_net, rows_net = copy.deepcopy(net), copy.deepcopy(net)
+    plain = lsc.compress_posttraining(plain_net, max_error=0.1, path=tmp_path / "plain.lsc", progress=False,
+                                      block_size={"emb.weight": (1, 64), "default": 8})  # the same blocks
+    rows = lsc.compress_posttraining(rows_net, max_error=0.1, hessians={"emb.weight": counts},
+                                     path=tmp_path / "rows.lsc", progress=False)
+    row = next(t for t in rows.tensors if t["name"] == "emb.weight")
+    assert row["row_weighted"] and row["feedback"] and row["bits"] == next(
+        t["bits"] for t in plain.tensors if t["name"] == "emb.weight")  # same step: only the symbols differ
+    assert _block_shape(rows_net, "emb.weight") == (1, 48)  # 1 x 64, clipped
+    assert rows.file_bytes < 0.6 * plain.file_bytes
+    w, w_hat = net.emb.weight.detach(), rows_net.emb.weight.detach()
+    err = (w_hat - w).pow(2).sum(1) / w.pow(2).sum(1)
+    read, unread = counts >= 20, counts == 0
+    assert read.sum() >= 5 and unread.sum() >= 300
+    assert err[read].mean() < 0.1 * err[unread].mean()  # read rows stay close, unread ones may vanish
+    d = w_hat - w
+    expected = float(((d.double().pow(2).sum(1)) * (counts + 1)).sum())
+    assert row["output_error_ratio"] == pytest.approx(expected / _plain_row_error(plain_net, net, counts))
+    with torch.no_grad():  # the model's output on the calibration tokens barely moves
+        out = rows_net(ids)
+    assert float((out - ref).pow(2).mean()) < 2 * float((plain_net(ids) - ref).pow(2).mean())
+    fresh = Lookup()
+    lsc.load(tmp_path / "rows.lsc", fresh)
+    assert torch.equal(fresh.emb.weight, w_hat) and torch.equal(fresh.fc.weight, rows_net.fc.weight.detach())
+
+
+def _block_shape(net, name):
+    return next(e for e in get_state(net).entries if e.name == name).parametrization.layout.block_shape
+
+
+def _plain_row_error(plain_net, net, counts):
+    d = plain_net.emb.weight.detach() - net.emb.weight.detach()
+    return float((d.double().pow(2).sum(1) * (counts + 1)).sum())
+
+
+def test_row_counts_keep_a_block_size_given_per_tensor():
+    torch.manual_seed(0)
+    net, ids = Lookup(), _zipf_ids(64, 400)
+    counts = lsc.collect_hessians(net, lambda m: m(ids))["emb.weight"]
+    lsc.compress_posttraining(net, max_error=0.1, hessians={"emb.weight": counts},
+                              block_size={"emb.*": (4, 4), "default": 8}, progress=False)
+    assert _block_shape(net, "emb.weight") == (4, 4)

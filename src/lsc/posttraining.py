@@ -167,7 +167,8 @@ def module_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
 # ----------------------------------------------------------------- the search
 
 def _check_hessians(hessians, model: nn.Module, compressed: Mapping[str, torch.Tensor]) -> dict:
-    """``hessians`` as a dict, every entry naming a tensor of the model and shaped (fan_in, fan_in)."""
+    """``hessians`` as a dict, every entry naming a tensor of the model and shaped (fan_in, fan_in), or, for a
+    matrix whose rows are looked up (an embedding table), a vector of non-negative row counts (rows,)."""
     if hessians is None:
         return {}
     if not isinstance(hessians, Mapping):
@@ -179,14 +180,28 @@ def _check_hessians(hessians, model: nn.Module, compressed: Mapping[str, torch.T
         if not isinstance(h, torch.Tensor):
             raise LscError(f"hessians[{name!r}] must be a tensor, got {type(h).__name__}")
         w = compressed.get(name)
-        if w is not None and w.dim() >= 2:
+        if w is not None and h.dim() == 1:
+            if w.dim() != 2 or tuple(h.shape) != (w.shape[0],):
+                raise LscError(f"hessians[{name!r}] has shape {tuple(h.shape)}: a vector of row counts needs a matrix "
+                               f"and one count per row, but the tensor has shape {tuple(w.shape)}")
+            if not bool((torch.isfinite(h) & (h >= 0)).all()):
+                raise LscError(f"hessians[{name!r}] must hold finite counts >= 0 (how often each row was looked up)")
+        elif w is not None and w.dim() >= 2:
             fan_in = math.prod(w.shape[1:])
             if tuple(h.shape) != (fan_in, fan_in):
                 raise LscError(f"hessians[{name!r}] has shape {tuple(h.shape)}; a {tuple(w.shape)} weight needs "
-                               f"({fan_in}, {fan_in}) (X^T X of its inputs)")
+                               f"({fan_in}, {fan_in}) (X^T X of its inputs) or ({w.shape[0]},) (row counts)")
             if not bool(torch.isfinite(h).all()):
                 raise LscError(f"hessians[{name!r}] contains NaN or Inf")
     return dict(hessians)
+
+
+def _with_row_blocks(block_size, row_weighted: set):
+    """Blocks of one row (``1 x block_size**2``) for the tensors weighted by rows, so that a block's rows all
+    weigh the same; a ``block_size`` given per dim or per tensor is the user's choice and is kept."""
+    if not row_weighted or not isinstance(block_size, int):
+        return block_size
+    return lambda name, shape: (1, block_size ** 2) if name in row_weighted else block_size
 
 
 def _store_symbols(entry, par, q: torch.Tensor, exponent: torch.Tensor) -> None:
@@ -213,23 +228,31 @@ VECTOR_ERROR_SCALE = 1 / 20  # default bound of 0-D/1-D tensors relative to max_
 RDO_LAMBDA = 2 * math.log(2) / 12  # -dD/dR of an entropy-coded uniform quantizer, D in step^2 units
 
 
-def _rdo_round(x: torch.Tensor, groups: torch.Tensor, rdo: float, iters: int = 2) -> torch.Tensor:
+ROW_PRIOR = 1.0  # add-one smoothing: a row never looked up in calibration still weighs one lookup
+
+
+def _rdo_round(x: torch.Tensor, groups: torch.Tensor, rdo: float, iters: int = 2,
+               weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Rate-distortion optimized rounding of ``x`` (num_blocks, P), in units of the step.
 
     Starts from round-to-nearest; then, with code lengths from each coding group's
     histogram, moves a symbol one step toward zero when the bits saved times
     ``rdo * RDO_LAMBDA`` exceed the squared error it adds (a dead zone that adapts
     to the distribution, as RDOQ in video coders). ``rdo=0`` is plain rounding.
+    ``weights`` (num_blocks,), mean about 1: each block's squared error counts that
+    many times, and a symbol may also drop straight to zero, so blocks that hardly
+    matter cost almost nothing.
     """
     q = torch.round(x)
     if rdo <= 0 or q.numel() == 0:
         return q.to(torch.int64)
     lam = rdo * RDO_LAMBDA
     g = groups.to(torch.int64).expand_as(q)
+    w = None if weights is None else weights.to(x.dtype).reshape(-1, 1)
     for _ in range(iters):
         qi = q.to(torch.int64)
-        lo = int(qi.min())
-        k = int(qi.max()) - lo + 1
+        lo = min(int(qi.min()), 0)
+        k = max(int(qi.max()), 0) - lo + 1
         ng = int(groups.max()) + 1
         if k * ng > 1 << 26:  # huge alphabets: leave as is
             break
@@ -237,11 +260,36 @@ def _rdo_round(x: torch.Tensor, groups: torch.Tensor, rdo: float, iters: int = 2
         n = counts.sum(1, keepdim=True)
         length = -torch.log2((counts + 0.5) / (n + 0.5 * k))  # bits of each symbol in each group
         cand = qi - torch.sign(qi)
-        gain = length[g, qi - lo] - length[g, cand - lo]
-        extra = (x - cand) ** 2 - (x - qi) ** 2
-        move = (qi != 0) & (extra < lam * gain)
-        q = torch.where(move, cand, qi).to(x.dtype)
+        if w is None:
+            gain = length[g, qi - lo] - length[g, cand - lo]
+            extra = (x - cand) ** 2 - (x - qi) ** 2
+            move = (qi != 0) & (extra < lam * gain)
+            q = torch.where(move, cand, qi).to(x.dtype)
+            continue
+        best, cost = qi, w * (x - qi) ** 2 + lam * length[g, qi - lo]
+        for c in (cand, torch.zeros_like(qi)):
+            c_cost = w * (x - c) ** 2 + lam * length[g, c - lo]
+            better = c_cost < cost
+            best, cost = torch.where(better, c, best), torch.where(better, c_cost, cost)
+        q = best.to(x.dtype)
     return q.to(torch.int64)
+
+
+def _row_block_weights(counts: torch.Tensor, layout) -> torch.Tensor:
+    """Distortion weight per block (num_blocks,) from per-row lookup counts: the mean of its rows'
+    ``count + ROW_PRIOR``, scaled so that an average row weighs 1 (padding rows weigh 0)."""
+    w = counts.to(torch.float64) + ROW_PRIOR
+    w = w / w.mean()
+    padded = torch.zeros(layout.grid[0] * layout.block_shape[0], dtype=torch.float64, device=w.device)
+    padded[:w.numel()] = w
+    per_block_row = padded.reshape(layout.grid[0], layout.block_shape[0]).mean(1)
+    return per_block_row.repeat_interleave(math.prod(layout.grid[1:]))
+
+
+def _row_output_error(delta: torch.Tensor, counts: torch.Tensor) -> float:
+    """``sum_r (count_r + ROW_PRIOR) ||delta_r||^2``: the summed squared error of the rows as they are looked up."""
+    d = delta.detach().to(torch.float64).reshape(delta.shape[0], -1)
+    return float((d.pow(2).sum(1) * (counts.to(device=d.device, dtype=torch.float64) + ROW_PRIOR)).sum())
 
 
 def _quantize_at(par, coeffs: torch.Tensor, exponent: int, rdo: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -405,6 +453,12 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
             for the plain rounding that chose the step). Rows record the ratio of the two
             output errors, which :func:`lsc.allocate_error_bounds` can use (``feedback=``).
             Tied tensors, and conv kernels larger than a block, are rounded as usual.
+            An embedding table's entry is a vector of lookup counts per row (what
+            ``collect_hessians`` records for ``nn.Embedding``): its blocks become single rows
+            (``1 x block_size**2``, unless ``block_size`` is given per dim or per tensor) and
+            its symbols are chosen by rate-distortion optimized rounding with each row's
+            error weighted by ``count + 1``, so rows that are rarely or never read cost
+            almost nothing; its ratio is that of the count-weighted errors.
         damp: ridge added to each Hessian, as a fraction of its mean diagonal (GPTQ's 1%).
         min_bits, max_bits: search range of ``max_error`` (a tensor that cannot
             meet the bound gets ``max_bits``).
@@ -454,7 +508,9 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
     # detach() keeps the original storage alive: parametrize rebinds the parameter itself to the coefficients
     originals = {name: p.detach() for name, _, _, p, _ in selected_parameters(model, include, exclude)}
     hessians = _check_hessians(hessians, model, originals)
-    q_net = spectral(model, block_size=block_size, init_bits=0.0, include=include, exclude=exclude, bits_scale=4.0)
+    row_weighted = {name for name, h in hessians.items() if h.dim() == 1 and name in originals}
+    q_net = spectral(model, block_size=_with_row_blocks(block_size, row_weighted), init_bits=0.0, include=include,
+                     exclude=exclude, bits_scale=4.0)
     model.eval()
     st = get_state(model)
     res = EXPONENT_RESOLUTION
@@ -483,7 +539,9 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
                 t_rdo = 1.0 if rdo == "auto" else float(rdo)
                 err = _error_at(par, coeffs, weight, e, t_rdo)
             ratio = None
-            use_feedback = entry.name in hessians and supports_feedback(par.layout) and not entry.tied_names
+            use_rows = entry.name in row_weighted and not entry.tied_names
+            use_feedback = entry.name in hessians and entry.name not in row_weighted \
+                and supports_feedback(par.layout) and not entry.tied_names
             # bits = init_bits (0) + bits_scale (4) * offset, and e / 16 is exact in float32
             q_net.tensor_offset[par.tensor_id] = e / (res * 4.0)
             got = par.exponent().to(torch.int64)
@@ -502,9 +560,20 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
                 plain = output_error(w_plain.to(torch.float64) - w64, h)
                 ratio = output_error(w_fb.to(torch.float64) - w64, h) / plain if plain > 0 else 1.0
                 err = relative_error(w_fb, weight)
+            elif use_rows:  # same step, symbols chosen for the rows that are looked up (see _rdo_round)
+                counts, w64 = hessians[entry.name], weight.to(torch.float64)
+                q_plain, ev = _quantize_at(par, coeffs, e, 0.0)
+                x = (coeffs.to(par.mean.dtype) / par.step(ev)).reshape(q_plain.shape)
+                q = _rdo_round(x, par.groups, 1.0, iters=3, weights=_row_block_weights(counts, par.layout))
+                _store_symbols(entry, par, q, ev)
+                w_rows, w_plain = (reconstruct(sym, ev, par.layout, par.mean, par.std, par.orig_dtype, par.transform)
+                                   for sym in (q, q_plain))
+                plain = _row_output_error(w_plain.to(torch.float64) - w64, counts)
+                ratio = _row_output_error(w_rows.to(torch.float64) - w64, counts) / plain if plain > 0 else 1.0
+                err = relative_error(w_rows, weight)
             rows.append(dict(name=entry.name, shape=tuple(par.layout.shape), numel=par.layout.numel,
                              bits=e / res, rel_error=err, bound=bound, tied=list(entry.tied_names),
-                             feedback=ratio is not None, output_error_ratio=ratio))
+                             feedback=ratio is not None, row_weighted=use_rows, output_error_ratio=ratio))
     for p in q_net.parameters():
         p.requires_grad_(False)
     result = PostTrainingResult(model=model, tensors=rows)
