@@ -72,6 +72,7 @@ FULL = dict(
     minilm_pt=[0.05, 0.04, {"default": 0.05, "embeddings.*": 0.08}],
     minilm_cal=[0.008, 0.01, 0.011, 0.0125],
     minilm_cal_fb=[0.011, 0.0125, 0.013, 0.014],
+    minilm_cal_rows=[0.01, 0.011, 0.0115, 0.012, 0.0125],
 )
 QUICK = dict(
     digits_grid=dict(svd_eps=[0.1, 0.2], prune_fracs=[0.7, 0.9], qps=[-32, -26, -20]),
@@ -84,6 +85,7 @@ QUICK = dict(
     minilm_pt=[0.05],
     minilm_cal=[0.01],
     minilm_cal_fb=[0.011],
+    minilm_cal_rows=[0.011],
 )
 
 
@@ -197,15 +199,17 @@ _SENSITIVITY: dict = {}
 
 
 def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=None, corpus=None,
-                            n_calib=None, feedback: bool = False) -> dict:
+                            n_calib=None, feedback: bool = False, rows: bool = False) -> dict:
     """lsc post-training with calibrated bounds on MiniLM: per-tensor sensitivity (1 - mean cosine to the
     original on ``n_calib`` training verses) -> ``allocate_error_bounds(target)`` -> compress_posttraining.
     With ``feedback``, every Linear layer is quantized with error feedback on its inputs from training
     verses (``collect_hessians``, one unpadded verse at a time), and the bounds are re-allocated with the
-    output-error ratios of a trial compression.
+    output-error ratios of a trial compression. With ``rows`` too, the word-embedding table is weighted by
+    how often the training verses (all of them: counting tokens is cheap) look up each row.
     ``loader`` and ``corpus`` are replaceable, as in ``distill``, so the smoke test runs this on a tiny model."""
     import lsc
-    from benchmarks.lsc_minilm import CALIBRATION_VERSES, HESSIAN_VERSES, calibration_hessians, calibration_sensitivity
+    from benchmarks.lsc_minilm import (CALIBRATION_VERSES, HESSIAN_VERSES, calibration_hessians,
+                                       calibration_sensitivity, token_counts)
     n_calib = n_calib or CALIBRATION_VERSES
     n_hessian = n_calib * HESSIAN_VERSES // CALIBRATION_VERSES
 
@@ -219,13 +223,19 @@ def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=
             return dict(sens=sens, seconds=seconds, bounds=lsc.allocate_error_bounds(sens, target))
         t0 = time.perf_counter()
         hessians = calibration_hessians(model, tok, train, max_length, n_hessian)
+        if rows:
+            hessians["embeddings.word_embeddings.weight"] = token_counts(tok, train, max_length)
         trial = lsc.compress_posttraining(copy.deepcopy(model), max_error=lsc.allocate_error_bounds(sens, target),
                                           hessians=hessians, progress=False)
         ratios = trial.feedback_ratios
         return dict(sens=sens, seconds=seconds + time.perf_counter() - t0, hessians=hessians, feedback=ratios,
                     bounds=lsc.allocate_error_bounds(sens, target, feedback=ratios))
+    if rows and not feedback:
+        raise ValueError("rows=True weights the embedding table inside the feedback pass: pass feedback=True too")
     method = "lsc (post-training, calibrated + error feedback)" if feedback else "lsc (post-training, calibrated)"
-    setting = f"1-cos target={target} ({n_calib} training verses" + (f"; Hessians: {n_hessian})" if feedback else ")")
+    method = method[:-1] + " + token counts)" if rows else method
+    setting = f"1-cos target={target} ({n_calib} training verses" + (f"; Hessians: {n_hessian}" if feedback else "") \
+        + ("; token counts: all training verses)" if rows else ")")
     return _minilm_posttraining_row(None, method, setting, n_heldout, max_length, loader, corpus, calibrate)
 
 
@@ -244,10 +254,12 @@ def minilm_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
         rows.append(r)
         if not cached:
             log("  " + RB.format_row(r))
-    cal = [(t, False) for t in plan.get("minilm_cal", [])] + [(t, True) for t in plan.get("minilm_cal_fb", [])]
-    for t, fb in cal:
-        r, cached = cache.get(f"minilm-cal target={t} verses=128" + (" feedback hessian-verses=512" if fb else ""),
-                              lambda: minilm_calibrated_point(t, feedback=fb), log)
+    cal = [(t, False, False) for t in plan.get("minilm_cal", [])] + \
+        [(t, True, False) for t in plan.get("minilm_cal_fb", [])] + [(t, True, True) for t in plan.get("minilm_cal_rows", [])]
+    for t, fb, by_rows in cal:
+        key = f"minilm-cal target={t} verses=128" + (" feedback hessian-verses=512" if fb else "") + \
+            (" token-counts=all-training" if by_rows else "")
+        r, cached = cache.get(key, lambda: minilm_calibrated_point(t, feedback=fb, rows=by_rows), log)
         rows.append(r)
         if not cached:
             log("  " + RB.format_row(r) + f"  (sensitivity measured in {r['calib_s']:.0f} s)")

@@ -108,6 +108,11 @@ def test_minilm_calibrated_point_tiny(tiny_bert):
                                     n_calib=8, feedback=True)
     assert fb["method"] == "lsc (post-training, calibrated + error feedback)"
     assert 0.0 < fb["predicted_cos"] < 1.0 and -1.0 <= fb["mean_cos"] <= 1.0 + 1e-6
+    by_rows = RA.minilm_calibrated_point(1e-2, n_heldout=8, max_length=16, loader=loader,
+                                         corpus=(train[:64], held[:8]), n_calib=8, feedback=True, rows=True)
+    assert by_rows["method"] == "lsc (post-training, calibrated + error feedback + token counts)"
+    assert "token counts" in by_rows["setting"] and -1.0 <= by_rows["mean_cos"] <= 1.0 + 1e-6
+    assert by_rows["bytes"] != fb["bytes"]  # the embedding table was weighted: different symbols, another size
 
 
 def test_report_and_plots(digits, tmp_path):

@@ -268,3 +268,24 @@ def test_compress_with_a_hessians_file(files, tmp_path, capsys):
     bad.write_text("not tensors")
     assert main(["compress", str(d / "cnn.pt"), "-o", str(tmp_path / "bad.lsc"), "--hessians", str(bad)]) != 0
     assert "--hessians" in capsys.readouterr().err and not (tmp_path / "bad.lsc").exists()
+
+
+def test_compress_with_row_counts_for_an_embedding_table(tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from lsc.cli import main
+    torch.manual_seed(0)
+    sd = {"emb.weight": torch.randn(300, 32), "head.weight": torch.randn(4, 32)}
+    torch.save(sd, tmp_path / "m.pt")
+    counts = torch.zeros(300, dtype=torch.float64)
+    counts[:30] = 1000.0  # a tenth of the vocabulary is ever read
+    save_file({"emb.weight": counts}, str(tmp_path / "h.safetensors"))
+    args = ["compress", str(tmp_path / "m.pt"), "--max-error", "0.2"]
+    assert main(args + ["-o", str(tmp_path / "plain.lsc")]) == 0
+    assert main(args + ["-o", str(tmp_path / "rows.lsc"), "--hessians", str(tmp_path / "h.safetensors")]) == 0
+    out = capsys.readouterr().out
+    assert "emb.weight: rows weighted by their lookup counts" in out and "error feedback on" not in out
+    assert (tmp_path / "rows.lsc").stat().st_size < 0.5 * (tmp_path / "plain.lsc").stat().st_size
+    got = lsc.load(tmp_path / "rows.lsc")
+    err = (got["emb.weight"] - sd["emb.weight"]).pow(2).sum(1) / sd["emb.weight"].pow(2).sum(1)
+    assert float(err[:30].max()) < 0.1 and float(err[30:].mean()) > 0.5  # read rows kept, the rest nearly dropped

@@ -123,10 +123,13 @@ def cmd_compress(args) -> int:
     worst = max(res.tensors, key=lambda t: t["rel_error"]) if res.tensors else None
     data = f"error feedback from --hessians {args.hessians}" if hessians is not None else "no data"
     _out(args, f"compressed {len(res.tensors)} tensors post-training ({rule}, {data}, no fine-tuning)")
-    ratios = sorted(res.feedback_ratios.values())
+    ratios = sorted(t["output_error_ratio"] for t in res.tensors if t.get("feedback") and not t.get("row_weighted"))
     if ratios:
         _out(args, f"  error feedback on {len(ratios)} tensors: output error x{ratios[len(ratios) // 2]:.2f} "
                    f"of plain rounding's (median; {ratios[0]:.2f}-{ratios[-1]:.2f})")
+    for t in (t for t in res.tensors if t.get("row_weighted")):
+        _out(args, f"  {t['name']}: rows weighted by their lookup counts (count-weighted error "
+                   f"x{t['output_error_ratio']:.2f} of plain rounding's, for a smaller file)")
     _out(args, f"  bits/frequency: mean {res.mean_bits:.2f}, min {min(t['bits'] for t in res.tensors):.2f}, "
                f"max {max(t['bits'] for t in res.tensors):.2f}")
     if worst is not None:
@@ -338,7 +341,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "lsc.allocate_error_bounds (calibrated on your data in Python)")
     c.add_argument("--hessians", metavar="SAFETENSORS",
                    help="X^T X of each layer's inputs, {weight name: tensor} saved from lsc.collect_hessians: "
-                        "quantize those layers with error feedback (smaller output error, same size)")
+                        "quantize those layers with error feedback (smaller output error, same size); a vector "
+                        "of row lookup counts for an embedding table spends its bits on the rows that are read")
     c.add_argument("--max-error-1d", type=float, default=None, metavar="E1",
                    help="bound for biases and norm scales (1-D tensors; default: max-error / 20)")
     c.add_argument("--block-size", type=int, default=8, help="DCT block edge per dimension (default 8)")
