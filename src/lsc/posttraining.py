@@ -549,28 +549,23 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
                 raise LscError(f"{entry.name}: internal error setting the bit allocation ({got.unique().tolist()} != {e})")
             if t_rdo > 0:  # store the RD-optimized symbols
                 _store_symbols(entry, par, *_quantize_at(par, coeffs, e, t_rdo))
-            elif use_feedback:  # same step, symbols chosen for the output error; rows keep both errors' ratio
+            elif use_feedback or use_rows:  # same step, symbols chosen for the output error; rows keep both errors' ratio
                 h, w64 = hessians[entry.name], weight.to(torch.float64)
                 q_plain, ev = _quantize_at(par, coeffs, e, 0.0)
-                q = feedback_quantize(weight, h, par.layout, par.step(ev), float(par.mean), float(par.std), par.transform,
-                                      damp).reshape(q_plain.shape)
+                if use_rows:  # an embedding table: rows weighted by how often they are looked up (see _rdo_round)
+                    x = (coeffs.to(par.mean.dtype) / par.step(ev)).reshape(q_plain.shape)
+                    q = _rdo_round(x, par.groups, 1.0, iters=3, weights=_row_block_weights(h, par.layout))
+                    measure = _row_output_error
+                else:
+                    q = feedback_quantize(weight, h, par.layout, par.step(ev), float(par.mean), float(par.std),
+                                          par.transform, damp).reshape(q_plain.shape)
+                    measure = output_error
                 _store_symbols(entry, par, q, ev)
-                w_fb, w_plain = (reconstruct(x, ev, par.layout, par.mean, par.std, par.orig_dtype, par.transform)
-                                 for x in (q, q_plain))
-                plain = output_error(w_plain.to(torch.float64) - w64, h)
-                ratio = output_error(w_fb.to(torch.float64) - w64, h) / plain if plain > 0 else 1.0
-                err = relative_error(w_fb, weight)
-            elif use_rows:  # same step, symbols chosen for the rows that are looked up (see _rdo_round)
-                counts, w64 = hessians[entry.name], weight.to(torch.float64)
-                q_plain, ev = _quantize_at(par, coeffs, e, 0.0)
-                x = (coeffs.to(par.mean.dtype) / par.step(ev)).reshape(q_plain.shape)
-                q = _rdo_round(x, par.groups, 1.0, iters=3, weights=_row_block_weights(counts, par.layout))
-                _store_symbols(entry, par, q, ev)
-                w_rows, w_plain = (reconstruct(sym, ev, par.layout, par.mean, par.std, par.orig_dtype, par.transform)
-                                   for sym in (q, q_plain))
-                plain = _row_output_error(w_plain.to(torch.float64) - w64, counts)
-                ratio = _row_output_error(w_rows.to(torch.float64) - w64, counts) / plain if plain > 0 else 1.0
-                err = relative_error(w_rows, weight)
+                w_new, w_plain = (reconstruct(sym, ev, par.layout, par.mean, par.std, par.orig_dtype, par.transform)
+                                  for sym in (q, q_plain))
+                plain = measure(w_plain.to(torch.float64) - w64, h)
+                ratio = measure(w_new.to(torch.float64) - w64, h) / plain if plain > 0 else 1.0
+                err = relative_error(w_new, weight)
             rows.append(dict(name=entry.name, shape=tuple(par.layout.shape), numel=par.layout.numel,
                              bits=e / res, rel_error=err, bound=bound, tied=list(entry.tied_names),
                              feedback=ratio is not None, row_weighted=use_rows, output_error_ratio=ratio))
