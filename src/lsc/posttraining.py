@@ -201,7 +201,7 @@ def _with_row_blocks(block_size, row_weighted: set):
     weigh the same; a ``block_size`` given per dim or per tensor is the user's choice and is kept."""
     if not row_weighted or not isinstance(block_size, int):
         return block_size
-    return lambda name, shape: (1, block_size ** 2) if name in row_weighted else block_size
+    return {**{name: (1, block_size ** 2) for name in row_weighted}, "default": block_size}  # exact names win
 
 
 def _store_symbols(entry, par, q: torch.Tensor, exponent: torch.Tensor) -> None:
