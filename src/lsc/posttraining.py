@@ -292,14 +292,16 @@ def _row_output_error(delta: torch.Tensor, counts: torch.Tensor) -> float:
     return float((d.pow(2).sum(1) * (counts.to(device=d.device, dtype=torch.float64) + ROW_PRIOR)).sum())
 
 
-def _quantize_at(par, coeffs: torch.Tensor, exponent: int, rdo: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(integer coefficients (num_blocks, P), exponent vector) of a tensor at one step exponent."""
+def _quantize_at(par, coeffs: torch.Tensor, exponent: int, rdo: float,
+                 weights: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(integer coefficients (num_blocks, P), exponent vector) of a tensor at one step exponent
+    (``rdo``, ``weights``: as in :func:`_rdo_round`; weighted rounding takes a third pass)."""
     e = torch.full((par.layout.block_numel,), int(exponent), dtype=torch.int64, device=coeffs.device)
     step = par.step(e)
     c = coeffs.to(par.mean.dtype)
     if rdo > 0:
         x = (c / step).reshape(par.layout.num_blocks, par.layout.block_numel)
-        q = _rdo_round(x, par.groups, rdo)
+        q = _rdo_round(x, par.groups, rdo, iters=2 if weights is None else 3, weights=weights)
     else:
         q = integer_coefficients(c, step).reshape(par.layout.num_blocks, par.layout.block_numel)
     return q, e
@@ -553,8 +555,7 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
                 h, w64 = hessians[entry.name], weight.to(torch.float64)
                 q_plain, ev = _quantize_at(par, coeffs, e, 0.0)
                 if use_rows:  # an embedding table: rows weighted by how often they are looked up (see _rdo_round)
-                    x = (coeffs.to(par.mean.dtype) / par.step(ev)).reshape(q_plain.shape)
-                    q = _rdo_round(x, par.groups, 1.0, iters=3, weights=_row_block_weights(h, par.layout))
+                    q, _ = _quantize_at(par, coeffs, e, 1.0, weights=_row_block_weights(h, par.layout))
                     measure = _row_output_error
                 else:
                     q = feedback_quantize(weight, h, par.layout, par.step(ev), float(par.mean), float(par.std),
