@@ -289,3 +289,13 @@ def test_compress_with_row_counts_for_an_embedding_table(tmp_path, capsys):
     got = lsc.load(tmp_path / "rows.lsc")
     err = (got["emb.weight"] - sd["emb.weight"]).pow(2).sum(1) / sd["emb.weight"].pow(2).sum(1)
     assert float(err[:30].max()) < 0.1 and float(err[30:].mean()) > 0.5  # read rows kept, the rest nearly dropped
+    # --row-prior credits every row with more lookups: the unread rows stay, in a larger file
+    assert main(args + ["-o", str(tmp_path / "prior.lsc"), "--hessians", str(tmp_path / "h.safetensors"),
+                        "--row-prior", "300"]) == 0
+    assert (tmp_path / "prior.lsc").stat().st_size > (tmp_path / "rows.lsc").stat().st_size
+    kept = lsc.load(tmp_path / "prior.lsc")["emb.weight"]
+    assert float(((kept - sd["emb.weight"]).pow(2).sum(1) / sd["emb.weight"].pow(2).sum(1))[30:].mean()) < 0.5 * float(err[30:].mean())
+    capsys.readouterr()
+    assert main(args + ["-o", str(tmp_path / "bad.lsc"), "--hessians", str(tmp_path / "h.safetensors"),
+                        "--row-prior", "0"]) != 0
+    assert "--row-prior 0: must be" in capsys.readouterr().err and not (tmp_path / "bad.lsc").exists()

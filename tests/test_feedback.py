@@ -125,6 +125,8 @@ def test_allocation_with_feedback_ratios_scales_each_sensitivity():
     (dict(hessians=[torch.eye(37)]), "must be a dict"),
     (dict(hessians={"fc.weight": torch.eye(37)}, rdo=1.0), "rdo and hessians"),
     (dict(hessians={}, damp=-1), "damp"),
+    (dict(hessians={}, row_prior=0), "row_prior"),
+    (dict(hessians={}, row_prior=float("inf")), "row_prior"),
 ])
 def test_bad_hessians_are_refused_before_anything_changes(kwargs, match):
     net, _, _ = _setup()
@@ -227,9 +229,31 @@ def _block_shape(net, name):
     return next(e for e in get_state(net).entries if e.name == name).parametrization.layout.block_shape
 
 
-def _plain_row_error(plain_net, net, counts):
+def _plain_row_error(plain_net, net, counts, prior=1.0):
     d = plain_net.emb.weight.detach() - net.emb.weight.detach()
-    return float((d.double().pow(2).sum(1) * (counts + 1)).sum())
+    return float((d.double().pow(2).sum(1) * (counts + prior)).sum())
+
+
+def test_a_larger_row_prior_keeps_the_unread_rows_for_a_larger_file(tmp_path):
+    torch.manual_seed(0)
+    net, ids = Lookup(), _zipf_ids(4096, 400)
+    counts = lsc.collect_hessians(net, lambda m: m(ids))["emb.weight"]
+    plain_net = copy.deepcopy(net)
+    lsc.compress_posttraining(plain_net, max_error=0.1, progress=False, block_size={"emb.weight": (1, 64), "default": 8})
+    unread = counts == 0
+    got = {}
+    for prior in (1.0, 30.0):
+        m = copy.deepcopy(net)
+        res = lsc.compress_posttraining(m, max_error=0.1, hessians={"emb.weight": counts}, row_prior=prior,
+                                        path=tmp_path / f"{prior}.lsc", progress=False)
+        row = next(t for t in res.tensors if t["name"] == "emb.weight")
+        d = (m.emb.weight.detach() - net.emb.weight.detach()).double()
+        # the reported ratio weighs rows by count + prior, as the rounding did
+        assert row["output_error_ratio"] == pytest.approx(
+            float((d.pow(2).sum(1) * (counts + prior)).sum()) / _plain_row_error(plain_net, net, counts, prior))
+        got[prior] = (res.file_bytes, float(d[unread].pow(2).mean()))
+    assert got[30.0][0] > got[1.0][0]              # more bytes ...
+    assert got[30.0][1] < 0.5 * got[1.0][1]        # ... spent on the rows calibration never read
 
 
 def test_row_counts_keep_a_block_size_given_per_tensor():

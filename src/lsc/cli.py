@@ -102,6 +102,8 @@ def cmd_compress(args) -> int:
     else:
         max_error = None if args.bits is not None else _parse_max_error(args.max_error or [])
     hessians = _read_hessians(_check_input(args.hessians, "Hessians file")) if args.hessians else None
+    if not (0 < args.row_prior < math.inf):
+        raise CliError(f"--row-prior {args.row_prior:g}: must be a finite number > 0")
     out = _check_output(args.output or str(src.with_suffix(".lsc")), [src])
     t0 = time.perf_counter()
     sd = load_checkpoint(src)
@@ -117,7 +119,8 @@ def cmd_compress(args) -> int:
         rule = "--max-error " + _describe(max_error)
     res = compress_posttraining(sd, bits=args.bits, max_error=max_error, path=out, block_size=args.block_size,
                                 exclude=args.exclude or None, min_bits=args.min_bits, max_bits=args.max_bits,
-                                max_error_1d=args.max_error_1d, hessians=hessians, progress=_progress_flag(args))
+                                max_error_1d=args.max_error_1d, hessians=hessians, row_prior=args.row_prior,
+                                progress=_progress_flag(args))
     secs = time.perf_counter() - t0
     size = res.file_bytes
     worst = max(res.tensors, key=lambda t: t["rel_error"]) if res.tensors else None
@@ -343,6 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="X^T X of each layer's inputs, {weight name: tensor} saved from lsc.collect_hessians: "
                         "quantize those layers with error feedback (smaller output error, same size); a vector "
                         "of row lookup counts for an embedding table spends its bits on the rows that are read")
+    c.add_argument("--row-prior", type=float, default=1.0, metavar="N",
+                   help="lookups credited to every row of an embedding table given as counts in --hessians "
+                        "(default 1); larger keeps rarely read rows closer, for a larger file")
     c.add_argument("--max-error-1d", type=float, default=None, metavar="E1",
                    help="bound for biases and norm scales (1-D tensors; default: max-error / 20)")
     c.add_argument("--block-size", type=int, default=8, help="DCT block edge per dimension (default 8)")

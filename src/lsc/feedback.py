@@ -16,7 +16,7 @@ the layer's output error on the calibration inputs drops, on MiniLM by 2-6x.
 An ``nn.Embedding`` sees one-hot inputs, so its ``X^T X`` is diagonal: how often each
 row was looked up. There is nothing to feed back (no two rows are ever mixed), but
 the counts say which rows matter; :func:`lsc.compress_posttraining` uses them to
-spend bits on the rows that are read (see ``row_weighted_round`` there).
+spend bits on the rows that are read (see its ``hessians`` and ``row_prior``).
 """
 from __future__ import annotations
 

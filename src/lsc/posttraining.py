@@ -26,6 +26,7 @@ that loads into the original model.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -228,7 +229,7 @@ VECTOR_ERROR_SCALE = 1 / 20  # default bound of 0-D/1-D tensors relative to max_
 RDO_LAMBDA = 2 * math.log(2) / 12  # -dD/dR of an entropy-coded uniform quantizer, D in step^2 units
 
 
-ROW_PRIOR = 1.0  # add-one smoothing: a row never looked up in calibration still weighs one lookup
+ROW_PRIOR = 1.0  # default add-one smoothing: a row never looked up in calibration still weighs one lookup
 
 
 def _rdo_round(x: torch.Tensor, groups: torch.Tensor, rdo: float, iters: int = 2,
@@ -275,10 +276,10 @@ def _rdo_round(x: torch.Tensor, groups: torch.Tensor, rdo: float, iters: int = 2
     return q.to(torch.int64)
 
 
-def _row_block_weights(counts: torch.Tensor, layout) -> torch.Tensor:
+def _row_block_weights(counts: torch.Tensor, layout, prior: float) -> torch.Tensor:
     """Distortion weight per block (num_blocks,) from per-row lookup counts: the mean of its rows'
-    ``count + ROW_PRIOR``, scaled so that an average row weighs 1 (padding rows weigh 0)."""
-    w = counts.to(torch.float64) + ROW_PRIOR
+    ``count + prior``, scaled so that an average row weighs 1 (padding rows weigh 0)."""
+    w = counts.to(torch.float64) + prior
     w = w / w.mean()
     padded = torch.zeros(layout.grid[0] * layout.block_shape[0], dtype=torch.float64, device=w.device)
     padded[:w.numel()] = w
@@ -286,10 +287,10 @@ def _row_block_weights(counts: torch.Tensor, layout) -> torch.Tensor:
     return per_block_row.repeat_interleave(math.prod(layout.grid[1:]))
 
 
-def _row_output_error(delta: torch.Tensor, counts: torch.Tensor) -> float:
-    """``sum_r (count_r + ROW_PRIOR) ||delta_r||^2``: the summed squared error of the rows as they are looked up."""
+def _row_output_error(delta: torch.Tensor, counts: torch.Tensor, prior: float) -> float:
+    """``sum_r (count_r + prior) ||delta_r||^2``: the summed squared error of the rows as they are looked up."""
     d = delta.detach().to(torch.float64).reshape(delta.shape[0], -1)
-    return float((d.pow(2).sum(1) * (counts.to(device=d.device, dtype=torch.float64) + ROW_PRIOR)).sum())
+    return float((d.pow(2).sum(1) * (counts.to(device=d.device, dtype=torch.float64) + prior)).sum())
 
 
 def _quantize_at(par, coeffs: torch.Tensor, exponent: int, rdo: float,
@@ -431,7 +432,8 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
                           block_size=8, include=None, exclude=None, min_bits: float = -4.0,
                           max_bits: float = 16.0, rdo: Union[float, str] = 0.0,
                           max_error_1d: Optional[float] = None, hessians: Optional[Mapping[str, torch.Tensor]] = None,
-                          damp: float = 0.01, progress: Optional[bool] = None) -> PostTrainingResult:
+                          damp: float = 0.01, row_prior: float = ROW_PRIOR,
+                          progress: Optional[bool] = None) -> PostTrainingResult:
     """Compress a trained model or state_dict without data or fine-tuning.
 
     Args:
@@ -459,8 +461,12 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
             ``collect_hessians`` records for ``nn.Embedding``): its blocks become single rows
             (``1 x block_size**2``, unless ``block_size`` is given per dim or per tensor) and
             its symbols are chosen by rate-distortion optimized rounding with each row's
-            error weighted by ``count + 1``, so rows that are rarely or never read cost
+            error weighted by ``count + row_prior``, so rows that are rarely or never read cost
             almost nothing; its ratio is that of the count-weighted errors.
+        row_prior: lookups every row of such a table is credited with on top of its count
+            (default 1, add-one smoothing). Larger values protect rows the calibration data
+            rarely or never read (the worst held-out input) for a larger file. On MiniLM, 2 gave
+            a passing file 4% larger, whose worst held-out cosine was 0.955 instead of 0.90.
         damp: ridge added to each Hessian, as a fraction of its mean diagonal (GPTQ's 1%).
         min_bits, max_bits: search range of ``max_error`` (a tensor that cannot
             meet the bound gets ``max_bits``).
@@ -494,6 +500,8 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
         raise LscError("rdo and hessians do not combine: error feedback already chooses each symbol; use one of them")
     if not (isinstance(damp, (int, float)) and 0 <= damp < math.inf):
         raise LscError(f"damp={damp!r} must be a number >= 0")
+    if not (isinstance(row_prior, (int, float)) and 0 < row_prior < math.inf):
+        raise LscError(f"row_prior={row_prior!r} must be a number > 0 (lookups credited to every row of an embedding table)")
     if not (MIN_BITS <= min_bits <= max_bits <= MAX_BITS):
         raise LscError(f"need {MIN_BITS:g} <= min_bits <= max_bits <= {MAX_BITS:g}, got {min_bits}, {max_bits}")
 
@@ -555,8 +563,8 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
                 h, w64 = hessians[entry.name], weight.to(torch.float64)
                 q_plain, ev = _quantize_at(par, coeffs, e, 0.0)
                 if use_rows:  # an embedding table: rows weighted by how often they are looked up (see _rdo_round)
-                    q, _ = _quantize_at(par, coeffs, e, 1.0, weights=_row_block_weights(h, par.layout))
-                    measure = _row_output_error
+                    q, _ = _quantize_at(par, coeffs, e, 1.0, weights=_row_block_weights(h, par.layout, row_prior))
+                    measure = functools.partial(_row_output_error, prior=row_prior)
                 else:
                     q = feedback_quantize(weight, h, par.layout, par.step(ev), float(par.mean), float(par.std),
                                           par.transform, damp).reshape(q_plain.shape)
