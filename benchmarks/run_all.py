@@ -232,8 +232,7 @@ def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=
                     bounds=lsc.allocate_error_bounds(sens, target, feedback=ratios))
     if rows and not feedback:
         raise ValueError("rows=True weights the embedding table inside the feedback pass: pass feedback=True too")
-    method = "lsc (post-training, calibrated + error feedback)" if feedback else "lsc (post-training, calibrated)"
-    method = method[:-1] + " + token counts)" if rows else method
+    method = "lsc (post-training, calibrated" + (" + error feedback" if feedback else "") + (" + token counts" if rows else "") + ")"
     setting = f"1-cos target={target} ({n_calib} training verses" + (f"; Hessians: {n_hessian}" if feedback else "") \
         + ("; token counts: all training verses)" if rows else ")")
     return _minilm_posttraining_row(None, method, setting, n_heldout, max_length, loader, corpus, calibrate)

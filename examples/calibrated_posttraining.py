@@ -42,16 +42,15 @@ def main(argv=None) -> dict:
     def kl(m):  # how far m's predictions on the training images are from the original's
         return float((ref.exp() * (ref - torch.log_softmax(m(xtr), -1))).sum(-1).mean())
 
-    sens = lsc.measure_sensitivity(model, kl, progress=False)
-    bounds = lsc.allocate_error_bounds(sens, args.target)
+    first_pass = lsc.measure_sensitivity(model, kl, progress=False)  # seeded: the same probes serve both files
+    bounds = lsc.allocate_error_bounds(first_pass, args.target)
     sens = lsc.measure_sensitivity(model, kl, probe=bounds, progress=False)  # second pass, at the bounds
     bounds = lsc.allocate_error_bounds(sens, args.target)
 
     # error feedback: the layers' inputs, a trial compression that measures how much output error it removes,
     # and bounds re-allocated for it (feedback tolerates much coarser bounds: cap 0.85 instead of 0.5)
     hessians = lsc.collect_hessians(model, lambda m: m(xtr))
-    fb_sens = lsc.measure_sensitivity(model, kl, progress=False)
-    fb_bounds = lsc.allocate_error_bounds(fb_sens, args.feedback_target, max_bound=0.85)
+    fb_bounds = lsc.allocate_error_bounds(first_pass, args.feedback_target, max_bound=0.85)
     fb_sens = lsc.measure_sensitivity(model, kl, probe=fb_bounds, progress=False)
     fb_bounds = lsc.allocate_error_bounds(fb_sens, args.feedback_target, max_bound=0.85)
     trial = lsc.compress_posttraining(copy.deepcopy(model), max_error=fb_bounds, hessians=hessians, progress=False)
