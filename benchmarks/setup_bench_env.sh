@@ -9,6 +9,14 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 
+# torch must come from scripts/setup.sh (the CPU wheel): here pip would resolve "torch>=2.1" to a
+# multi-GB CUDA build.
+if ! $PY -c "import torch" 2>/dev/null; then
+    echo "setup_bench_env.sh: torch is not installed for $PY; run 'bash scripts/setup.sh bench' and activate" \
+         "its .venv first (or set PYTHON=/path/to/venv/bin/python)" >&2
+    exit 1
+fi
+
 # Pin the torch/numpy already installed so no resolver step can swap them.
 CONSTRAINTS=$(mktemp)
 trap 'rm -f "$CONSTRAINTS"' EXIT
