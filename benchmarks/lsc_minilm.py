@@ -14,6 +14,10 @@ held-out verses are never seen) with
 then ``finalize()``, ``lsc.save``, ``lsc.load`` into a fresh BertModel, and the
 mean / minimum cosine of held-out embeddings against the teacher.
 
+``finetune_at_fixed_steps`` is the other way to fine-tune, used by ``run_all.py`` after
+calibrated post-training: the same distillation loss without the rate term, with the step
+sizes that post-training chose kept fixed (quantization-aware training at a fixed size).
+
 Vocabulary: rows of the word-embedding table for tokens that never occur in the
 training verses get no gradient from the task; they are set to zero before
 compression (``--keep-vocab`` disables it), so they cost ~0 bits. This is a
@@ -95,6 +99,66 @@ def _pool(hidden, mask):
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
+def distill_steps(student, teacher, tok, train, steps: int, opt, sched=None, *, batch_size=16, max_length=64,
+                  cos_weight=100.0, tok_weight=10.0, extra_loss=None, device="cpu", log=print, status=None) -> float:
+    """``steps`` optimizer steps of distillation on training verses (in a fixed shuffled order) -> seconds.
+
+    loss = cos_weight * (1 - cos of mean-pooled embeddings) + tok_weight * token-level MSE of the
+    normalized last hidden states (+ ``extra_loss()``, e.g. the rate term). The student trains
+    without dropout: its parametrizations compute the weights with gradients, as in training, but
+    the model itself is the deterministic one the teacher's embeddings come from.
+    """
+    gen = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(train), generator=gen)
+    t0 = time.perf_counter()
+    student.train()
+    for mod in student.modules():  # distill the deterministic model: no dropout (attention reads .p too)
+        if isinstance(mod, torch.nn.Dropout):
+            mod.p = 0.0
+    for step in range(steps):
+        start = (step * batch_size) % len(perm)
+        batch = [train[int(i)] for i in perm[start:start + batch_size]]
+        enc = tok(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+        with torch.no_grad():
+            th = teacher(**enc).last_hidden_state
+        sh = student(**enc).last_hidden_state
+        mask = enc["attention_mask"]
+        cos = F.cosine_similarity(_pool(sh, mask), _pool(th, mask), dim=-1)
+        m = mask.unsqueeze(-1).to(sh.dtype)
+        tok_mse = (((F.normalize(sh, dim=-1) - F.normalize(th, dim=-1)) ** 2) * m).sum() / m.sum()
+        loss = cos_weight * (1 - cos).mean() + tok_weight * tok_mse
+        if extra_loss is not None:
+            loss = loss + extra_loss()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if sched is not None:
+            sched.step()
+        if step % 25 == 0 or step == steps - 1:
+            log(f"  step {step:4d}  cos {float(cos.detach().mean()):.4f}  " + (status() + "  " if status else "")
+                + f"{time.perf_counter() - t0:.0f}s")
+    student.eval()
+    return time.perf_counter() - t0
+
+
+def finetune_at_fixed_steps(student, teacher, tok, train, steps: int, lr: float, *, pct_start=0.05, log=print,
+                            **cfg) -> float:
+    """Quantization-aware distillation of a post-trained model (``compress_posttraining``) -> seconds.
+
+    The step sizes stay those the post-training allocation chose (its bit-allocation network
+    is frozen, and no rate term is added), so the file keeps about its size, while every
+    coefficient, bias and norm parameter learns to cancel the rounding error of the others
+    through the straight-through quantizer. Adam with a one-cycle schedule peaking at ``lr``.
+    """
+    q_net = lsc.state.get_state(student).q_net
+    for p in q_net.parameters():
+        p.requires_grad_(False)
+    params = [p for p in student.parameters() if p.requires_grad]
+    opt = torch.optim.Adam(params, lr=lr)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=pct_start)
+    return distill_steps(student, teacher, tok, train, steps, opt, sched, log=log, **cfg)
+
+
 def distill(target_bytes: float, steps: int, *, n_heldout=256, log=print, keep_vocab=False, loader=load_minilm,
             corpus=None, device="cpu", save=None, **overrides) -> dict:
     """One fine-tuned point; ``loader() -> (model, tokenizer)`` and ``corpus = (train, held)`` are
@@ -158,33 +222,10 @@ def distill(target_bytes: float, steps: int, *, n_heldout=256, log=print, keep_v
                                                 pct_start=0.1, div_factor=10, final_div_factor=10)
     ctrl = lsc.RateController(student, target_bytes=target_bytes, total_steps=steps, ramp=cfg["ramp"],
                               init_weight=cfg["init_weight"])
-    gen = torch.Generator().manual_seed(0)
-    perm = torch.randperm(len(train), generator=gen)
-    bs = cfg["batch_size"]
     t0 = time.perf_counter()
-    student.train()
-    for mod in student.modules():  # distill the deterministic model: no dropout (attention reads .p too)
-        if isinstance(mod, torch.nn.Dropout):
-            mod.p = 0.0
-    for step in range(steps):
-        batch = [train[int(i)] for i in perm[(step * bs) % len(perm):(step * bs) % len(perm) + bs]]
-        enc = tok(batch, padding=True, truncation=True, max_length=cfg["max_length"], return_tensors="pt").to(device)
-        with torch.no_grad():
-            th = teacher(**enc).last_hidden_state
-        sh = student(**enc).last_hidden_state
-        mask = enc["attention_mask"]
-        cos = F.cosine_similarity(_pool(sh, mask), _pool(th, mask), dim=-1)
-        m = mask.unsqueeze(-1).to(sh.dtype)
-        tok_mse = (((F.normalize(sh, dim=-1) - F.normalize(th, dim=-1)) ** 2) * m).sum() / m.sum()
-        loss = cfg["cos_weight"] * (1 - cos).mean() + cfg["tok_weight"] * tok_mse + ctrl.loss()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        if step % 25 == 0 or step == steps - 1:
-            log(f"  step {step:4d}  cos {float(cos.detach().mean()):.4f}  predicted {ctrl.predicted_bytes() / 1e6:.3f} MB  "
-                f"lambda {ctrl.weight:.3g}  {time.perf_counter() - t0:.0f}s")
-    student.eval()
+    distill_steps(student, teacher, tok, train, steps, opt, sched, extra_loss=ctrl.loss, device=device, log=log,
+                  status=lambda: f"predicted {ctrl.predicted_bytes() / 1e6:.3f} MB  lambda {ctrl.weight:.3g}",
+                  **{k: cfg[k] for k in ("batch_size", "max_length", "cos_weight", "tok_weight")})
     # finalize_sensitivity: the last cut follows the measured sensitivities instead of one shift for all
     ctrl.finalize(sensitivity=sens if cfg.get("finalize_sensitivity") else None)
     train_s = time.perf_counter() - t0
@@ -198,7 +239,7 @@ def distill(target_bytes: float, steps: int, *, n_heldout=256, log=print, keep_v
     met = cosine_metrics(ref, embed(dec, tok, held, max_length=cfg["max_length"]))
     row = dict(model="minilm", method="lsc (fine-tuned)", setting=f"target={target_bytes / 1e6:g}MB",
                **_size_fields(size, n), enc_s=enc_s, dec_s=dec_s, steps=steps, train_s=train_s,
-               batch_size=bs, device=str(device), passes=met["mean_cos"] >= 0.99, **met, **info)
+               batch_size=cfg["batch_size"], device=str(device), passes=met["mean_cos"] >= 0.99, **met, **info)
     log(f"  RESULT {json.dumps(row)}")
     return row
 

@@ -75,7 +75,9 @@ FULL = dict(
     minilm_pt=[0.05, 0.04, {"default": 0.05, "embeddings.*": 0.08}],
     minilm_cal=[0.008, 0.01, 0.011, 0.0125],
     minilm_cal_fb=[0.011, 0.0125, 0.013, 0.014],
-    minilm_cal_rows=[0.01, 0.011, 0.0115, 0.012, 0.0125],
+    minilm_cal_rows=[0.01, 0.011, 0.0115, 0.012, 0.0125, 0.014, 0.016],
+    # (1-cos target, distillation steps, peak lr): the rows' post-training point, then QAT at its steps
+    minilm_cal_qat=[(0.012, 300, 5e-3), (0.014, 300, 5e-3), (0.016, 300, 5e-3), (0.016, 600, 5e-3)],
 )
 QUICK = dict(
     digits_grid=dict(svd_eps=[0.1, 0.2], prune_fracs=[0.7, 0.9], qps=[-32, -26, -20]),
@@ -89,6 +91,7 @@ QUICK = dict(
     minilm_cal=[0.01],
     minilm_cal_fb=[0.011],
     minilm_cal_rows=[0.011],
+    minilm_cal_qat=[(0.012, 30, 5e-3)],
 )
 
 
@@ -165,12 +168,13 @@ def digits_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
 
 
 def _minilm_posttraining_row(max_error, method: str, setting: str, n_heldout=256, max_length=64, loader=None,
-                             corpus=None, calibrate=None) -> dict:
+                             corpus=None, calibrate=None, finetune=None) -> dict:
     """compress_posttraining(max_error) on MiniLM + save + load + held-out cosine, as one table row.
 
     With ``calibrate(model, tok, train) -> dict(sens, seconds, bounds[, hessians, feedback])`` the bounds
     (and Hessians for error feedback) come from calibration instead; ``loader`` and ``corpus`` are
-    replaceable, as in ``distill``."""
+    replaceable, as in ``distill``. ``finetune(student, teacher, tok, train) -> seconds`` runs between
+    compression and saving (its time is the row's ``train_s``, not part of ``enc_s``)."""
     import lsc
     from benchmarks.minilm import cosine_metrics, embed, kjv_split, load_minilm
     from benchmarks.roundtrip import timed_file_round_trip
@@ -185,9 +189,15 @@ def _minilm_posttraining_row(max_error, method: str, setting: str, n_heldout=256
         cal = calibrate(model, tok, train)
         max_error, hessians, extra["calib_s"] = cal["bounds"], cal.get("hessians"), cal["seconds"]
         extra["predicted_cos"] = 1 - lsc.predicted_distortion(cal["sens"], max_error, feedback=cal.get("feedback"))
-    size, dec, enc_s, dec_s = timed_file_round_trip(
-        lambda path: lsc.compress_posttraining(model, max_error=max_error, path=path, hessians=hessians, progress=False),
-        lambda: loader()[0])
+    teacher = copy.deepcopy(model) if finetune is not None else None
+
+    def write(path):
+        lsc.compress_posttraining(model, max_error=max_error, hessians=hessians, progress=False)
+        if finetune is not None:
+            extra["train_s"] = finetune(model, teacher, tok, train)
+        lsc.save(model, path)
+    size, dec, enc_s, dec_s = timed_file_round_trip(write, lambda: loader()[0])
+    enc_s -= extra.get("train_s", 0.0)
     met = cosine_metrics(ref, embed(dec, tok, held, max_length=max_length))
     return dict(model="minilm", method=method, setting=setting, bytes=size, ratio=4 * n / size, bpp=8 * size / n,
                 enc_s=enc_s, dec_s=dec_s, **extra, passes=met["mean_cos"] >= RB.MINILM_MIN_COS, **met)
@@ -202,13 +212,16 @@ _SENSITIVITY: dict = {}
 
 
 def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=None, corpus=None,
-                            n_calib=None, feedback: bool = False, rows: bool = False) -> dict:
+                            n_calib=None, feedback: bool = False, rows: bool = False, qat=None,
+                            log=print) -> dict:
     """lsc post-training with calibrated bounds on MiniLM: per-tensor sensitivity (1 - mean cosine to the
     original on ``n_calib`` training verses) -> ``allocate_error_bounds(target)`` -> compress_posttraining.
     With ``feedback``, every Linear layer is quantized with error feedback on its inputs from training
     verses (``collect_hessians``, one unpadded verse at a time), and the bounds are re-allocated with the
     output-error ratios of a trial compression. With ``rows`` too, the word-embedding table is weighted by
     how often the training verses (all of them: counting tokens is cheap) look up each row.
+    With ``qat=dict(steps=, lr=[, batch_size=])`` the compressed model is then distilled at its frozen step
+    sizes (``finetune_at_fixed_steps``, progress to ``log``) before it is saved.
     ``loader`` and ``corpus`` are replaceable, as in ``distill``, so the smoke test runs this on a tiny model."""
     import lsc
     from benchmarks.lsc_minilm import (CALIBRATION_VERSES, HESSIAN_VERSES, calibration_hessians,
@@ -238,7 +251,18 @@ def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=
     method = "lsc (post-training, calibrated" + (" + error feedback" if feedback else "") + (" + token counts" if rows else "") + ")"
     setting = f"1-cos target={target} ({n_calib} training verses" + (f"; Hessians: {n_hessian}" if feedback else "") \
         + ("; token counts: all training verses)" if rows else ")")
-    return _minilm_posttraining_row(None, method, setting, n_heldout, max_length, loader, corpus, calibrate)
+    finetune = None
+    if qat is not None:
+        from benchmarks.lsc_minilm import finetune_at_fixed_steps
+        method = method[:-1] + " + QAT at fixed steps)"
+        setting += f", then {qat['steps']} distillation steps at lr {qat['lr']:g}"
+
+        def finetune(student, teacher, tok, train):
+            return finetune_at_fixed_steps(student, teacher, tok, train, log=log, max_length=max_length, **qat)
+    row = _minilm_posttraining_row(None, method, setting, n_heldout, max_length, loader, corpus, calibrate, finetune)
+    if qat is not None:
+        row.update(steps=qat["steps"], batch_size=qat.get("batch_size", 16))
+    return row
 
 
 def minilm_lsc_key(target, steps, over) -> str:
@@ -265,6 +289,17 @@ def minilm_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
         rows.append(r)
         if not cached:
             log("  " + RB.format_row(r) + f"  (sensitivity measured in {r['calib_s']:.0f} s)")
+    for t, steps, lr in plan.get("minilm_cal_qat", []):
+        key = f"minilm-cal-qat target={t} verses=128 feedback hessian-verses=512 token-counts=all-training " \
+              f"steps={steps} lr={lr} batch=16"
+        if not cache.compute_training and not cache.has(key):
+            log(f"  skipped (--no-train, not cached): {key}")
+            continue
+        r, cached = cache.get(key, lambda: minilm_calibrated_point(t, feedback=True, rows=True,
+                                                                   qat=dict(steps=steps, lr=lr), log=log), log)
+        rows.append(r)
+        if not cached:
+            log("  " + RB.format_row(r) + f"  ({steps} steps, {r['train_s']:.0f} s)")
     for t, steps, over in plan["minilm_lsc"]:
         key = minilm_lsc_key(t, steps, over)
         if not cache.compute_training and not cache.has(key):
@@ -423,6 +458,8 @@ def headline(digits, minilm) -> list[str]:
                                "lsc (post-training, calibrated + error feedback)"),
                               ("lsc (post-training, calibrated + error feedback + token counts)",
                                "lsc (post-training, calibrated + error feedback + token counts)"),
+                              ("lsc (post-training, calibrated + error feedback + token counts + QAT at fixed steps)",
+                               "lsc (post-training, calibrated + error feedback + token counts + QAT at fixed steps)"),
                               ("NNCodec", "nncodec"), ("int4+zstd", "int4+zstd"), ("int8+zstd", "int8+zstd")):
             if not any(row["method"].startswith(prefix) for row in rows):
                 continue  # not run on this model (token counts need an embedding table)

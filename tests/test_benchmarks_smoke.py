@@ -8,6 +8,7 @@ against targets; only that rows are well formed and files are written.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import sys
 from pathlib import Path
@@ -113,6 +114,31 @@ def test_minilm_calibrated_point_tiny(tiny_bert):
     assert by_rows["method"] == "lsc (post-training, calibrated + error feedback + token counts)"
     assert "token counts" in by_rows["setting"] and -1.0 <= by_rows["mean_cos"] <= 1.0 + 1e-6
     assert by_rows["bytes"] != fb["bytes"]  # the embedding table was weighted: different symbols, another size
+    qat = RA.minilm_calibrated_point(1e-2, n_heldout=8, max_length=16, loader=loader, corpus=(train[:64], held[:8]),
+                                     n_calib=8, feedback=True, rows=True, qat=dict(steps=2, lr=0.3, batch_size=4),
+                                     log=lambda s: None)
+    assert qat["method"] == "lsc (post-training, calibrated + error feedback + token counts + QAT at fixed steps)"
+    assert qat["steps"] == 2 and qat["train_s"] > 0 and "2 distillation steps" in qat["setting"]
+    # coefficients start at their bins' centres: a large rate moves some across a boundary within two steps
+    assert qat["mean_cos"] != by_rows["mean_cos"]
+
+
+def test_finetune_at_fixed_steps_keeps_the_steps(tiny_bert):
+    """QAT after post-training moves the coefficients but never the step sizes the allocation chose."""
+    import lsc
+    from benchmarks.lsc_minilm import finetune_at_fixed_steps
+    loader, (train, _) = tiny_bert
+    teacher, tok = loader()
+    student = copy.deepcopy(teacher)
+    lsc.compress_posttraining(student, max_error=0.1, progress=False)
+    entries = lsc.state.get_state(student).entries
+    before_e = [e.parametrization.exponent().clone() for e in entries]
+    before_c = [e.parts()[1].detach().clone() for e in entries]
+    secs = finetune_at_fixed_steps(student, teacher, tok, train[:32], 3, 5e-3, log=lambda s: None, batch_size=4,
+                                   max_length=16)
+    assert secs > 0 and not student.training
+    assert all(torch.equal(b, e.parametrization.exponent()) for b, e in zip(before_e, entries))
+    assert any(not torch.equal(b, e.parts()[1].detach()) for b, e in zip(before_c, entries))
 
 
 def test_report_and_plots(digits, tmp_path):

@@ -224,3 +224,35 @@ def test_result_summary_properties(tmp_path):
     assert math.isclose(res.mean_bits, 4.0)
     assert 0 < res.max_rel_error < 0.05
     assert res.file_bytes is None and res.path is None
+
+
+def test_distillation_at_fixed_steps_after_posttraining(tmp_path):
+    """The README's QAT recipe: training the post-trained model moves its symbols, never its steps,
+    and the decoded file gets closer to the original model at about the same size."""
+    import copy
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(48, 64), nn.Tanh(), nn.Linear(64, 10))
+    teacher = copy.deepcopy(model).eval()
+    x_test = torch.randn(256, 48)
+
+    def file_error(path):
+        dec = lsc.load(path, model=nn.Sequential(nn.Linear(48, 64), nn.Tanh(), nn.Linear(64, 10)))
+        with torch.no_grad():
+            return float((dec(x_test) - teacher(x_test)).pow(2).mean()), path.stat().st_size
+
+    compress_posttraining(model, max_error=0.3, path=tmp_path / "pt.lsc", progress=False)
+    exps = [e.parametrization.exponent().clone() for e in lsc.state.get_state(model).entries]
+    model.train()
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    for _ in range(100):
+        x = torch.randn(64, 48)
+        loss = nn.functional.mse_loss(model(x), teacher(x).detach())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.eval()
+    lsc.save(model, tmp_path / "qat.lsc")
+    assert all(torch.equal(a, e.parametrization.exponent()) for a, e in zip(exps, lsc.state.get_state(model).entries))
+    (err_pt, size_pt), (err_qat, size_qat) = file_error(tmp_path / "pt.lsc"), file_error(tmp_path / "qat.lsc")
+    assert err_qat < 0.7 * err_pt
+    assert abs(size_qat - size_pt) < 0.1 * size_pt
