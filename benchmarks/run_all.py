@@ -75,9 +75,9 @@ FULL = dict(
     minilm_pt=[0.05, 0.04, {"default": 0.05, "embeddings.*": 0.08}],
     minilm_cal=[0.008, 0.01, 0.011, 0.0125],
     minilm_cal_fb=[0.011, 0.0125, 0.013, 0.014],
-    minilm_cal_rows=[0.01, 0.011, 0.0115, 0.012, 0.0125, 0.014, 0.016],
+    minilm_cal_rows=[0.01, 0.011, 0.0115, 0.012, 0.0125, 0.014, 0.015, 0.016],
     # (1-cos target, distillation steps, peak lr): the rows' post-training point, then QAT at its steps
-    minilm_cal_qat=[(0.012, 300, 5e-3), (0.014, 300, 5e-3), (0.016, 300, 5e-3), (0.016, 600, 5e-3)],
+    minilm_cal_qat=[(0.012, 300, 5e-3), (0.014, 300, 5e-3), (0.015, 300, 5e-3), (0.016, 300, 5e-3), (0.016, 600, 5e-3)],
 )
 QUICK = dict(
     digits_grid=dict(svd_eps=[0.1, 0.2], prune_fracs=[0.7, 0.9], qps=[-32, -26, -20]),
