@@ -248,13 +248,13 @@ def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=
                     bounds=lsc.allocate_error_bounds(sens, target, feedback=ratios))
     if rows and not feedback:
         raise ValueError("rows=True weights the embedding table inside the feedback pass: pass feedback=True too")
-    method = "lsc (post-training, calibrated" + (" + error feedback" if feedback else "") + (" + token counts" if rows else "") + ")"
+    parts = ["calibrated"] + ["error feedback"] * feedback + ["token counts"] * rows
+    method = f"lsc (post-training, {' + '.join(parts + ['QAT at fixed steps'] * (qat is not None))})"
     setting = f"1-cos target={target} ({n_calib} training verses" + (f"; Hessians: {n_hessian}" if feedback else "") \
         + ("; token counts: all training verses)" if rows else ")")
     finetune = None
     if qat is not None:
         from benchmarks.lsc_minilm import finetune_at_fixed_steps
-        method = method[:-1] + " + QAT at fixed steps)"
         setting += f", then {qat['steps']} distillation steps at lr {qat['lr']:g}"
 
         def finetune(student, teacher, tok, train):
