@@ -99,8 +99,10 @@ def _pool(hidden, mask):
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
-def distill_steps(student, teacher, tok, train, steps: int, opt, sched=None, *, batch_size=16, max_length=64,
-                  cos_weight=100.0, tok_weight=10.0, extra_loss=None, device="cpu", log=print, status=None) -> float:
+def distill_steps(student, teacher, tok, train, steps: int, opt, sched=None, *,
+                  batch_size=MINILM_CONFIG["batch_size"], max_length=MINILM_CONFIG["max_length"],
+                  cos_weight=MINILM_CONFIG["cos_weight"], tok_weight=MINILM_CONFIG["tok_weight"], extra_loss=None,
+                  device="cpu", log=print, status=None) -> float:
     """``steps`` optimizer steps of distillation on training verses (in a fixed shuffled order) -> seconds.
 
     loss = cos_weight * (1 - cos of mean-pooled embeddings) + tok_weight * token-level MSE of the

@@ -254,14 +254,14 @@ def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=
         + ("; token counts: all training verses)" if rows else ")")
     finetune = None
     if qat is not None:
-        from benchmarks.lsc_minilm import finetune_at_fixed_steps
+        from benchmarks.lsc_minilm import MINILM_CONFIG, finetune_at_fixed_steps
         setting += f", then {qat['steps']} distillation steps at lr {qat['lr']:g}"
 
         def finetune(student, teacher, tok, train):
             return finetune_at_fixed_steps(student, teacher, tok, train, log=log, max_length=max_length, **qat)
     row = _minilm_posttraining_row(None, method, setting, n_heldout, max_length, loader, corpus, calibrate, finetune)
     if qat is not None:
-        row.update(steps=qat["steps"], batch_size=qat.get("batch_size", 16))
+        row.update(steps=qat["steps"], batch_size=qat.get("batch_size", MINILM_CONFIG["batch_size"]))
     return row
 
 
@@ -271,7 +271,7 @@ def minilm_lsc_key(target, steps, over) -> str:
 
 
 def minilm_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
-    from benchmarks.lsc_minilm import distill
+    from benchmarks.lsc_minilm import MINILM_CONFIG, distill
     t0 = time.perf_counter()
     rows, _ = cache.get(f"minilm-baselines {json.dumps(plan['minilm_grid'], sort_keys=True)} nnc={include_nncodec}",
                         lambda: RB.minilm_rows(include_nncodec, plan["minilm_grid"], log=log), log)
@@ -291,7 +291,7 @@ def minilm_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
             log("  " + RB.format_row(r) + f"  (sensitivity measured in {r['calib_s']:.0f} s)")
     for t, steps, lr in plan.get("minilm_cal_qat", []):
         key = f"minilm-cal-qat target={t} verses=128 feedback hessian-verses=512 token-counts=all-training " \
-              f"steps={steps} lr={lr} batch=16"
+              f"steps={steps} lr={lr} batch={MINILM_CONFIG['batch_size']}"
         if not cache.compute_training and not cache.has(key):
             log(f"  skipped (--no-train, not cached): {key}")
             continue
