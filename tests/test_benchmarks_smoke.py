@@ -174,3 +174,27 @@ def test_training_benchmark_side_and_table():
                                                          spectral_faults=0, refresh_ms=got["spectral"]["refresh_ms"]).items()})
     table = BT.to_markdown([row])
     assert "**1.20x**" in table and len(table.splitlines()) == 3
+
+
+def test_error_attribution_shares():
+    """Restoring the only corrupted tensor (or its corrupted rows) removes all of the loss; others none."""
+    from benchmarks.error_attribution import rows, shares, whole
+    torch.manual_seed(0)
+    table, lin = torch.nn.Embedding(10, 4), torch.nn.Linear(4, 3)
+    original = {"table": table.weight.detach().clone(), "lin": lin.weight.detach().clone()}
+    decoded = dict(original, table=original["table"].clone())
+    decoded["table"][[2, 7]] += 0.5
+    ids = torch.arange(10)
+
+    def score(sd):
+        out = torch.nn.functional.embedding(ids, sd["table"]) @ sd["lin"].T
+        ref = torch.nn.functional.embedding(ids, original["table"]) @ original["lin"].T
+        return 1 - float((out - ref).norm() / ref.norm())
+    base, got = shares(original, decoded, score, {
+        "table": whole(lambda k: k == "table"), "lin": whole(lambda k: k == "lin"),
+        "bad rows": rows("table", torch.tensor([i in (2, 7) for i in range(10)])),
+        "one bad row": rows("table", torch.tensor([i == 2 for i in range(10)]))})
+    assert base < 1
+    assert got["table"] == (1.0, 1.0) and got["bad rows"] == (1.0, 1.0)
+    assert got["lin"] == (base, 0.0)
+    assert 0 < got["one bad row"][1] < 1
