@@ -62,13 +62,13 @@ def rows(name: str, mask: torch.Tensor) -> Restore:
     return restore
 
 
-def minilm_groups(counts: torch.Tensor) -> dict[str, Restore]:
+def minilm_groups(counts: torch.Tensor, num_layers: int) -> dict[str, Restore]:
     """The groups of the notes' tables: the table, other embeddings, each layer, each matrix type,
     the vectors, and the table's rows by training-verse count."""
     table = "embeddings.word_embeddings.weight"
     g = {"word-embedding table": whole(lambda k: k == table),
          "other embeddings": whole(lambda k: k.startswith("embeddings.") and k != table)}
-    for i in range(6):
+    for i in range(num_layers):
         g[f"layer {i}"] = whole(lambda k, i=i: f"layer.{i}." in k)
     for kind, pat in (("query", "self.query.weight"), ("key", "self.key.weight"), ("value", "self.value.weight"),
                       ("attention output", "attention.output.dense.weight"), ("FFN input", "intermediate.dense.weight")):
@@ -99,7 +99,8 @@ def main(argv=None) -> None:
     def score(sd):
         model.load_state_dict(sd)
         return cosine_metrics(ref, embed(model, tok, held))["mean_cos"]
-    base, got = shares(original, lsc.load(args.file), score, minilm_groups(token_counts(tok, train)))
+    groups = minilm_groups(token_counts(tok, train), model.config.num_hidden_layers)
+    base, got = shares(original, lsc.load(args.file), score, groups)
     print(f"{args.file}: held-out mean cos {base:.4f} ({len(held)} verses)")
     print(f"{'restored to fp32':<28} {'mean cos':>9} {'share':>7}")
     for g, (s, share) in got.items():
