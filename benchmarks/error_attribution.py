@@ -25,7 +25,7 @@ for p in (ROOT / "src", ROOT):
     if str(p) not in sys.path:
         sys.path.insert(0, str(p))
 
-# A restore: (name, tensor) -> the tensor to use; the decoded one where the group does not apply.
+# A restore: (name, original tensor, decoded tensor) -> the tensor to use (the decoded one outside its group).
 Restore = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
 
 

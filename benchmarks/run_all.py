@@ -265,6 +265,12 @@ def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=
     return row
 
 
+def minilm_cal_key(target, feedback: bool, rows: bool, kind: str = "minilm-cal") -> str:
+    """Cache key of a calibrated post-training point (``kind="minilm-cal-qat"``: the start of a QAT point's)."""
+    return f"{kind} target={target} verses=128" + (" feedback hessian-verses=512" if feedback else "") + \
+        (" token-counts=all-training" if rows else "")
+
+
 def minilm_lsc_key(target, steps, over) -> str:
     from benchmarks.lsc_minilm import MINILM_CONFIG
     return f"minilm-lsc target={target} steps={steps} {json.dumps({**MINILM_CONFIG, **over}, sort_keys=True)}"
@@ -283,15 +289,13 @@ def minilm_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
     cal = [(t, False, False) for t in plan.get("minilm_cal", [])] + \
         [(t, True, False) for t in plan.get("minilm_cal_fb", [])] + [(t, True, True) for t in plan.get("minilm_cal_rows", [])]
     for t, fb, by_rows in cal:
-        key = f"minilm-cal target={t} verses=128" + (" feedback hessian-verses=512" if fb else "") + \
-            (" token-counts=all-training" if by_rows else "")
+        key = minilm_cal_key(t, fb, by_rows)
         r, cached = cache.get(key, lambda: minilm_calibrated_point(t, feedback=fb, rows=by_rows), log)
         rows.append(r)
         if not cached:
             log("  " + RB.format_row(r) + f"  (sensitivity measured in {r['calib_s']:.0f} s)")
     for t, steps, lr in plan.get("minilm_cal_qat", []):
-        key = f"minilm-cal-qat target={t} verses=128 feedback hessian-verses=512 token-counts=all-training " \
-              f"steps={steps} lr={lr} batch={MINILM_CONFIG['batch_size']}"
+        key = minilm_cal_key(t, True, True, "minilm-cal-qat") + f" steps={steps} lr={lr} batch={MINILM_CONFIG['batch_size']}"
         if not cache.compute_training and not cache.has(key):
             log(f"  skipped (--no-train, not cached): {key}")
             continue
