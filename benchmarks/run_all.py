@@ -76,8 +76,11 @@ FULL = dict(
     minilm_cal=[0.008, 0.01, 0.011, 0.0125],
     minilm_cal_fb=[0.011, 0.0125, 0.013, 0.014],
     minilm_cal_rows=[0.01, 0.011, 0.0115, 0.012, 0.0125, 0.014, 0.015, 0.016],
-    # (1-cos target, distillation steps, peak lr): the rows' post-training point, then QAT at its steps
-    minilm_cal_qat=[(0.012, 300, 5e-3), (0.014, 300, 5e-3), (0.015, 300, 5e-3), (0.016, 300, 5e-3), (0.016, 600, 5e-3)],
+    # (1-cos target, distillation steps, peak lr[, table scale]): the rows' post-training point, then QAT at
+    # its steps; a table scale multiplies the word-embedding table's allocated bound (QAT repairs the
+    # encoder's rounding error but not the table's, so the allocation should give the table a finer step)
+    minilm_cal_qat=[(0.012, 300, 5e-3), (0.014, 300, 5e-3), (0.015, 300, 5e-3), (0.016, 300, 5e-3), (0.016, 600, 5e-3),
+                    (0.025, 1000, 5e-3, 0.7)],
 )
 QUICK = dict(
     digits_grid=dict(svd_eps=[0.1, 0.2], prune_fracs=[0.7, 0.9], qps=[-32, -26, -20]),
@@ -209,11 +212,12 @@ def minilm_posttraining_point(max_error: float, n_heldout=256, max_length=64) ->
 
 
 _SENSITIVITY: dict = {}
+TABLE = "embeddings.word_embeddings.weight"  # MiniLM's word-embedding table
 
 
 def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=None, corpus=None,
                             n_calib=None, feedback: bool = False, rows: bool = False, qat=None,
-                            log=print) -> dict:
+                            table_scale: float = 1.0, log=print) -> dict:
     """lsc post-training with calibrated bounds on MiniLM: per-tensor sensitivity (1 - mean cosine to the
     original on ``n_calib`` training verses) -> ``allocate_error_bounds(target)`` -> compress_posttraining.
     With ``feedback``, every Linear layer is quantized with error feedback on its inputs from training
@@ -221,7 +225,8 @@ def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=
     output-error ratios of a trial compression. With ``rows`` too, the word-embedding table is weighted by
     how often the training verses (all of them: counting tokens is cheap) look up each row.
     With ``qat=dict(steps=, lr=[, batch_size=])`` the compressed model is then distilled at its frozen step
-    sizes (``finetune_at_fixed_steps``, progress to ``log``) before it is saved.
+    sizes (``finetune_at_fixed_steps``, progress to ``log``) before it is saved. ``table_scale`` multiplies
+    the word-embedding table's allocated bound (after the feedback re-allocation).
     ``loader`` and ``corpus`` are replaceable, as in ``distill``, so the smoke test runs this on a tiny model."""
     import lsc
     from benchmarks.lsc_minilm import (CALIBRATION_VERSES, HESSIAN_VERSES, calibration_hessians,
@@ -240,18 +245,23 @@ def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=
         t0 = time.perf_counter()
         hessians = calibration_hessians(model, tok, train, max_length, n_hessian)
         if rows:
-            hessians["embeddings.word_embeddings.weight"] = token_counts(tok, train, max_length)
+            hessians[TABLE] = token_counts(tok, train, max_length)
         trial = lsc.compress_posttraining(copy.deepcopy(model), max_error=lsc.allocate_error_bounds(sens, target),
                                           hessians=hessians, progress=False)
         ratios = trial.feedback_ratios
+        bounds = lsc.allocate_error_bounds(sens, target, feedback=ratios)
+        bounds[TABLE] *= table_scale
         return dict(sens=sens, seconds=seconds + time.perf_counter() - t0, hessians=hessians, feedback=ratios,
-                    bounds=lsc.allocate_error_bounds(sens, target, feedback=ratios))
+                    bounds=bounds)
     if rows and not feedback:
         raise ValueError("rows=True weights the embedding table inside the feedback pass: pass feedback=True too")
+    if table_scale != 1.0 and not feedback:
+        raise ValueError("table_scale applies to the feedback re-allocation: pass feedback=True too")
     parts = ["calibrated"] + ["error feedback"] * feedback + ["token counts"] * rows
     method = f"lsc (post-training, {' + '.join(parts + ['QAT at fixed steps'] * (qat is not None))})"
     setting = f"1-cos target={target} ({n_calib} training verses" + (f"; Hessians: {n_hessian}" if feedback else "") \
-        + ("; token counts: all training verses)" if rows else ")")
+        + ("; token counts: all training verses)" if rows else ")") \
+        + (f", word-embedding bound x {table_scale:g}" if table_scale != 1.0 else "")
     finetune = None
     if qat is not None:
         from benchmarks.lsc_minilm import MINILM_CONFIG, finetune_at_fixed_steps
@@ -294,13 +304,16 @@ def minilm_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
         rows.append(r)
         if not cached:
             log("  " + RB.format_row(r) + f"  (sensitivity measured in {r['calib_s']:.0f} s)")
-    for t, steps, lr in plan.get("minilm_cal_qat", []):
-        key = minilm_cal_key(t, True, True, "minilm-cal-qat") + f" steps={steps} lr={lr} batch={MINILM_CONFIG['batch_size']}"
+    for t, steps, lr, *scale in plan.get("minilm_cal_qat", []):
+        scale = scale[0] if scale else 1.0
+        key = minilm_cal_key(t, True, True, "minilm-cal-qat") + f" steps={steps} lr={lr} batch={MINILM_CONFIG['batch_size']}" \
+            + (f" table-scale={scale}" if scale != 1.0 else "")
         if not cache.compute_training and not cache.has(key):
             log(f"  skipped (--no-train, not cached): {key}")
             continue
         r, cached = cache.get(key, lambda: minilm_calibrated_point(t, feedback=True, rows=True,
-                                                                   qat=dict(steps=steps, lr=lr), log=log), log)
+                                                                   qat=dict(steps=steps, lr=lr), table_scale=scale,
+                                                                   log=log), log)
         rows.append(r)
         if not cached:
             log("  " + RB.format_row(r) + f"  ({steps} steps, {r['train_s']:.0f} s)")

@@ -114,6 +114,12 @@ def test_minilm_calibrated_point_tiny(tiny_bert):
     assert by_rows["method"] == "lsc (post-training, calibrated + error feedback + token counts)"
     assert "token counts" in by_rows["setting"] and -1.0 <= by_rows["mean_cos"] <= 1.0 + 1e-6
     assert by_rows["bytes"] != fb["bytes"]  # the embedding table was weighted: different symbols, another size
+    finer = RA.minilm_calibrated_point(1e-2, n_heldout=8, max_length=16, loader=loader, corpus=(train[:64], held[:8]),
+                                       n_calib=8, feedback=True, rows=True, table_scale=0.25)
+    assert "word-embedding bound x 0.25" in finer["setting"]
+    assert finer["bytes"] > by_rows["bytes"]  # a quarter of the table's bound: a finer step, a bigger table
+    with pytest.raises(ValueError, match="feedback"):
+        RA.minilm_calibrated_point(1e-2, loader=loader, corpus=(train[:64], held[:8]), n_calib=8, table_scale=0.5)
     qat = RA.minilm_calibrated_point(1e-2, n_heldout=8, max_length=16, loader=loader, corpus=(train[:64], held[:8]),
                                      n_calib=8, feedback=True, rows=True, qat=dict(steps=2, lr=0.3, batch_size=4),
                                      log=lambda s: None)
