@@ -65,7 +65,7 @@ def rows(name: str, mask: torch.Tensor) -> Restore:
 def minilm_groups(counts: torch.Tensor, num_layers: int) -> dict[str, Restore]:
     """The groups of the notes' tables: the table, other embeddings, each layer, each matrix type,
     the vectors, and the table's rows by training-verse count."""
-    table = "embeddings.word_embeddings.weight"
+    from benchmarks.minilm import WORD_EMBEDDINGS as table
     g = {"word-embedding table": whole(lambda k: k == table),
          "other embeddings": whole(lambda k: k.startswith("embeddings.") and k != table)}
     for i in range(num_layers):

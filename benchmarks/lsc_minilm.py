@@ -46,7 +46,7 @@ for p in (ROOT / "src", ROOT):
         sys.path.insert(0, str(p))
 
 import lsc  # noqa: E402
-from benchmarks.minilm import cosine_metrics, embed, kjv_split, load_minilm  # noqa: E402
+from benchmarks.minilm import WORD_EMBEDDINGS, cosine_metrics, embed, kjv_split, load_minilm  # noqa: E402
 from benchmarks.roundtrip import timed_file_round_trip  # noqa: E402
 
 MINILM_CONFIG = dict(block_size=8, init_bits=5.0, lr=1e-3, qnet_lr=1e-2, batch_size=16, max_length=64,
@@ -191,7 +191,7 @@ def distill(target_bytes: float, steps: int, *, n_heldout=256, log=print, keep_v
             # the post-training bound is relative to ||W||: keep it relative to the *original* table's norm,
             # so dropping the unseen rows does not make the kept ones pay for a tighter bound
             ratio = full_norm / max(float(student.embeddings.word_embeddings.weight.detach().norm()), 1e-12)
-            bounds = {"embeddings.word_embeddings.weight": bounds * ratio, "default": bounds}
+            bounds = {WORD_EMBEDDINGS: bounds * ratio, "default": bounds}
         log(f"  vocabulary: {int(seen.sum())} of {len(seen)} rows kept (tokens of the training verses); "
             f"{info['heldout_tokens_unseen']} held-out token types unseen")
     t_init = time.perf_counter()

@@ -22,6 +22,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 _VERSE_REF = re.compile(r"\b\d+:\d+\s*")
+WORD_EMBEDDINGS = "embeddings.word_embeddings.weight"  # the word-embedding table's parameter name
 
 
 def _package_dir(name: str) -> Path:

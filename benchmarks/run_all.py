@@ -213,7 +213,6 @@ def minilm_posttraining_point(max_error: float, n_heldout=256, max_length=64) ->
 
 
 _SENSITIVITY: dict = {}
-TABLE = "embeddings.word_embeddings.weight"  # MiniLM's word-embedding table
 
 
 def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=None, corpus=None,
@@ -232,6 +231,7 @@ def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=
     import lsc
     from benchmarks.lsc_minilm import (CALIBRATION_VERSES, HESSIAN_VERSES, calibration_hessians,
                                        calibration_sensitivity, token_counts)
+    from benchmarks.minilm import WORD_EMBEDDINGS
     n_calib = n_calib or CALIBRATION_VERSES
     n_hessian = n_calib * HESSIAN_VERSES // CALIBRATION_VERSES
 
@@ -246,12 +246,12 @@ def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=
         t0 = time.perf_counter()
         hessians = calibration_hessians(model, tok, train, max_length, n_hessian)
         if rows:
-            hessians[TABLE] = token_counts(tok, train, max_length)
+            hessians[WORD_EMBEDDINGS] = token_counts(tok, train, max_length)
         trial = lsc.compress_posttraining(copy.deepcopy(model), max_error=lsc.allocate_error_bounds(sens, target),
                                           hessians=hessians, progress=False)
         ratios = trial.feedback_ratios
         bounds = lsc.allocate_error_bounds(sens, target, feedback=ratios)
-        bounds[TABLE] *= table_scale
+        bounds[WORD_EMBEDDINGS] *= table_scale
         return dict(sens=sens, seconds=seconds + time.perf_counter() - t0, hessians=hessians, feedback=ratios,
                     bounds=bounds)
     if rows and not feedback:
@@ -305,8 +305,8 @@ def minilm_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
         rows.append(r)
         if not cached:
             log("  " + RB.format_row(r) + f"  (sensitivity measured in {r['calib_s']:.0f} s)")
-    for t, steps, lr, *scale in plan.get("minilm_cal_qat", []):
-        scale = scale[0] if scale else 1.0
+    for t, steps, lr, *rest in plan.get("minilm_cal_qat", []):
+        scale = rest[0] if rest else 1.0
         key = minilm_cal_key(t, True, True, "minilm-cal-qat") + f" steps={steps} lr={lr} batch={MINILM_CONFIG['batch_size']}" \
             + (f" table-scale={scale}" if scale != 1.0 else "")
         if not cache.compute_training and not cache.has(key):
