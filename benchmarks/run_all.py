@@ -282,13 +282,20 @@ def minilm_cal_key(target, feedback: bool, rows: bool, kind: str = "minilm-cal")
         (" token-counts=all-training" if rows else "")
 
 
+def minilm_qat_key(target, steps, lr, table_scale: float = 1.0) -> str:
+    """Cache key of a QAT point: its calibrated start's key, the schedule, and the table scale when not 1."""
+    from benchmarks.lsc_minilm import MINILM_CONFIG
+    return minilm_cal_key(target, True, True, "minilm-cal-qat") + f" steps={steps} lr={lr} batch={MINILM_CONFIG['batch_size']}" \
+        + (f" table-scale={table_scale}" if table_scale != 1.0 else "")
+
+
 def minilm_lsc_key(target, steps, over) -> str:
     from benchmarks.lsc_minilm import MINILM_CONFIG
     return f"minilm-lsc target={target} steps={steps} {json.dumps({**MINILM_CONFIG, **over}, sort_keys=True)}"
 
 
 def minilm_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
-    from benchmarks.lsc_minilm import MINILM_CONFIG, distill
+    from benchmarks.lsc_minilm import distill
     t0 = time.perf_counter()
     rows, _ = cache.get(f"minilm-baselines {json.dumps(plan['minilm_grid'], sort_keys=True)} nnc={include_nncodec}",
                         lambda: RB.minilm_rows(include_nncodec, plan["minilm_grid"], log=log), log)
@@ -307,8 +314,7 @@ def minilm_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
             log("  " + RB.format_row(r) + f"  (sensitivity measured in {r['calib_s']:.0f} s)")
     for t, steps, lr, *rest in plan.get("minilm_cal_qat", []):
         scale = rest[0] if rest else 1.0
-        key = minilm_cal_key(t, True, True, "minilm-cal-qat") + f" steps={steps} lr={lr} batch={MINILM_CONFIG['batch_size']}" \
-            + (f" table-scale={scale}" if scale != 1.0 else "")
+        key = minilm_qat_key(t, steps, lr, scale)
         if not cache.compute_training and not cache.has(key):
             log(f"  skipped (--no-train, not cached): {key}")
             continue
