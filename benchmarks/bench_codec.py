@@ -61,7 +61,7 @@ def entropy_bound(model, scan="morton"):
         q = q.cpu().numpy().reshape(lay.num_blocks, lay.block_numel)
         order = _SCANS[scan](lay.block_shape)
         bounds = group_bounds(position_groups(lay, mg, scan), order)
-        side, ans, s, _ = encode_symbols(np.ascontiguousarray(q[:, order].T), ex.cpu().numpy()[order], bounds)
+        side, ans, s, _, _ = encode_symbols(np.ascontiguousarray(q[:, order].T), ex.cpu().numpy()[order], bounds)  # one class
         coded += len(side) + len(ans)
         bound += s.entropy_bits / 8 + len(side)
     return coded, bound

@@ -50,7 +50,8 @@ def read(data: bytes) -> dict:
     The file size is checked before any stream is read, each stream's crc before it is decoded (§1)."""
     _check(len(data) >= 24 and data[:8] == MAGIC, "wrong magic or truncated prefix")
     version, hlen, hraw, hcrc = struct.unpack_from("<IIII", data, 8)
-    _check(1 <= version <= 2, f"unsupported version {version}")
+    _check(version <= 3, f"version {version} is newer than this reader's 3: upgrade")   # §1, §4
+    _check(version >= 1, "version 0 is invalid")
     _check(24 + hlen <= len(data), "truncated header")
     _check(hraw <= 256 << 20, "header too large")
     comp = data[24:24 + hlen]
@@ -184,26 +185,72 @@ def _ans_decode(coder, K: int, n: int, counts) -> np.ndarray:
     return s
 
 
-def decode_spectral(m: dict, stream: bytes) -> dict:
-    """§2.2: side information + ANS segments -> q (N x P, row-major grid / positions), e (P,)."""
+def geometry(m: dict) -> dict:
+    """§2.2 Geometry, Groups and Row classes of a spectral header entry: grid, N, P, k, G, C.
+
+    ``classes`` (version 3) is only valid as an int 2..16 on a tensor with n_0 >= 2 block rows,
+    N * P >= 4096 coefficients and C <= n_0; absent means C = 1."""
     shape, block = tuple(m["shape"]), tuple(m["block"])
     grid = tuple(-(-s // b) for s, b in zip(shape, block))
     N, P = math.prod(grid), math.prod(block)
-    order = scan_order(block, m["scan"])
     k = max(1, -(-m["min_group"] // N))
-    G = -(-P // k)
-    side, ans = stream[:m["side"]], stream[m["side"]:]
-    _check(len(ans) % 4 == 0, "ANS stream is not whole words")
+    C = 1
+    if "classes" in m:
+        C = m["classes"]
+        _check(type(C) is int and 2 <= C <= 16, f"{m['name']}: classes must be an int 2..16")
+        n0 = grid[0] if grid else 0
+        _check(n0 >= 2 and N * P >= 4096, f"{m['name']}: tensor too small for row classes")
+        _check(C <= n0, f"{m['name']}: more classes than block rows")
+    return {"grid": grid, "N": N, "P": P, "k": k, "G": -(-P // k), "C": C}
+
+
+def read_side(m: dict, side: bytes) -> dict:
+    """§2.2 Side information, items 1-5 -> exponents (scan order), labels (one per block row, or None),
+    and per subgroup s = g * C + c (group-major, class-minor): modes, ranges (lo, K), tables (or None)."""
+    geo = geometry(m)
+    P, C = geo["P"], geo["C"]
     r = Bits(side)
+    # 1. exponents, delta-coded along the scan
     e_scan, prev = [], 0
     for _ in range(P):
         prev += unzz(r.gamma() - 1)
         _check(abs(prev) <= 4096, "exponent out of range")
         e_scan.append(prev)
-    modes = [r.bit() for _ in range(G)]
-    ranges = [(unzz(r.gamma() - 1), r.gamma()) for _ in range(G)]
+    # 2. labels, one per block row (only with classes): each < C, every class used
+    labels = None
+    if C > 1:
+        labels = [r.gamma() - 1 for _ in range(geo["grid"][0])]
+        _check(max(labels) < C, f"{m['name']}: row label out of range")
+        _check(len(set(labels)) == C, f"{m['name']}: a row class is unused")
+    S = geo["G"] * C
+    # 3. modes, 4. ranges, 5. tables: per subgroup, in subgroup order
+    modes = [r.bit() for _ in range(S)]
+    ranges = [(unzz(r.gamma() - 1), r.gamma()) for _ in range(S)]
+    for mode, (_, K) in zip(modes, ranges):
+        _check(not mode or 2 <= K <= 65536, "categorical subgroup with K outside 2..65536")
     tables = [[r.gamma() - 1 for _ in range(K)] if mode else None for mode, (_, K) in zip(modes, ranges)]
     r.finish()
+    return {"exponents": e_scan, "labels": labels, "modes": modes, "ranges": ranges, "tables": tables}
+
+
+def decode_spectral(m: dict, stream: bytes) -> dict:
+    """§2.2: side information + ANS segments -> q (N x P, row-major grid / positions), e (P,).
+
+    With row classes (version 3) every group g is split into C subgroups s = g * C + c; subgroup
+    (g, c) holds the group's symbols whose block lies in a block row labelled c: its positions in
+    scan order, per position those blocks in block order. A segment holds whole groups."""
+    geo = geometry(m)
+    grid, N, P, k, G, C = (geo[key] for key in ("grid", "N", "P", "k", "G", "C"))
+    shape, block = tuple(m["shape"]), tuple(m["block"])
+    order = scan_order(block, m["scan"])
+    _check(0 <= m["side"] <= len(stream), "side information longer than the stream")
+    side, ans = stream[:m["side"]], stream[m["side"]:]
+    _check(len(ans) % 4 == 0, "ANS stream is not whole words")
+    info = read_side(m, side)
+    modes, ranges, tables, labels = info["modes"], info["ranges"], info["tables"], info["labels"]
+    # class of each block: block n is in block row floor(n / (N / n_0))
+    block_label = np.zeros(N, np.int64) if labels is None else np.repeat(np.array(labels, np.int64), N // grid[0])
+    members = [np.flatnonzero(block_label == c) for c in range(C)]   # blocks of class c, in block order
     words = np.frombuffer(ans, dtype="<u4").astype(np.uint32)
     segs = m.get("segments") or [[0, words.size]]
     _check(sum(w for _, w in segs) == words.size and segs[0][0] == 0, "bad segment table")
@@ -214,26 +261,28 @@ def decode_spectral(m: dict, stream: bytes) -> dict:
         _check(g0 < g1 <= G, "bad segment table")
         coder = constriction.stream.stack.AnsCoder(words[w0:w0 + nw])
         w0 += nw
-        for g in range(g0, g1):
+        for g in range(g0, g1):                    # each group with all its subgroups, in subgroup order
             a, b = g * k, min(P, (g + 1) * k)
-            lo, K = ranges[g]
-            n = (b - a) * N
-            if K == 1:
-                s = np.zeros(n, np.int64)
-            else:
-                _check(tables[g] is None or sum(tables[g]) == n, "table counts do not match the group")
-                s = _ans_decode(coder, K, n, tables[g])
-            q_scan[a:b] = (s + lo).reshape(b - a, N)
+            for c, cols in enumerate(members):
+                sub = g * C + c
+                lo, K = ranges[sub]
+                n = (b - a) * cols.size
+                if K == 1:
+                    s = np.zeros(n, np.int64)
+                else:
+                    _check(tables[sub] is None or sum(tables[sub]) == n, "table counts do not match the subgroup")
+                    s = _ans_decode(coder, K, n, tables[sub])
+                q_scan[a:b, cols] = (s + lo).reshape(b - a, cols.size)
         _check(coder.is_empty(), "ANS segment has unused data")
     q = np.empty((N, P), dtype=np.int64)
     q[:, order] = q_scan.T
     e = np.empty(P, dtype=np.int64)
-    e[order] = e_scan
+    e[order] = info["exponents"]
     sdt = "<f8" if m["dtype"] == "float64" else "<f4"
     mean, std = (float(np.frombuffer(bytes.fromhex(m[key]), dtype=sdt)[0]) for key in ("mean", "std"))
     return {"kind": "spectral", "dtype": m["dtype"], "shape": shape, "block": block, "transform": m["transform"],
             "q": q, "e": e, "mean": mean, "std": std, "scan": m["scan"], "segments": len(segs),
-            "groups": [(mode, lo, K) for mode, (lo, K) in zip(modes, ranges)]}
+            "classes": C, "labels": labels, "groups": [(mode, lo, K) for mode, (lo, K) in zip(modes, ranges)]}
 
 
 # ------------------------------------------------------------------ §2.2 reconstruction

@@ -309,3 +309,98 @@ def test_minilm_exact():
     ids = torch.randint(0, 1000, (2, 12))
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).last_hidden_state, model(input_ids=ids).last_hidden_state)
+
+
+# --------------------------------------------------------------------------- row classes (format version 3)
+
+def _uneven_table(rows=3000, dim=64, seed=0):
+    """An embedding whose rows differ in scale the way a table quantized for its lookups does: most rows
+    (near) zero, the rest spread over two decades."""
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Embedding(rows, dim), nn.Linear(dim, 32))
+    with torch.no_grad():
+        keep = (torch.rand(rows) < 0.3).float()
+        model[0].weight.mul_((keep * torch.rand(rows) ** 3)[:, None])
+    lsc.spectral(model, init_bits=6)
+    model.eval()
+    return model
+
+
+def _header(data: bytes) -> dict:
+    from lsc.codec.format import parse_prefix_header
+    return {m["name"]: m for m in parse_prefix_header(data)[0]["tensors"]}
+
+
+def test_row_classes_are_used_where_rows_differ_and_decode_exactly(tmp_path):
+    model = _uneven_table()
+    data = to_bytes(lsc.compress_weights(model))
+    meta = _header(data)
+    assert meta["0.weight"]["classes"] >= 2  # the table's rows are split by scale
+    assert "classes" not in meta["1.weight"]  # a dense random matrix does not pay for them
+    assert struct.unpack_from("<I", data, len(MAGIC))[0] == 3
+    ref = _spectral_weights(model)
+    for workers in (1, 2):
+        dec = lsc.decompress_weights(from_bytes(data), workers=workers)
+        for n, w in ref.items():
+            assert torch.equal(dec[n], w), (n, workers)
+    (tmp_path / "t.lsc").write_bytes(data)
+    for mode in ("entropy", "packed"):
+        fresh = nn.Sequential(nn.Embedding(3000, 64), nn.Linear(64, 32))
+        lsc.load(tmp_path / "t.lsc", fresh, lazy=mode)
+        with torch.no_grad():
+            assert torch.equal(fresh[0].weight, ref["0.weight"]), mode
+    # the classes pay: the same integers coded with one class per position are larger
+    one_class = copy.deepcopy(model)
+    from lsc import rowclasses
+    orig = rowclasses.row_units
+    try:
+        import lsc.codec.api as api
+        api.row_units = lambda *a: 0
+        plain = to_bytes(lsc.compress_weights(one_class))
+    finally:
+        api.row_units = orig
+    assert "classes" not in _header(plain)["0.weight"]
+    assert struct.unpack_from("<I", plain, len(MAGIC))[0] == 2  # no classes: still readable by version 2 readers
+    assert len(data) < 0.95 * len(plain)  # (6.5% here; 33% on MiniLM's table, see BENCHMARKS.md)
+    assert torch.equal(lsc.load(plain)["0.weight"], ref["0.weight"])
+
+
+def test_rate_estimate_predicts_row_classes():
+    model = _uneven_table()
+    with torch.no_grad():
+        est = lsc.rate_estimate(model).per_tensor[0].item() / 8
+    info = lsc.file_info(lsc.compress_weights(model))
+    real = next(r["bytes"] for r in info["rows"] if r["name"] == "0.weight")
+    assert abs(est / real - 1) < 0.01, (est, real)
+
+
+def test_row_classes_with_ans_segments(monkeypatch):
+    import lsc.codec.entropy as entropy
+    monkeypatch.setattr(entropy, "SEGMENT_SYMBOLS", 1 << 15)  # several segments without a huge tensor
+    model = _uneven_table(rows=2000, dim=32)
+    data = to_bytes(lsc.compress_weights(model))
+    meta = _header(data)["0.weight"]
+    assert meta["classes"] >= 2 and len(meta["segments"]) > 1
+    ref = _spectral_weights(model)
+    for workers in (1, 2):
+        assert torch.equal(lsc.decompress_weights(from_bytes(data), workers=workers)["0.weight"], ref["0.weight"])
+
+
+def test_recode_keeps_the_weights_and_only_changes_the_coding(tmp_path):
+    model = _uneven_table()
+    import lsc.codec.api as api
+    orig = api.row_units
+    api.row_units = lambda *a: 0  # an "old" file: no row classes
+    try:
+        old = to_bytes(lsc.compress_weights(model))
+    finally:
+        api.row_units = orig
+    (tmp_path / "old.lsc").write_bytes(old)
+    new = lsc.recode(tmp_path / "old.lsc")
+    assert new == to_bytes(lsc.compress_weights(model))  # exactly what this version writes
+    a, b = lsc.load(old), lsc.load(new)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert len(new) < len(old)
+    assert lsc.recode(new) == new  # idempotent
+    with pytest.raises(lsc.LscFormatError):
+        lsc.recode(old[:-3])

@@ -1,6 +1,9 @@
 """docs/FORMAT.md is complete: an independent reader written from it alone (tests/spec_reader.py)
 decodes every kind of file lsc writes to exactly the integers lsc stored."""
+import json
 import math
+import struct
+import zlib
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ from torch import nn
 import lsc
 import lsc.codec.entropy
 from lsc.codec import compress_weights, to_bytes
+from lsc.codec.elias import BitWriter, zigzag
 from lsc.state import get_state
 from lsc.zoo import DigitsCNN
 
@@ -45,6 +49,26 @@ def _mixed(dtype=torch.float32, init_bits=8.0):
     return model
 
 
+class RowScaled(nn.Module):
+    """Tensors whose block rows differ strongly in scale, so that lsc's writer picks row classes (§2.2)."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(2001, 60)                    # ragged (8, 8) blocks: 251 block rows
+        self.vol = nn.Parameter(torch.randn(64, 8, 8))      # (4, 4, 4) blocks: 16 block rows of 4 blocks, k > 1
+        self.proj = nn.Linear(512, 24)                      # 3 block rows: may carry at most 3 classes
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            _scale_rows(self.emb.weight, g)
+            self.vol.mul_((10.0 ** -torch.randint(0, 3, (16,), generator=g)).repeat_interleave(4)[:, None, None])
+
+
+def _scale_rows(w, g):
+    """Most rows shrunk by 100 or zeroed, some kept: a lookup table quantized for its frequent tokens."""
+    u = torch.rand(w.shape[0], 1, generator=g)
+    w.mul_(torch.where(u < 0.25, 0.0, torch.where(u < 0.85, 0.01, 1.0)))
+
+
 def _files(tmp_path_factory):
     """{name: (file bytes, spectral model that wrote it)}."""
     torch.manual_seed(0)
@@ -72,6 +96,19 @@ def _files(tmp_path_factory):
     m = nn.Sequential(nn.Linear(24, 40), nn.GELU(), nn.LayerNorm(40), nn.Linear(40, 7))
     res = lsc.compress_posttraining(m, bits=3, progress=False)
     out["posttraining"] = (to_bytes(compress_weights(res.model)), res.model)
+    # version 3: row classes; subgroups of several positions (vol: k = 4) and ragged blocks (emb)
+    m = RowScaled()
+    lsc.spectral(m, init_bits=6, min_group_symbols=256, block_size={"vol": (4, 4, 4), "default": 8})
+    out["classes"] = (to_bytes(compress_weights(m)), m)
+    out["classes_rowmajor"] = (to_bytes(compress_weights(m, scan="rowmajor")), m)
+    # an embedding of 36000 x 64 = 2.3M symbols (> 2^21): row classes and several ANS segments at once
+    m = nn.Sequential(nn.Embedding(36000, 64), nn.Linear(64, 10))
+    with torch.no_grad():
+        _scale_rows(m[0].weight, torch.Generator().manual_seed(2))
+    lsc.spectral(m, init_bits=6)
+    path = tmp_path_factory.mktemp("lsc") / "embedding.lsc"
+    lsc.save(m, path)
+    out["classes_segments"] = (path.read_bytes(), m)
     return out
 
 
@@ -81,7 +118,10 @@ def files(tmp_path_factory):
 
 
 NAMES = ["mixed", "mixed_rowmajor_buffers", "mixed_float16", "mixed_bfloat16", "mixed_float64_24bits", "mixed_zero",
-         "digits_segments", "posttraining"]
+         "digits_segments", "posttraining", "classes", "classes_rowmajor", "classes_segments"]
+# tensors where lsc's writer must choose row classes (§2.2), per file
+CLASSES = {"classes": ["vol", "emb.weight"], "classes_rowmajor": ["vol", "emb.weight"],
+           "classes_segments": ["0.weight"]}
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -90,6 +130,12 @@ def test_spec_reader_matches_lsc(files, name):
     spec = spec_reader.read(data)
     plain = lsc.load(data)
     assert set(spec) == set(plain)  # ties, raw tensors and decoded buffers under every name
+    version, header = _parse(data)
+    with_classes = {m["name"]: m["classes"] for m in header["tensors"] if "classes" in m}
+    assert set(with_classes) == set(CLASSES.get(name, []))  # lsc's writer chose row classes where expected
+    assert version == (3 if with_classes else 2)              # §1: version 3 only for files with classes
+    for n, C in with_classes.items():
+        assert 2 <= C <= 16 and spec[n]["classes"] == C and len(set(spec[n]["labels"])) == C
 
     # (a) integers: exactly what the spectral model stores (SpectralParametrization.integer_state)
     entries = get_state(model).entries
@@ -129,6 +175,7 @@ def test_files_cover_the_spec(files):
     seen = {"ndim": set(), "scan": set(), "kinds": set(), "dtypes": set()}
     segments = max_k = ragged = tied = 0
     modes = set()
+    classes = set()  # (C > 1, several segments, several positions per group)
     for data, _ in files.values():
         decoded = spec_reader.read(data)
         for n, t in decoded.items():
@@ -140,6 +187,8 @@ def test_files_cover_the_spec(files):
                 max_k = max(max_k, max(K for _, _, K in t["groups"]))
                 modes.update((mode, K == 1) for mode, _, K in t["groups"])
                 ragged |= any(s % b for s, b in zip(t["shape"], t["block"]))
+                k = spec_reader.geometry(_meta(data, n))["k"]
+                classes.add((t["classes"] > 1, t["segments"] > 1, k > 1))
             seen["scan"].add(t.get("scan"))
             tied |= n != "emb.weight" and t is decoded.get("emb.weight")
     assert {0, 1, 2, 4, 5, 6} <= seen["ndim"]
@@ -148,12 +197,74 @@ def test_files_cover_the_spec(files):
     assert segments > 1 and max_k > 1 << 23 and ragged and tied
     assert {(1, False), (0, False), (0, True)} <= modes  # categorical, uniform, constant groups
     assert {"morton", "rowmajor"} <= seen["scan"]
+    # row classes with several ANS segments, with several positions per group, and tensors without classes
+    assert {(True, True, False), (True, False, True)} <= classes and any(not c[0] for c in classes)
 
 
-def _reject(data, match):
+def _parse(data: bytes) -> tuple[int, dict]:
+    """(version, header JSON) of a file."""
+    version, hlen, _, _ = struct.unpack_from("<IIII", data, 8)
+    return version, json.loads(zlib.decompress(data[24:24 + hlen]))
+
+
+def _meta(data: bytes, name: str) -> dict:
+    return next(m for m in _parse(data)[1]["tensors"] if name in [m["name"], *m.get("tied", [])])
+
+
+def _streams(data: bytes) -> dict:
+    """{name: stream bytes} of a file."""
+    off, out = 24 + struct.unpack_from("<I", data, 12)[0], {}
+    for m in _parse(data)[1]["tensors"]:
+        out[m["name"]] = data[off:off + m["len"]]
+        off += m["len"]
+    return out
+
+
+def _rebuild(data: bytes, header: dict, streams: dict | None = None, version: int | None = None) -> bytes:
+    """A file from an edited header and, per name, replacement streams (their len and crc fixed up)."""
+    body = {**_streams(data), **(streams or {})}
+    for m in header["tensors"]:
+        m["len"], m["crc"] = len(body[m["name"]]), zlib.crc32(body[m["name"]])
+    raw = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("ascii")
+    comp = zlib.compress(raw, 9)
+    version = _parse(data)[0] if version is None else version
+    prefix = struct.pack("<8sIIII", spec_reader.MAGIC, version, len(comp), len(raw), zlib.crc32(comp))
+    return prefix + comp + b"".join(body[m["name"]] for m in header["tensors"])
+
+
+def _side_bytes(info: dict) -> bytes:
+    """§2.2 side information items 1-5 from the fields spec_reader.read_side parsed (lsc's bit writer)."""
+    w = BitWriter()
+    w.gamma(zigzag(np.diff(np.asarray(info["exponents"], dtype=np.int64), prepend=0)) + np.uint64(1))
+    if info["labels"] is not None:
+        w.gamma(np.asarray(info["labels"], dtype=np.uint64) + np.uint64(1))
+    w.bits(np.asarray(info["modes"], dtype=np.uint8))
+    w.gamma(np.array([v for lo, K in info["ranges"] for v in (int(zigzag(np.array([lo]))[0]) + 1, K)], dtype=np.uint64))
+    tables = [c for t in info["tables"] if t is not None for c in t]
+    if tables:
+        w.gamma(np.asarray(tables, dtype=np.uint64) + np.uint64(1))
+    return w.getvalue()
+
+
+def _with_labels(data: bytes, name: str, edit) -> bytes:
+    """The file with ``edit(labels)`` applied to tensor ``name``'s row labels, its side information re-encoded
+    (the ANS data is kept)."""
+    header = _parse(data)[1]
+    m = next(t for t in header["tensors"] if t["name"] == name)
+    stream = _streams(data)[name]
+    side, ans = stream[:m["side"]], stream[m["side"]:]
+    info = spec_reader.read_side(m, side)
+    assert _side_bytes(info) == side                    # the re-encoder reproduces lsc's side information
+    info["labels"] = edit(list(info["labels"]))
+    side = _side_bytes(info)
+    m["side"] = len(side)
+    return _rebuild(data, header, {name: side + ans})
+
+
+def _reject(data, match, lsc_match=None):
     with pytest.raises(SpecFormatError, match=match):
         spec_reader.read(data)
-    with pytest.raises(lsc.LscFormatError):  # lsc agrees the file is bad
+    with pytest.raises(lsc.LscFormatError, match=lsc_match):  # lsc agrees the file is bad
         lsc.load(data)
 
 
@@ -169,7 +280,58 @@ def test_spec_reader_validates(files):
     bad[30] ^= 1     # inside the compressed header
     _reject(bytes(bad), "header crc")
     _reject(b"\x89LSD" + data[4:], "magic")
-    _reject(data[:8] + (3).to_bytes(4, "little") + data[12:], "version")
+    _reject(data[:8] + (4).to_bytes(4, "little") + data[12:], "version")
+    _reject(data[:8] + (0).to_bytes(4, "little") + data[12:], "version")
+    for version in (1, 2, 3):                                 # §1: older versions read unchanged
+        old = spec_reader.read(data[:8] + version.to_bytes(4, "little") + data[12:])
+        assert old.keys() == spec_reader.read(data).keys()
+
+
+def _with_classes(data: bytes, name: str, classes) -> bytes:
+    header = _parse(data)[1]
+    next(m for m in header["tensors"] if m["name"] == name)["classes"] = classes
+    return _rebuild(data, header)
+
+
+def test_spec_reader_validates_row_classes(files):
+    """§2.2 Row classes: both readers reject class data the spec rules out."""
+    data = files["classes"][0]
+    assert spec_reader.read(_rebuild(data, _parse(data)[1])).keys() == spec_reader.read(data).keys()  # helper is exact
+    # header: proj.weight has 3 block rows (12288 coefficients), proj.bias 64 block rows but 512 coefficients
+    assert spec_reader.geometry(_meta(data, "proj.weight"))["grid"][0] == 3
+    _reject(_with_classes(data, "proj.weight", 4), "more classes than block rows", "class")
+    _reject(_with_classes(data, "proj.bias", 2), "too small", "class")
+    _reject(_with_classes(data, "vol", 17), "classes must be", "class")
+    _reject(_with_classes(data, "vol", 1), "classes must be", "class")
+    _reject(_with_classes(data, "vol", 3.0), "classes must be", "class")
+    # side information: labels re-encoded, stream crc and header fixed
+    C = _meta(data, "vol")["classes"]
+    _reject(_with_labels(data, "vol", lambda labels: [C] + labels[1:]), "label out of range", "class")
+    _reject(_with_labels(data, "vol", lambda labels: [0 if v == C - 1 else v for v in labels]), "unused", "class")
+
+
+def test_unused_row_class_is_the_only_defect(files, monkeypatch):
+    """A file whose streams are consistent but whose class 0 labels no block row (lsc's own coder, labels
+    shifted by one): the spec requires every class to be used, so both readers reject it."""
+    data = files["classes"][0]
+    header = _parse(data)[1]
+    m = next(t for t in header["tensors"] if t["name"] == "vol")
+    t = spec_reader.read(data)["vol"]
+    geo = spec_reader.geometry(m)
+    order = spec_reader.scan_order(t["block"], m["scan"])
+    bounds = np.minimum(np.arange(geo["G"] + 1) * geo["k"], geo["P"])
+    labels = np.asarray(t["labels"], dtype=np.int64) + 1
+    side, ans, _, segments, classes = lsc.codec.entropy.encode_symbols(
+        np.ascontiguousarray(t["q"][:, order].T), t["e"][order], bounds, units=geo["grid"][0], labels=labels)
+    assert classes == m["classes"] + 1 and not segments     # class 0 is empty but coded (K = 1 subgroups)
+    m["classes"], m["side"] = classes, len(side)
+    bad = _rebuild(data, header, {"vol": side + ans})
+    _reject(bad, "unused", "class")
+    check = spec_reader._check                            # without that one rule the file decodes exactly
+    monkeypatch.setattr(spec_reader, "_check", lambda cond, msg: "unused" in msg or check(cond, msg))
+    decoded = spec_reader.read(bad)["vol"]
+    assert np.array_equal(decoded["q"], t["q"]) and np.array_equal(decoded["e"], t["e"])
+    assert decoded["labels"] == labels.tolist()
 
 
 def _spec_order(t: dict) -> torch.Tensor:
@@ -197,7 +359,8 @@ def _spec_order(t: dict) -> torch.Tensor:
     return w[tuple(slice(0, s) for s in shape)]
 
 
-@pytest.mark.parametrize("name", ["mixed", "mixed_float16", "mixed_bfloat16", "digits_segments"])
+@pytest.mark.parametrize("name", ["mixed", "mixed_float16", "mixed_bfloat16", "digits_segments", "classes",
+                                  "classes_segments"])
 def test_spec_operation_order_is_bit_exact(files, name):
     """The spec's operation order, run in float32, gives lsc's weights bit for bit."""
     plain = lsc.load(files[name][0])

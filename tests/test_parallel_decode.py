@@ -100,8 +100,8 @@ def test_parallel_decode_reports_undecodable_streams(monkeypatch):
     monkeypatch.setattr(parallel, "MIN_PARALLEL_SYMBOLS", 0)
     bounds = np.array([0, 1, 2])
     order = np.arange(2)
-    good = (b"", b"", 2, 4, order, bounds, "fine", None)
-    garbage = (b"\x00\x01\xff", b"\x12" * 8, 2, 64, order, bounds, "layer.weight", None)
+    good = (b"", b"", 2, 4, order, bounds, "fine", None, 1, 0)
+    garbage = (b"\x00\x01\xff", b"\x12" * 8, 2, 64, order, bounds, "layer.weight", None, 1, 0)
     with parallel.StreamDecoder([good, garbage], workers=2) as dec:
         assert dec.parallel and 1 in dec._remote  # the larger job went to the worker process
         assert sorted(dec.completed()) == [0, 1]

@@ -6,7 +6,7 @@
 """
 from . import wavelets  # noqa: F401  registers transform="wavelet" (CDF 9/7) and "wavelet53" (LeGall 5/3)
 from .buffers import choose_buffer_tolerance, decode_buffers, encode_buffers, quantize_buffers_
-from .codec import compress_weights, decompress_weights, file_info, load, save
+from .codec import compress_weights, decompress_weights, file_info, load, recode, save
 from .convert import spectral
 from .distributed import SpectralTrainingModule, save_on_rank0, unwrap_spectral
 from .errors import LscError, LscFormatError
@@ -20,13 +20,13 @@ from .quantizer import release_buffers
 from .sensitivity import TensorSensitivity, allocate_error_bounds, measure_sensitivity, predicted_distortion
 from .target import RateController
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 __all__ = [
     # training
     "spectral", "quantization_loss", "bits_per_weight", "rate_estimate", "report", "QuantizationNetwork",
     "RateController", "factorize", "release_buffers",
     # files
-    "compress_weights", "decompress_weights", "save", "load", "file_info", "fold_factored_state_dict",
+    "compress_weights", "decompress_weights", "save", "load", "file_info", "recode", "fold_factored_state_dict",
     "encode_buffers", "decode_buffers", "quantize_buffers_", "choose_buffer_tolerance",
     # post-training, inference, distributed
     "compress_posttraining", "PostTrainingResult", "load_checkpoint",

@@ -58,6 +58,7 @@ from .errors import LscError, LscFormatError
 from .grouping import position_groups
 from .packing import PackedCoefficients, int_dtype_for
 from .reconstruct import compute_dtype_for, reconstruct
+from .rowclasses import row_units
 
 __all__ = ["load_lazy", "lazy_info", "LazyParametrization", "DecodeMemoryTracker", "MODES"]
 
@@ -83,7 +84,7 @@ def _codec_integers(m: dict, data: bytes, layout, order, bounds) -> tuple[np.nda
     """(q (num_blocks, P) int64, exponents (P,) int64) with the codec's own decoder (row-major positions)."""
     side, ans = data[:m["side"]], data[m["side"]:]
     q, e = decode_positions(side, ans, layout.block_numel, layout.num_blocks, order, bounds, m["name"],
-                            m.get("segments"))
+                            m.get("segments"), classes=m.get("classes", 1), units=row_units(layout.shape, layout.block_shape))
     return np.ascontiguousarray(q.T, dtype=np.int64), e
 
 
@@ -94,8 +95,12 @@ def _stream_integers(gs: GroupStream, layout, order) -> torch.Tensor:
     # allocated by torch (so decode-memory tracking sees it) and filled through a NumPy view
     q_t = torch.empty((nb, P), dtype=int_dtype_for(*gs.value_range()))
     q = q_t.numpy()
-    for a, b, lo, s in gs:
+    for a, b, blocks, lo, s in gs:
         cols = order[a:b]
+        if blocks is not None:  # one row class: its blocks only
+            at = np.ix_(blocks, cols)
+            q[at] = lo if s is None else (np.asarray(s).reshape(b - a, blocks.size).T + np.asarray(lo, dtype=q.dtype))
+            continue
         if s is None:
             q[:, cols] = lo
             continue
@@ -202,7 +207,8 @@ class _EntropyStore(_Store):
         side, ans = data[:m["side"]], data[m["side"]:]
         # Side information (tables, ranges, exponents) is parsed once here; each use only re-runs
         # the ANS decoder, so decoding allocates no bit-level scratch.
-        gs = GroupStream(side, ans, layout.block_numel, layout.num_blocks, bounds, m["name"], m.get("segments"))
+        gs = GroupStream(side, ans, layout.block_numel, layout.num_blocks, bounds, m["name"], m.get("segments"),
+                         m.get("classes", 1), row_units(layout.shape, layout.block_shape))
         e = np.empty(layout.block_numel, dtype=np.int64)
         e[order] = gs.exponents
         super().__init__(m, layout, dtype, mean, std, e, chunk_numel)

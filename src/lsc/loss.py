@@ -6,6 +6,7 @@ from torch import nn
 
 from .rate import FILE_OVERHEAD_BYTES, RateEstimate, estimate_rate, exact_bits, surrogate_bits_total
 from .quantizer import bits_to_exponent, step_size
+from .rowclasses import row_units
 from .state import get_state
 
 __all__ = ["rate_estimate", "bits_per_weight", "quantization_loss", "report", "compressed_numel"]
@@ -21,7 +22,9 @@ def _rate_inputs(model: nn.Module):
     steps = [s.to(p.mean.dtype) for s, p in zip(all_steps, pars)]
     coeffs = [c.to(s.dtype) for c, s in zip(coeffs, steps)]
     numel = sum(p.layout.numel for p in pars)
-    return st, numel, coeffs, steps, all_exps, [p.groups for p in pars], [p.num_groups for p in pars], [p.scan_order for p in pars]
+    units = [row_units(p.layout.shape, p.layout.block_shape) for p in pars]
+    return st, numel, coeffs, steps, all_exps, [p.groups for p in pars], [p.num_groups for p in pars], \
+        [p.scan_order for p in pars], units
 
 
 def _as_blocks(coeffs, steps) -> list[torch.Tensor]:
@@ -41,8 +44,8 @@ def _shared_outputs(q_net, pars) -> tuple[list[torch.Tensor], list[torch.Tensor]
 
 def rate_estimate(model: nn.Module) -> RateEstimate:
     """Estimated coded size of every spectral tensor: exact value, differentiable through a surrogate."""
-    _, _, coeffs, steps, exps, groups, ngroups, orders = _rate_inputs(model)
-    return estimate_rate(_as_blocks(coeffs, steps), steps, groups, ngroups, exps, orders)
+    _, _, coeffs, steps, exps, groups, ngroups, orders, units = _rate_inputs(model)
+    return estimate_rate(_as_blocks(coeffs, steps), steps, groups, ngroups, exps, orders, units)
 
 
 def compressed_numel(model: nn.Module) -> int:
@@ -64,15 +67,15 @@ def quantization_loss(model: nn.Module, weight: float | None = None) -> torch.Te
     ``rate_refresh`` calls and tracked in between by the drift of the smooth
     surrogate, whose gradient drives training either way.
     """
-    st, numel, coeffs, steps, exps, groups, ngroups, orders = _rate_inputs(model)
+    st, numel, coeffs, steps, exps, groups, ngroups, orders, units = _rate_inputs(model)
     w = st.rate_weight if weight is None else float(weight)
     if not torch.is_grad_enabled():
-        return w * estimate_rate(_as_blocks(coeffs, steps), steps, groups, ngroups, exps, orders).total / numel
+        return w * estimate_rate(_as_blocks(coeffs, steps), steps, groups, ngroups, exps, orders, units).total / numel
     sur = surrogate_bits_total(coeffs, steps)
     cache = st.rate_cache
     if cache is None or cache["device"] != sur.device or st.rate_calls % st.rate_refresh == 0:
         data, side = exact_bits([c.detach() for c in _as_blocks(coeffs, steps)], [s.detach() for s in steps], groups,
-                                ngroups, [e.detach() for e in exps], orders)
+                                ngroups, [e.detach() for e in exps], orders, units)
         exact = torch.stack([d + s for d, s in zip(data, side)]).sum().to(sur.dtype)
         cache = st.rate_cache = dict(exact=exact, sur=sur.detach(), device=sur.device)
     st.rate_calls += 1

@@ -20,6 +20,7 @@ from typing import NamedTuple
 import torch
 
 from .quantizer import fresh, scratch
+from .rowclasses import propose_row_classes
 
 __all__ = ["elias_gamma_bits", "zigzag", "RateEstimate", "estimate_rate", "exact_bits", "surrogate_bits", "surrogate_bits_total",
            "HEADER_BYTES_PER_TENSOR", "FILE_OVERHEAD_BYTES", "STREAM_OVERHEAD_BITS"]
@@ -337,20 +338,10 @@ def surrogate_bits_total(coeffs: list[torch.Tensor], steps: list[torch.Tensor]) 
     return _LogisticBitsTotal.apply(len(coeffs), *coeffs, *steps)
 
 
-@torch.no_grad()
-def exact_bits(coeffs: list[torch.Tensor], steps: list[torch.Tensor], groups: list[torch.Tensor],
-               num_groups: list[int], exponents: list[torch.Tensor], scan_orders: list[torch.Tensor]):
-    """Exact coded size per tensor as (data_bits, side_bits) lists of float64 scalars.
-
-    ``coeffs[t]`` has shape (num_blocks, P) and ``steps[t]`` shape (P,); ``groups[t]``
-    maps each of the P positions to its group (0..num_groups[t]-1), ``exponents[t]`` is
-    the integer step exponent per position and ``scan_orders[t]`` the Morton order in
-    which the exponent table is delta-coded.
-    """
-    if not coeffs:
-        raise ValueError("no tensors to estimate")
-    dev = coeffs[0].device
-    hard = [torch.round(c / s) for c, s in zip(coeffs, steps)]
+def _group_costs(hard: list[torch.Tensor], groups: list[torch.Tensor], num_groups: list[int]) -> torch.Tensor:
+    """Coded bits of every group of every tensor, concatenated: the cheaper of its table and a uniform code,
+    plus its range and mode bit (``hard``: integer-valued (num_blocks, P) tensors)."""
+    dev = hard[0].device
     lo, hi = [], []
     for q, g, ng in zip(hard, groups, num_groups):
         pmin, pmax = q.amin(0), q.amax(0)
@@ -399,25 +390,80 @@ def exact_bits(coeffs: list[torch.Tensor], steps: list[torch.Tensor], groups: li
     uniform = group_sizes * torch.log2(width.to(torch.float64))
     # Each group is coded with whichever is cheaper: its own probability table, or a
     # uniform code over [lo, hi] (small groups cannot pay for a table). One flag bit says which.
-    cheapest = torch.minimum(entropy + table, uniform) + range_bits + 1
+    return torch.minimum(entropy + table, uniform) + range_bits + 1
+
+
+def _class_splits(hard: list[torch.Tensor], units: list[int]) -> list[tuple[int, list[torch.Tensor], torch.Tensor]]:
+    """The row classes the writer would try (:func:`lsc.rowclasses.propose_row_classes`), for every tensor
+    that has them: ``[(tensor index, its blocks split by class, label bits)]``, with one host sync for all."""
+    proposals = []
+    for t, (q, u) in enumerate(zip(hard, units)):
+        if u:
+            labels, used = propose_row_classes(q, u)
+            if used >= 2:
+                block_labels = labels.repeat_interleave(q.shape[0] // u)
+                proposals.append((t, labels, block_labels, used))
+    if not proposals:
+        return []
+    sizes = torch.cat([torch.bincount(b, minlength=used)[:used] for _, _, b, used in proposals]).tolist()  # the sync
+    out, at = [], 0
+    for t, labels, block_labels, used in proposals:
+        perm = torch.sort(block_labels, stable=True).indices
+        parts = list(hard[t].index_select(0, perm).split(sizes[at:at + used]))
+        at += used
+        out.append((t, parts, elias_gamma_bits(labels + 1).sum()))
+    return out
+
+
+@torch.no_grad()
+def exact_bits(coeffs: list[torch.Tensor], steps: list[torch.Tensor], groups: list[torch.Tensor],
+               num_groups: list[int], exponents: list[torch.Tensor], scan_orders: list[torch.Tensor],
+               units: list[int] | None = None):
+    """Exact coded size per tensor as (data_bits, side_bits) lists of float64 scalars.
+
+    ``coeffs[t]`` has shape (num_blocks, P) and ``steps[t]`` shape (P,); ``groups[t]``
+    maps each of the P positions to its group (0..num_groups[t]-1), ``exponents[t]`` is
+    the integer step exponent per position and ``scan_orders[t]`` the Morton order in
+    which the exponent table is delta-coded. ``units[t]``: the tensor's block rows when it
+    may use row classes (:func:`lsc.rowclasses.row_units`), else 0; with it, each tensor
+    costs the cheaper of one class and the proposed classes, as the writer chooses.
+    """
+    if not coeffs:
+        raise ValueError("no tensors to estimate")
+    dev = coeffs[0].device
+    hard = [torch.round(c / s) for c, s in zip(coeffs, steps)]
+    splits = _class_splits(hard, units) if units is not None else []
+    # the class-split tensors go through the same batched pass as pseudo-tensors, after the real ones
+    extra = [(q, groups[t], num_groups[t]) for t, parts, _ in splits for q in parts]
+    all_hard = hard + [x[0] for x in extra]
+    all_groups = list(groups) + [x[1] for x in extra]
+    all_ng = list(num_groups) + [x[2] for x in extra]
+    cheapest = _group_costs(all_hard, all_groups, all_ng)
+    gstart = [0]
+    for ng in all_ng:
+        gstart.append(gstart[-1] + ng)
 
     data_bits, side_bits = [], []
-    goff = 0
-    for e, order, ng in zip(exponents, scan_orders, num_groups):
+    for t, (e, order, ng) in enumerate(zip(exponents, scan_orders, num_groups)):
         scan = e.to(torch.int64)[order]
         deltas = torch.diff(scan, prepend=torch.zeros(1, device=dev, dtype=torch.int64))
         exp_bits = elias_gamma_bits(zigzag(deltas) + 1).sum()
-        data_bits.append(cheapest[goff: goff + ng].sum())
+        data_bits.append(cheapest[gstart[t]: gstart[t + 1]].sum())
         side_bits.append(exp_bits + 8 * HEADER_BYTES_PER_TENSOR + STREAM_OVERHEAD_BITS)
-        goff += ng
+    at = len(hard)
+    for t, parts, label_bits in splits:
+        split = cheapest[gstart[at]: gstart[at + len(parts)]].sum() + label_bits
+        data_bits[t] = torch.minimum(data_bits[t], split)
+        at += len(parts)
     return data_bits, side_bits
 
 
 def estimate_rate(coeffs: list[torch.Tensor], steps: list[torch.Tensor], groups: list[torch.Tensor],
-                  num_groups: list[int], exponents: list[torch.Tensor], scan_orders: list[torch.Tensor]) -> RateEstimate:
+                  num_groups: list[int], exponents: list[torch.Tensor], scan_orders: list[torch.Tensor],
+                  units: list[int] | None = None) -> RateEstimate:
     """Exact coded size as the value, the surrogate's gradient (see :func:`exact_bits` for the arguments)."""
     data, side = exact_bits([c.detach() for c in coeffs], [s.detach() for s in steps], groups, num_groups,
-                            [e.detach() for e in exponents], scan_orders)
+                            [e.detach() for e in exponents], scan_orders, units)
     out = []
     for d, c, s in zip(data, coeffs, steps):
         sur = surrogate_bits(c, s)

@@ -30,6 +30,7 @@ from ..grouping import position_groups
 from ..morton import morton_order, rowmajor_order
 from ..quantizer import dequantize
 from ..reconstruct import compute_dtype_for, reconstruct
+from ..rowclasses import MAX_CLASSES, propose_row_classes, row_units
 from ..state import QNET_PREFIX, get_state
 from ..transforms import TRANSFORMS
 from .entropy import encode_symbols, group_bounds
@@ -37,7 +38,7 @@ from .format import (check_stream, pack_prefix_header, parse_prefix_header, spli
                      zlib_decompress_exact)
 from .parallel import StreamDecoder
 
-__all__ = ["compress_weights", "decompress_weights", "save", "load", "file_info", "to_bytes", "from_bytes",
+__all__ = ["compress_weights", "decompress_weights", "save", "load", "file_info", "to_bytes", "from_bytes", "recode",
            "HEADER_KEY"]
 
 HEADER_KEY = "__lsc__"
@@ -87,22 +88,43 @@ def _orig_key(key: str) -> str | None:
 
 def _encode_spectral(entry, min_group: int, scan: str) -> tuple[dict, bytes]:
     par = entry.parametrization
-    layout = par.layout
     q, e = par.integer_state(entry.coefficients.detach())
-    q = q.to("cpu").numpy().reshape(layout.num_blocks, layout.block_numel)
-    e = e.to("cpu").numpy().astype(np.int64)
-    groups = position_groups(layout, min_group, scan)
-    order = _SCANS[scan](layout.block_shape)
-    bounds = group_bounds(groups, order)
-    side, ans, _, segments = encode_symbols(np.ascontiguousarray(q[:, order].T), e[order], bounds)
-    meta = {"name": entry.name, "kind": "spectral", "shape": list(layout.shape), "dtype": _dtype_name(par.orig_dtype),
-            "block": list(layout.block_shape), "transform": par.transform, "mean": _tensor_bytes(par.mean).hex(),
-            "std": _tensor_bytes(par.std).hex(), "min_group": int(min_group), "scan": scan, "side": len(side)}
-    if segments:
-        meta["segments"] = segments
+    meta = {"name": entry.name, "kind": "spectral", "shape": list(par.layout.shape), "dtype": _dtype_name(par.orig_dtype),
+            "block": list(par.layout.block_shape), "transform": par.transform, "mean": _tensor_bytes(par.mean).hex(),
+            "std": _tensor_bytes(par.std).hex(), "min_group": int(min_group), "scan": scan}
     if entry.tied_names:
         meta["tied"] = list(entry.tied_names)
+    return _encode_integers(meta, par.layout, q.to("cpu").reshape(par.layout.num_blocks, par.layout.block_numel), e)
+
+
+def _encode_integers(meta: dict, layout: BlockLayout, q: torch.Tensor, e: torch.Tensor) -> tuple[dict, bytes]:
+    """Entropy-code integer coefficients (num_blocks, P) and exponents (P,) -> (header entry, stream).
+
+    ``meta`` holds the entry's other fields (name, shape, dtype, block, transform, mean, std,
+    min_group, scan, tied); the coding fields (side, segments, classes) are set here."""
+    units = row_units(layout.shape, layout.block_shape)
+    labels = propose_row_classes(q, units)[0].numpy() if units else None
+    q = q.numpy()
+    e = e.to("cpu").numpy().astype(np.int64)
+    order = _SCANS[meta["scan"]](layout.block_shape)
+    bounds = group_bounds(position_groups(layout, meta["min_group"], meta["scan"]), order)
+    side, ans, _, segments, classes = encode_symbols(np.ascontiguousarray(q[:, order].T), e[order], bounds,
+                                                     units=units, labels=labels)
+    meta = {k: v for k, v in meta.items() if k not in ("side", "segments", "classes", "len", "crc")}
+    meta["side"] = len(side)
+    if segments:
+        meta["segments"] = segments
+    if classes > 1:
+        meta["classes"] = classes
     return meta, side + ans
+
+
+def _header_bytes(metas: list[dict], base: dict | None = None) -> bytes:
+    """Prefix + header for these tensor entries, in the oldest format version that holds them
+    (version 2 readers can read files without row classes)."""
+    from .. import __version__
+    version = 3 if any("classes" in m for m in metas) else 2
+    return pack_prefix_header({"format": "lsc", **(base or {}), "writer": f"lsc {__version__}", "tensors": metas}, version)
 
 
 def _encode_raw(name: str, t: torch.Tensor) -> tuple[dict, bytes]:
@@ -160,8 +182,7 @@ def compress_weights(model: nn.Module, *, scan: str = "morton", buffer_tolerance
     for meta, data in zip(metas, streams):
         meta["len"] = len(data)
         meta["crc"] = zlib.crc32(data)
-    from .. import __version__
-    head = pack_prefix_header({"format": "lsc", "writer": f"lsc {__version__}", "tensors": metas})
+    head = _header_bytes(metas)
     out = {HEADER_KEY: _u8(head)}
     for meta, data in zip(metas, streams):
         out[meta["name"]] = _u8(data)
@@ -274,6 +295,10 @@ def _check_header(header: dict) -> list[dict]:
             for g in segs:
                 _int(g[0], f"{name}: segment group", 0, 1 << 40)
                 _int(g[1], f"{name}: segment words", 0, m["len"])
+            if "classes" in m:
+                _int(m["classes"], f"{name}: classes", 2, MAX_CLASSES)
+                if m["classes"] > row_units(tuple(shape), tuple(block)):
+                    _fail(f"header: {name}: {m['classes']} row classes, but the tensor cannot have that many")
             isz = compute_dtype_for(_DTYPES[m["dtype"]]).itemsize
             for key in ("mean", "std"):
                 v = m.get(key)
@@ -330,7 +355,7 @@ def _spectral_job(m: dict, data) -> tuple:
     bounds = group_bounds(position_groups(layout, m["min_group"], m["scan"]), order)
     data = bytes(data)
     return (data[:m["side"]], data[m["side"]:], layout.block_numel, layout.num_blocks, order, bounds, m["name"],
-            m.get("segments"))
+            m.get("segments"), m.get("classes", 1), row_units(layout.shape, layout.block_shape))
 
 
 def _rebuild_spectral(m: dict, q_positions: np.ndarray, e: np.ndarray, device: torch.device | None = None) -> dict:
@@ -453,6 +478,28 @@ def save(model: nn.Module, path, *, buffer_tolerance: float | None = None) -> in
     data = to_bytes(compress_weights(model, buffer_tolerance=buffer_tolerance))
     atomic_write_bytes(path, data)
     return len(data)
+
+
+def recode(src) -> bytes:
+    """The bytes of an .lsc file (path or bytes) re-encoded by this version's entropy coder.
+
+    Every spectral tensor's integers, exponents and statistics are kept; only their coding
+    changes (an older file gets the row classes of format version 3 where they pay), so the
+    result decodes to bit-identical weights. Raw and buffer streams are copied unchanged.
+    """
+    header, streams, _ = _parts_from_bytes(_read(src))
+    _, spectral = _decode_all(header, streams, keep_integers=True)
+    metas, out = [], []
+    for m, s in zip(header["tensors"], streams):
+        if m["kind"] == "spectral":
+            d = spectral[m["name"]]
+            m, s = _encode_integers(dict(m), d["layout"], d["q"].contiguous(), d["exponent"])
+        else:
+            m, s = dict(m), bytes(s)
+        m["len"], m["crc"] = len(s), zlib.crc32(s)
+        metas.append(m)
+        out.append(s)
+    return _header_bytes(metas, header) + b"".join(out)
 
 
 def _read(src) -> bytes:

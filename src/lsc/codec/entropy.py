@@ -1,19 +1,23 @@
 """Entropy coding of one tensor's integer coefficients with constriction's ANS coder.
 
-Symbols are grouped by in-block frequency position (:func:`lsc.grouping.position_groups`);
-each group has its own probability model, chosen per group as the cheaper of
+Symbols are grouped by in-block frequency position (:func:`lsc.grouping.position_groups`),
+and optionally split further by *row class* (:mod:`lsc.rowclasses`: block rows of similar
+scale, one label per block row). Each (group, class) pair is a *subgroup* with its own
+probability model, chosen as the cheaper of
 
-* a categorical model over [lo, hi] built from the group's exact symbol counts
+* a categorical model over [lo, hi] built from the subgroup's exact symbol counts
   (the counts are stored, so the decoder rebuilds the identical float64 model), or
 * a uniform code over [lo, hi] (no table; free when lo == hi).
 
 Side information (Elias-gamma, see :mod:`lsc.codec.elias`), in this order:
   1. the P step exponents in scan order, as zigzag(delta) + 1 (first delta from 0);
-  2. G mode bits (1 = categorical);
-  3. per group: zigzag(lo) + 1 and K = hi - lo + 1;
-  4. per categorical group, in group order: count + 1 for each of its K symbols.
-The ANS stream holds the groups in order (encoded in reverse, since ANS is a stack).
-:mod:`lsc.rate` estimates exactly this layout.
+  1b. with C > 1 classes: each block row's label + 1;
+  2. one mode bit per subgroup (1 = categorical), subgroups group-major, class-minor;
+  3. per subgroup: zigzag(lo) + 1 and K = hi - lo + 1;
+  4. per categorical subgroup, in order: count + 1 for each of its K symbols.
+The ANS stream holds the subgroups in order (encoded in reverse, since ANS is a stack).
+The writer uses classes only when they make the tensor's stream smaller, and
+:mod:`lsc.rate` estimates exactly this layout and choice.
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ import constriction
 import numpy as np
 
 from ..errors import LscFormatError
+from ..rowclasses import MAX_CLASSES, class_permutation
 from .elias import BitReader, BitWriter, unzigzag, zigzag
 
 __all__ = ["MAX_CATEGORICAL_K", "SEGMENT_SYMBOLS", "encode_symbols", "decode_positions", "group_bounds",
@@ -112,46 +117,77 @@ def segment_starts(bounds: np.ndarray, nb: int, segment_symbols: int | None = No
     return sorted({0, *[int(c) for c in cuts if 0 < c < sizes.size]})
 
 
+class _Models:
+    """Subgroup models of one candidate layout (one class, or the given classes) and their coded size."""
+
+    def __init__(self, q_scan: np.ndarray, bounds: np.ndarray, col_starts: np.ndarray):
+        G, C = bounds.size - 1, col_starts.size - 1
+        self.los, self.ks, self.modes, self.tables, self.syms = [], [], [], [], []
+        bits = 0.0
+        entropy = 0.0
+        for g in range(G):
+            for c in range(C):
+                block = q_scan[bounds[g]:bounds[g + 1], col_starts[c]:col_starts[c + 1]]
+                n = block.size
+                lo, hi = (int(block.min()), int(block.max())) if n else (0, 0)
+                k = hi - lo + 1
+                s = (block.reshape(-1) - lo) if n else np.zeros(0, dtype=np.int64)
+                mode, counts, cost = 0, None, 0.0
+                if k > 1:
+                    cost = uniform_bits = n * math.log2(k)
+                    if k <= MAX_CATEGORICAL_K:
+                        counts = np.bincount(s, minlength=k)
+                        nz = counts[counts > 0].astype(np.float64)
+                        h = float(n * math.log2(n) - (nz * np.log2(nz)).sum())
+                        entropy += h
+                        table = h + float(_eg_len(counts + 1).sum())
+                        if table < uniform_bits:
+                            mode, cost = 1, table
+                    else:
+                        entropy += uniform_bits  # not measured for huge alphabets
+                zz = 2 * lo if lo >= 0 else -2 * lo - 1
+                bits += cost + 1 + float(_eg_len(np.array([zz + 1, k])).sum())
+                self.los.append(lo)
+                self.ks.append(k)
+                self.modes.append(mode)
+                self.tables.append(counts if mode else None)
+                self.syms.append(s)
+        self.bits, self.entropy = bits, entropy
+
+
 def encode_symbols(q_scan: np.ndarray, exponents_scan: np.ndarray, bounds: np.ndarray,
-                   segment_symbols: int | None = None) -> tuple[bytes, bytes, GroupStats, list]:
-    """Code integer symbols laid out (P, num_blocks) in scan order -> (side bytes, ANS bytes, stats, segments).
+                   segment_symbols: int | None = None, units: int = 0,
+                   labels: np.ndarray | None = None) -> tuple[bytes, bytes, GroupStats, list, int]:
+    """Code integer symbols laid out (P, num_blocks) in scan order -> (side bytes, ANS bytes, stats, segments,
+    classes).
 
     ``segments`` is ``[[first_group, words], ...]`` when the ANS data was cut into independently
     decodable segments (tensors of more than ``segment_symbols`` symbols, so that decoders can
-    spread one big tensor over several cores), else ``[]``.
+    spread one big tensor over several cores), else ``[]``. ``labels`` (``units``,): proposed
+    row classes (:func:`lsc.rowclasses.propose_row_classes`) of the ``units`` block rows; they
+    are used (``classes`` > 1) only if that makes the stream smaller.
     """
     P, nb = q_scan.shape
     G = bounds.size - 1
     stats = GroupStats()
+    models = _Models(q_scan, bounds, np.array([0, nb]))
+    classes = 1
+    if labels is not None and units >= 2 and int(np.max(labels)) >= 1:
+        labels = np.asarray(labels, dtype=np.int64)
+        perm, col_starts = class_permutation(labels, nb // units)
+        split = _Models(np.ascontiguousarray(q_scan[:, perm]), bounds, col_starts)
+        if split.bits + float(_eg_len(labels + 1).sum()) < models.bits:
+            models, classes = split, col_starts.size - 1
+    stats.entropy_bits = models.entropy
+    los, ks, modes, tables, syms = models.los, models.ks, models.modes, models.tables, models.syms
     w = BitWriter()
     e = exponents_scan.astype(np.int64)
     w.gamma(zigzag(np.diff(e, prepend=0)) + np.uint64(1))
-    los, ks, modes, tables, syms = [], [], [], [], []
-    for g in range(G):
-        block = q_scan[bounds[g]:bounds[g + 1]]
-        n = block.size
-        lo, hi = (int(block.min()), int(block.max())) if n else (0, 0)
-        k = hi - lo + 1
-        s = (block.reshape(-1) - lo) if n else np.zeros(0, dtype=np.int64)
-        mode, counts = 0, None
-        if k > 1:
-            uniform_bits = n * math.log2(k)
-            if k <= MAX_CATEGORICAL_K:
-                counts = np.bincount(s, minlength=k)
-                nz = counts[counts > 0].astype(np.float64)
-                h = float(n * math.log2(n) - (nz * np.log2(nz)).sum())
-                stats.entropy_bits += h
-                if h + float(_eg_len(counts + 1).sum()) < uniform_bits:
-                    mode = 1
-            else:
-                stats.entropy_bits += uniform_bits  # not measured for huge alphabets
-        los.append(lo)
-        ks.append(k)
-        modes.append(mode)
-        tables.append(counts if mode else None)
-        syms.append(s)
+    if classes > 1:
+        w.gamma(labels.astype(np.uint64) + np.uint64(1))
     w.bits(np.asarray(modes, dtype=np.uint8))
-    rng = np.empty(2 * G, dtype=np.uint64)
+    S = len(ks)
+    rng = np.empty(2 * S, dtype=np.uint64)
     rng[0::2] = zigzag(np.asarray(los, dtype=np.int64)) + np.uint64(1)
     rng[1::2] = np.asarray(ks, dtype=np.uint64)
     w.gamma(rng)
@@ -162,12 +198,12 @@ def encode_symbols(q_scan: np.ndarray, exponents_scan: np.ndarray, bounds: np.nd
     pieces, segments = [], []
     for g0, g1 in zip(starts, starts[1:] + [G]):
         coder = constriction.stream.stack.AnsCoder()
-        for g in reversed(range(g0, g1)):
-            k, s = ks[g], syms[g]
+        for j in reversed(range(g0 * classes, g1 * classes)):
+            k, s = ks[j], syms[j]
             if k <= 1 or s.size == 0:
                 continue
-            if modes[g]:
-                coder.encode_reverse(s.astype(np.int32), _categorical(tables[g]))
+            if modes[j]:
+                coder.encode_reverse(s.astype(np.int32), _categorical(tables[j]))
                 stats.num_categorical += 1
             else:
                 _encode_uniform(coder, s, k)
@@ -177,28 +213,41 @@ def encode_symbols(q_scan: np.ndarray, exponents_scan: np.ndarray, bounds: np.nd
         segments.append([int(g0), int(words.size)])
     side = w.getvalue()
     stats.side_bits = w.nbits
-    return side, b"".join(pieces), stats, (segments if len(segments) > 1 else [])
+    return side, b"".join(pieces), stats, (segments if len(segments) > 1 else []), classes
 
 
 class GroupStream:
-    """Parsed side information of one tensor's stream; iterating entropy-decodes it group by group.
+    """Parsed side information of one tensor's stream; iterating entropy-decodes it subgroup by subgroup.
 
     Shared by the file decoder and the lazy loader, which fill different layouts.
     Attributes: ``exponents`` (P,) in scan order, ``los`` / ``ks`` (offset and alphabet
-    size per group). Iteration yields ``(a, b, lo, symbols)`` for scan positions [a, b):
-    ``symbols`` is the (b - a) * nb array of ``value - lo`` in (position, block) order,
-    or None when every value of the group is ``lo``.
+    size per subgroup), ``classes``. Iteration yields ``(a, b, cols, lo, symbols)`` for scan
+    positions [a, b) and the blocks ``cols`` (an index array, or None for all blocks):
+    ``symbols`` is the (b - a) * len(cols) array of ``value - lo`` in (position, block) order,
+    or None when every value of the subgroup is ``lo``.
     """
 
-    def __init__(self, side: bytes, ans: bytes, P: int, nb: int, bounds: np.ndarray, what: str, segments=None):
+    def __init__(self, side: bytes, ans: bytes, P: int, nb: int, bounds: np.ndarray, what: str, segments=None,
+                 classes: int = 1, units: int = 0):
         self.nb, self.bounds, self.what = nb, bounds, what
         r = BitReader(side, what)
         e = np.cumsum(unzigzag(r.gamma(P) - np.uint64(1)))
         if e.size and np.abs(e).max() > MAX_EXPONENT:
             raise LscFormatError(f"{what}: step exponent out of range")
+        self.classes = C = int(classes)
+        self.cols = [None]
+        if C > 1:
+            if not 2 <= C <= min(MAX_CLASSES, units) or units < 2 or nb % units:
+                raise LscFormatError(f"{what}: invalid number of row classes {C} for {units} block rows")
+            labels = r.gamma(units).astype(np.int64) - 1
+            if labels.max() >= C or np.bincount(labels, minlength=C).min() == 0:
+                raise LscFormatError(f"{what}: row class labels must use every class below {C} and no other")
+            perm, starts = class_permutation(labels, nb // units)
+            self.cols = [perm[starts[c]:starts[c + 1]] for c in range(C)]
         G = bounds.size - 1
-        self.modes = r.bits(G).astype(bool)
-        rng = r.gamma(2 * G)
+        S = G * C
+        self.modes = r.bits(S).astype(bool)
+        rng = r.gamma(2 * S)
         los = unzigzag(rng[0::2] - np.uint64(1))
         ks = rng[1::2]
         if np.any(ks > np.uint64(1 << 62)) or np.any(self.modes & (ks > np.uint64(MAX_CATEGORICAL_K))) \
@@ -213,7 +262,7 @@ class GroupStream:
         self.counts = counts.astype(np.int32) if counts.size == 0 or int(counts.max()) < 2**31 else counts
         r.finish()
         self.words = np.frombuffer(ans, dtype="<u4").astype(np.uint32)
-        # where each categorical group's table starts in self.counts
+        # where each categorical subgroup's table starts in self.counts
         self.table_start = np.concatenate([[0], np.cumsum(np.where(self.modes, self.ks, 0))]).astype(np.int64)
         self.segments = self._segments(segments or [[0, self.words.size]], G)
 
@@ -231,7 +280,7 @@ class GroupStream:
         return out
 
     def value_range(self) -> tuple[int, int]:
-        """Smallest and largest decoded value over all groups."""
+        """Smallest and largest decoded value over all subgroups."""
         if self.los.size == 0:
             return 0, 0
         return int(self.los.min()), int((self.los + self.ks - 1).max())
@@ -242,42 +291,46 @@ class GroupStream:
             yield from self.segment(j)
 
     def segment(self, j: int):
-        """Decode ANS segment j alone (its groups, in order)."""
+        """Decode ANS segment j alone (its groups' subgroups, in order)."""
         g0, g1, w0, w1 = self.segments[j]
         words = self.words[w0:w1]
         coder = constriction.stream.stack.AnsCoder(words) if words.size else constriction.stream.stack.AnsCoder()
+        C = self.classes
         for g in range(g0, g1):
             a, b = int(self.bounds[g]), int(self.bounds[g + 1])
-            n = (b - a) * self.nb
-            k, lo = int(self.ks[g]), int(self.los[g])
-            if self.modes[g]:
-                toff = int(self.table_start[g])
-                counts = self.counts[toff:toff + k]
-                if int(counts.sum()) != n:
-                    raise LscFormatError(f"{self.what}: group {g} table counts {int(counts.sum())} symbols, expected {n}")
-                s = coder.decode(_categorical(counts), n) if n else np.zeros(0, dtype=np.int32)
-            elif k > 1 and n:
-                s = _decode_uniform(coder, n, k)
-                if s.size and int(s.max()) >= k:
-                    raise LscFormatError(f"{self.what}: symbol outside its uniform range")
-            else:
-                s = None
-            yield a, b, lo, s
+            for c, cols in enumerate(self.cols):
+                x = g * C + c
+                n = (b - a) * (self.nb if cols is None else cols.size)
+                k, lo = int(self.ks[x]), int(self.los[x])
+                if self.modes[x]:
+                    toff = int(self.table_start[x])
+                    counts = self.counts[toff:toff + k]
+                    if int(counts.sum()) != n:
+                        raise LscFormatError(f"{self.what}: group {g} table counts {int(counts.sum())} symbols, expected {n}")
+                    s = coder.decode(_categorical(counts), n) if n else np.zeros(0, dtype=np.int32)
+                elif k > 1 and n:
+                    s = _decode_uniform(coder, n, k)
+                    if s.size and int(s.max()) >= k:
+                        raise LscFormatError(f"{self.what}: symbol outside its uniform range")
+                else:
+                    s = None
+                yield a, b, cols, lo, s
         if not coder.is_empty():
             raise LscFormatError(f"{self.what}: entropy-coded stream has unused data")
 
 
 def decode_positions(side: bytes, ans: bytes, P: int, nb: int, order: np.ndarray, bounds: np.ndarray, what: str,
                      segments=None, segment: int | None = None,
-                     out: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                     out: np.ndarray | None = None, classes: int = 1, units: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Decode straight into row-major position order -> (q (P, nb), exponents (P,) int64).
 
     Row ``order[i]`` of ``q`` holds scan position ``i``, so the file decoder needs no
     reordering copy. ``segment``: decode only that ANS segment (only its rows are written).
     ``out`` (int32, (P, nb)) is filled and returned when every value fits int32 (the
-    parallel decoder passes shared memory); otherwise a new array is.
+    parallel decoder passes shared memory); otherwise a new array is. ``classes`` and
+    ``units``: the tensor's row classes and block rows (from its header entry).
     """
-    gs = GroupStream(side, ans, P, nb, bounds, what, segments)
+    gs = GroupStream(side, ans, P, nb, bounds, what, segments, classes, units)
     lo_all, hi_all = gs.value_range()
     fits32 = lo_all >= -(2**31) and hi_all <= 2**31 - 1
     if out is not None and fits32 and out.shape == (P, nb) and out.dtype == np.int32:
@@ -285,10 +338,13 @@ def decode_positions(side: bytes, ans: bytes, P: int, nb: int, order: np.ndarray
     else:
         q = np.empty((P, nb), dtype=np.int32 if fits32 else np.int64)
     order = np.asarray(order)
-    for a, b, lo, s in (gs if segment is None else gs.segment(segment)):
+    for a, b, cols, lo, s in (gs if segment is None else gs.segment(segment)):
         if s is not None and q.dtype != s.dtype:
             s = s.astype(q.dtype)  # int64 files: add the offset in int64
-        if b - a == 1:  # one position per group (every tensor with >= min_group blocks): a row view, no gather
+        if cols is not None:  # one class of blocks: scattered into their columns
+            rows = order[a:b]
+            q[np.ix_(rows, cols)] = lo if s is None else (s + q.dtype.type(lo)).reshape(b - a, cols.size)
+        elif b - a == 1:  # one position per group (every tensor with >= min_group blocks): a row view, no gather
             row = q[order[a]]
             if s is None:
                 row.fill(lo)

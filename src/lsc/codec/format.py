@@ -25,19 +25,19 @@ __all__ = ["MAGIC", "FORMAT_VERSION", "PREFIX_SIZE", "MAX_HEADER_BYTES", "pack_p
            "parse_prefix_header", "split_streams", "check_stream", "zlib_decompress_exact"]
 
 MAGIC = b"\x89LSC\r\n\x1a\n"
-FORMAT_VERSION = 2  # 2: optional ANS segments (docs/FORMAT.md, section 4)
+FORMAT_VERSION = 3  # 2: optional ANS segments; 3: optional row classes (docs/FORMAT.md, section 4)
 _PREFIX = struct.Struct("<8sIIII")
 PREFIX_SIZE = _PREFIX.size  # 24
 MAX_HEADER_BYTES = 256 << 20   # decompressed JSON header cap
 
 
-def pack_prefix_header(header: dict) -> bytes:
+def pack_prefix_header(header: dict, version: int = FORMAT_VERSION) -> bytes:
     """Prefix + compressed header for a header dict (deterministic: sorted keys, compact JSON)."""
     raw = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
     if len(raw) > MAX_HEADER_BYTES:
         raise LscFormatError(f"header too large ({len(raw)} bytes)")
     comp = zlib.compress(raw, 9)
-    return _PREFIX.pack(MAGIC, FORMAT_VERSION, len(comp), len(raw), zlib.crc32(comp)) + comp
+    return _PREFIX.pack(MAGIC, version, len(comp), len(raw), zlib.crc32(comp)) + comp
 
 
 def zlib_decompress_exact(data, expected: int, what: str) -> bytes:

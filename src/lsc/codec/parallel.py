@@ -56,8 +56,9 @@ def default_workers() -> int:
 
 def _decode_job(job, out=None, segment=None):
     """Decode one job (or one ANS segment of it) here; every failure becomes LscFormatError naming the tensor."""
-    side, ans, P, nb, order, bounds, what, segments = job
-    return format_errors(what, decode_positions, side, ans, P, nb, order, bounds, what, segments, segment, out=out)
+    side, ans, P, nb, order, bounds, what, segments, classes, units = job
+    return format_errors(what, decode_positions, side, ans, P, nb, order, bounds, what, segments, segment, out=out,
+                         classes=classes, units=units)
 
 
 def _shared_view(shared, offset: int, P: int, nb: int) -> np.ndarray:
@@ -73,7 +74,7 @@ def _work(token: int, j: int, segment):
 
 
 class StreamDecoder:
-    """Decodes a list of jobs ``(side, ans, P, nb, order, bounds, name, segments)``;
+    """Decodes a list of jobs ``(side, ans, P, nb, order, bounds, name, segments, classes, units)``;
     :meth:`get` returns ``(q, e)``.
 
     ``q`` is (P, nb) in row-major position order (int32, or int64 when values need it),
@@ -106,7 +107,7 @@ class StreamDecoder:
 
     def _unit_cost(self, unit) -> float:
         j, k = unit
-        side, ans, P, nb, order, bounds, what, segments = self.jobs[j]
+        side, ans, P, nb, order, bounds, what, segments, _, _ = self.jobs[j]
         if k is None:
             return P * nb + self.BIT_COST * 8 * len(ans)
         G = bounds.size - 1
