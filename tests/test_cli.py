@@ -55,6 +55,8 @@ RUNS = {
     "info": (["info", "{d}/cnn.lsc"], True),
     "decompress_st": (["decompress", "{d}/cnn.lsc", "-o", "{d}/dense.safetensors"], False),
     "decompress_pt": (["decompress", "{d}/cnn.lsc", "-o", "{d}/dense.pt"], True),
+    "recode": (["recode", "{d}/cnn.lsc", "-o", "{d}/recoded.lsc"], False),
+    "err_recode_onto_input": (["recode", "{d}/cnn.lsc", "-o", "{d}/cnn.lsc"], False),
     "plot": (["plot", "{d}/cnn.lsc", "-o", "{d}/bits.png"], False),
     "demo": (["demo", "-o", "{d}/demo.lsc", "--epochs", "1", "--steps", "4"], False),
     "demo_target": (["demo", "-q", "-o", "{d}/target.lsc", "--epochs", "2", "--steps", "30", "--target-bytes", "30000"], True),
@@ -116,6 +118,17 @@ def test_info_table(runs, files, capsys):
     from lsc.cli import main
     assert main(["info", str(d / "cnn.lsc"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["totals"]["file_bytes"] == size
+
+
+def test_recode(runs, files):
+    d, _ = files
+    out = _ok(runs["recode"])
+    assert "wrote" in out and "same weights" in out
+    assert (d / "recoded.lsc").read_bytes() == lsc.recode(d / "cnn.lsc")
+    a, b = lsc.load(d / "cnn.lsc"), lsc.load(d / "recoded.lsc")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    p = runs["err_recode_onto_input"]
+    assert p.returncode != 0 and "overwrite the input" in p.stderr
 
 
 def test_decompress_both_formats(runs, files):

@@ -287,6 +287,20 @@ def write_checkpoint(sd: dict, out: Path) -> None:
             torch.save({k: t.detach().cpu() for k, t in sd.items()}, tmp)
 
 
+def cmd_recode(args) -> int:
+    from . import recode
+    from .atomic import atomic_write_bytes
+    src = _check_input(args.file, ".lsc file")
+    out = _check_output(args.output, [src])
+    t0 = time.perf_counter()
+    data = recode(src)
+    atomic_write_bytes(out, data)
+    old = src.stat().st_size
+    _out(args, f"wrote {out}: {fmt_bytes(len(data))} (from {fmt_bytes(old)}, {100 * (len(data) / old - 1):+.1f}%), "
+               f"format version {int.from_bytes(data[8:12], 'little')}, same weights, in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
 def cmd_plot(args) -> int:
     from .plots import plot_bits, rows_from_file
     src = _check_input(args.file, ".lsc file")
@@ -370,6 +384,14 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("file")
     x.add_argument("-o", "--output", required=True, help="out.safetensors or out.pt")
     x.set_defaults(func=cmd_decompress)
+
+    r = sub.add_parser("recode", parents=[common], help="re-encode a .lsc file with this version's entropy coder",
+                       description="Re-encode every spectral tensor of a .lsc file with this lsc's entropy coder (e.g. "
+                                   "an lsc 0.2 file gets the row classes of format version 3 where they pay). The "
+                                   "integers are kept: the new file decodes to bit-identical weights.")
+    r.add_argument("file")
+    r.add_argument("-o", "--output", required=True, help="output .lsc file")
+    r.set_defaults(func=cmd_recode)
 
     p = sub.add_parser("plot", parents=[common], help="bits-per-frequency heatmaps and bytes per layer",
                        description="Plot the bit allocation of every tensor (one heatmap per tensor, low frequencies "
