@@ -312,3 +312,12 @@ def test_compress_with_row_counts_for_an_embedding_table(tmp_path, capsys):
     assert main(args + ["-o", str(tmp_path / "bad.lsc"), "--hessians", str(tmp_path / "h.safetensors"),
                         "--row-prior", "0"]) != 0
     assert "--row-prior 0: must be" in capsys.readouterr().err and not (tmp_path / "bad.lsc").exists()
+
+
+def test_closed_pipe_stops_quietly(files):
+    """`lsc info big.lsc | head -1`: the reader leaves early; lsc stops without an error message."""
+    d, _ = files
+    p = subprocess.Popen(_cmd("info", str(d / "cnn.lsc")), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    p.stdout.close()  # nobody reads: every write fails with EPIPE
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and "error" not in err, err

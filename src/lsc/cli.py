@@ -418,6 +418,11 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("lsc: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        # the reader went away (`lsc info f.lsc | head`): stop quietly, as Unix tools do; point stdout at
+        # /dev/null so the interpreter's final flush cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except (CliError, LscError) as e:
         msg = str(e)
         where = getattr(args, "file", None) or getattr(args, "checkpoint", None)
