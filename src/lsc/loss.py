@@ -22,9 +22,12 @@ def _rate_inputs(model: nn.Module):
     steps = [s.to(p.mean.dtype) for s, p in zip(all_steps, pars)]
     coeffs = [c.to(s.dtype) for c, s in zip(coeffs, steps)]
     numel = sum(p.layout.numel for p in pars)
-    units = [row_units(p.layout.shape, p.layout.block_shape) for p in pars]
-    return st, numel, coeffs, steps, all_exps, [p.groups for p in pars], [p.num_groups for p in pars], \
-        [p.scan_order for p in pars], units
+    return st, numel, coeffs, steps, all_exps, [p.groups for p in pars], [p.num_groups for p in pars], [p.scan_order for p in pars]
+
+
+def _row_units(st) -> list[int]:
+    """Block rows of each tensor that may use row classes (only the exact size pass needs them)."""
+    return [row_units(e.parametrization.layout.shape, e.parametrization.layout.block_shape) for e in st.entries]
 
 
 def _as_blocks(coeffs, steps) -> list[torch.Tensor]:
@@ -44,8 +47,8 @@ def _shared_outputs(q_net, pars) -> tuple[list[torch.Tensor], list[torch.Tensor]
 
 def rate_estimate(model: nn.Module) -> RateEstimate:
     """Estimated coded size of every spectral tensor: exact value, differentiable through a surrogate."""
-    _, _, coeffs, steps, exps, groups, ngroups, orders, units = _rate_inputs(model)
-    return estimate_rate(_as_blocks(coeffs, steps), steps, groups, ngroups, exps, orders, units)
+    st, _, coeffs, steps, exps, groups, ngroups, orders = _rate_inputs(model)
+    return estimate_rate(_as_blocks(coeffs, steps), steps, groups, ngroups, exps, orders, _row_units(st))
 
 
 def compressed_numel(model: nn.Module) -> int:
@@ -67,15 +70,15 @@ def quantization_loss(model: nn.Module, weight: float | None = None) -> torch.Te
     ``rate_refresh`` calls and tracked in between by the drift of the smooth
     surrogate, whose gradient drives training either way.
     """
-    st, numel, coeffs, steps, exps, groups, ngroups, orders, units = _rate_inputs(model)
+    st, numel, coeffs, steps, exps, groups, ngroups, orders = _rate_inputs(model)
     w = st.rate_weight if weight is None else float(weight)
     if not torch.is_grad_enabled():
-        return w * estimate_rate(_as_blocks(coeffs, steps), steps, groups, ngroups, exps, orders, units).total / numel
+        return w * estimate_rate(_as_blocks(coeffs, steps), steps, groups, ngroups, exps, orders, _row_units(st)).total / numel
     sur = surrogate_bits_total(coeffs, steps)
     cache = st.rate_cache
     if cache is None or cache["device"] != sur.device or st.rate_calls % st.rate_refresh == 0:
         data, side = exact_bits([c.detach() for c in _as_blocks(coeffs, steps)], [s.detach() for s in steps], groups,
-                                ngroups, [e.detach() for e in exps], orders, units)
+                                ngroups, [e.detach() for e in exps], orders, _row_units(st))
         exact = torch.stack([d + s for d, s in zip(data, side)]).sum().to(sur.dtype)
         cache = st.rate_cache = dict(exact=exact, sur=sur.detach(), device=sur.device)
     st.rate_calls += 1
