@@ -84,7 +84,7 @@ def _codec_integers(m: dict, data: bytes, layout, order, bounds) -> tuple[np.nda
     """(q (num_blocks, P) int64, exponents (P,) int64) with the codec's own decoder (row-major positions)."""
     side, ans = data[:m["side"]], data[m["side"]:]
     q, e = decode_positions(side, ans, layout.block_numel, layout.num_blocks, order, bounds, m["name"],
-                            m.get("segments"), classes=m.get("classes", 1), units=row_units(layout.shape, layout.block_shape))
+                            m.get("segments"), classes=m.get("classes", 1), units=row_units(layout))
     return np.ascontiguousarray(q.T, dtype=np.int64), e
 
 
@@ -208,7 +208,7 @@ class _EntropyStore(_Store):
         # Side information (tables, ranges, exponents) is parsed once here; each use only re-runs
         # the ANS decoder, so decoding allocates no bit-level scratch.
         gs = GroupStream(side, ans, layout.block_numel, layout.num_blocks, bounds, m["name"], m.get("segments"),
-                         m.get("classes", 1), row_units(layout.shape, layout.block_shape))
+                         m.get("classes", 1), row_units(layout))
         e = np.empty(layout.block_numel, dtype=np.int64)
         e[order] = gs.exponents
         super().__init__(m, layout, dtype, mean, std, e, chunk_numel)

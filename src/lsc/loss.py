@@ -27,7 +27,7 @@ def _rate_inputs(model: nn.Module):
 
 def _row_units(st) -> list[int]:
     """Block rows of each tensor that may use row classes (only the exact size pass needs them)."""
-    return [row_units(e.parametrization.layout.shape, e.parametrization.layout.block_shape) for e in st.entries]
+    return [row_units(e.parametrization.layout) for e in st.entries]
 
 
 def _as_blocks(coeffs, steps) -> list[torch.Tensor]:

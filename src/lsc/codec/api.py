@@ -102,7 +102,7 @@ def _encode_integers(meta: dict, layout: BlockLayout, q: torch.Tensor, e: torch.
 
     ``meta`` holds the entry's other fields (name, shape, dtype, block, transform, mean, std,
     min_group, scan, tied); the coding fields (side, segments, classes) are set here."""
-    units = row_units(layout.shape, layout.block_shape)
+    units = row_units(layout)
     labels = propose_row_classes(q, units)[0].numpy() if units else None
     q = q.numpy()
     e = e.to("cpu").numpy().astype(np.int64)
@@ -297,7 +297,7 @@ def _check_header(header: dict) -> list[dict]:
                 _int(g[1], f"{name}: segment words", 0, m["len"])
             if "classes" in m:
                 _int(m["classes"], f"{name}: classes", 2, MAX_CLASSES)
-                if m["classes"] > row_units(tuple(shape), tuple(block)):
+                if m["classes"] > row_units(BlockLayout(tuple(shape), tuple(block))):
                     _fail(f"header: {name}: {m['classes']} row classes, but the tensor cannot have that many")
             isz = compute_dtype_for(_DTYPES[m["dtype"]]).itemsize
             for key in ("mean", "std"):
@@ -355,7 +355,7 @@ def _spectral_job(m: dict, data) -> tuple:
     bounds = group_bounds(position_groups(layout, m["min_group"], m["scan"]), order)
     data = bytes(data)
     return (data[:m["side"]], data[m["side"]:], layout.block_numel, layout.num_blocks, order, bounds, m["name"],
-            m.get("segments"), m.get("classes", 1), row_units(layout.shape, layout.block_shape))
+            m.get("segments"), m.get("classes", 1), row_units(layout))
 
 
 def _rebuild_spectral(m: dict, q_positions: np.ndarray, e: np.ndarray, device: torch.device | None = None) -> dict:
@@ -488,17 +488,18 @@ def recode(src) -> bytes:
     result decodes to bit-identical weights. Raw and buffer streams are copied unchanged.
     """
     header, streams, _ = _parts_from_bytes(_read(src))
-    _, spectral = _decode_all(header, streams, keep_integers=True)
-    metas, out = [], []
-    for m, s in zip(header["tensors"], streams):
-        if m["kind"] == "spectral":
-            d = spectral[m["name"]]
-            m, s = _encode_integers(dict(m), d["layout"], d["q"].contiguous(), d["exponent"])
-        else:
-            m, s = dict(m), bytes(s)
+    metas = [dict(m) for m in header["tensors"]]
+    out = [bytes(s) for s in streams]
+    spectral = [i for i, m in enumerate(metas) if m["kind"] == "spectral"]
+    # integers only (no weight is rebuilt), each re-encoded as it arrives: the decoder's buffers are its own
+    with StreamDecoder([_spectral_job(metas[i], streams[i]) for i in spectral]) as decoder:
+        for j in decoder.completed():
+            i = spectral[j]
+            q, e = decoder.get(j)  # q: (P, num_blocks), positions row-major
+            layout = BlockLayout(tuple(metas[i]["shape"]), tuple(metas[i]["block"]))
+            metas[i], out[i] = _encode_integers(metas[i], layout, torch.from_numpy(q).T.contiguous(), torch.from_numpy(e))
+    for m, s in zip(metas, out):
         m["len"], m["crc"] = len(s), zlib.crc32(s)
-        metas.append(m)
-        out.append(s)
     return _header_bytes(metas, header) + b"".join(out)
 
 
