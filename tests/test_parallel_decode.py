@@ -9,6 +9,7 @@ from torch import nn
 
 import lsc
 from lsc.codec import parallel, to_bytes
+from lsc import LscFormatError
 from lsc.codec.elias import BitReader, BitWriter, _bitlen
 
 linux_fork = pytest.mark.skipif(parallel.default_workers() < 2, reason="needs Linux fork and 2 CPUs")
@@ -40,8 +41,39 @@ def test_gamma_reader_strategies_agree(p):
     w.gamma(v)
     for strategy in ("_walk", "_doubling", "_code_starts"):
         assert np.array_equal(getattr(BitReader(w.getvalue()), strategy)(v.size), expected), strategy
-    narrow = BitReader(w.getvalue())._synchronized(v.size, 64, 32)  # tiny lanes: may not meet, never wrong
+    data = w.getvalue()
+    narrow = BitReader(data)._synchronized(v.size, 64, 32, 8 * len(data))  # tiny lanes: may not meet, never wrong
     assert narrow is None or np.array_equal(narrow, expected)
+    part = BitReader(data)._synchronized(v.size, 4096, 1024, int(expected[v.size // 3]))  # a span: its starts only
+    assert part is None or np.array_equal(part, expected[: v.size // 3])
+
+
+def test_gamma_reader_short_codes_before_long_ones():
+    """A read of short codes followed by long ones (row-class labels, then a tensor's tables): the reader's
+    span grows until it holds every code, and the next read starts right after the last one."""
+    rng = np.random.default_rng(1)
+    short = rng.integers(1, 4, 20000).astype(np.uint64)
+    long = rng.integers(2**30, 2**40, 3000).astype(np.uint64)
+    w = BitWriter()
+    w.gamma(short)
+    w.gamma(long)
+    w.gamma(short[:500])
+    data = w.getvalue()
+    r = BitReader(data)
+    assert np.array_equal(r.gamma(300, max_code_bits=3), short[:300])
+    assert np.array_equal(r.gamma(short.size - 300, max_code_bits=3), short[300:])
+    assert np.array_equal(r.gamma(long.size), long)
+    assert np.array_equal(r.gamma(500), short[:500])
+    r.finish()
+    with pytest.raises(LscFormatError):
+        BitReader(data).gamma(short.size + long.size + 501)
+    with pytest.raises(LscFormatError, match="corrupt or truncated"):  # codes beyond the caller's bound
+        BitReader(data).gamma(short.size + 1000, max_code_bits=3)
+    # lanes too narrow to meet among the long codes still give every short code's start
+    lengths = 2 * _bitlen(short) - 1
+    starts = BitReader(data)._synchronized(short.size, 64, 32, 8 * len(data))
+    assert starts is not None and np.array_equal(starts, np.cumsum(lengths) - lengths)
+    assert BitReader(data)._synchronized(short.size + long.size, 64, 32, 8 * len(data)) is None
 
 
 def test_gamma_reader_wide_values_and_truncation():

@@ -239,11 +239,13 @@ class GroupStream:
         if C > 1:
             if not 2 <= C <= min(MAX_CLASSES, units) or units < 2 or nb % units:
                 raise LscFormatError(f"{what}: invalid number of row classes {C} for {units} block rows")
-            labels = r.gamma(units).astype(np.int64) - 1
+            labels = r.gamma(units, max_code_bits=2 * C.bit_length() - 1).astype(np.int64) - 1  # labels + 1 <= C
             if labels.max() >= C or np.bincount(labels, minlength=C).min() == 0:
                 raise LscFormatError(f"{what}: row class labels must use every class below {C} and no other")
-            perm, starts = class_permutation(labels, nb // units)
-            self.cols = [perm[starts[c]:starts[c + 1]] for c in range(C)]
+            perm, self.class_starts = class_permutation(labels, nb // units)
+            self.cols = [perm[self.class_starts[c]:self.class_starts[c + 1]] for c in range(C)]
+            self.inverse = np.empty_like(perm)  # column of each block in class order
+            self.inverse[perm] = np.arange(perm.size)
         G = bounds.size - 1
         S = G * C
         self.modes = r.bits(S).astype(bool)
@@ -321,7 +323,8 @@ class GroupStream:
 
 def decode_positions(side: bytes, ans: bytes, P: int, nb: int, order: np.ndarray, bounds: np.ndarray, what: str,
                      segments=None, segment: int | None = None,
-                     out: np.ndarray | None = None, classes: int = 1, units: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                     out: np.ndarray | None = None, classes: int = 1, units: int = 0,
+                     stream: GroupStream | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Decode straight into row-major position order -> (q (P, nb), exponents (P,) int64).
 
     Row ``order[i]`` of ``q`` holds scan position ``i``, so the file decoder needs no
@@ -329,8 +332,10 @@ def decode_positions(side: bytes, ans: bytes, P: int, nb: int, order: np.ndarray
     ``out`` (int32, (P, nb)) is filled and returned when every value fits int32 (the
     parallel decoder passes shared memory); otherwise a new array is. ``classes`` and
     ``units``: the tensor's row classes and block rows (from its header entry).
+    ``stream``: the :class:`GroupStream` of these arguments, already parsed (a decoder that
+    reads a tensor segment by segment parses its side information once).
     """
-    gs = GroupStream(side, ans, P, nb, bounds, what, segments, classes, units)
+    gs = GroupStream(side, ans, P, nb, bounds, what, segments, classes, units) if stream is None else stream
     lo_all, hi_all = gs.value_range()
     fits32 = lo_all >= -(2**31) and hi_all <= 2**31 - 1
     if out is not None and fits32 and out.shape == (P, nb) and out.dtype == np.int32:
@@ -338,13 +343,14 @@ def decode_positions(side: bytes, ans: bytes, P: int, nb: int, order: np.ndarray
     else:
         q = np.empty((P, nb), dtype=np.int32 if fits32 else np.int64)
     order = np.asarray(order)
-    for a, b, cols, lo, s in (gs if segment is None else gs.segment(segment)):
+    subgroups = gs if segment is None else gs.segment(segment)
+    if gs.classes > 1:
+        _fill_by_class(gs, subgroups, q, order)
+        subgroups = ()
+    for a, b, cols, lo, s in subgroups:
         if s is not None and q.dtype != s.dtype:
             s = s.astype(q.dtype)  # int64 files: add the offset in int64
-        if cols is not None:  # one class of blocks: scattered into their columns
-            rows = order[a:b]
-            q[np.ix_(rows, cols)] = lo if s is None else (s + q.dtype.type(lo)).reshape(b - a, cols.size)
-        elif b - a == 1:  # one position per group (every tensor with >= min_group blocks): a row view, no gather
+        if b - a == 1:  # one position per group (every tensor with >= min_group blocks): a row view, no gather
             row = q[order[a]]
             if s is None:
                 row.fill(lo)
@@ -357,3 +363,26 @@ def decode_positions(side: bytes, ans: bytes, P: int, nb: int, order: np.ndarray
     e = np.empty(P, dtype=np.int64)
     e[order] = gs.exponents
     return q, e
+
+
+def _fill_by_class(gs: GroupStream, subgroups, q: np.ndarray, order: np.ndarray) -> None:
+    """Write a row-classed tensor's subgroups into ``q``. They arrive class by class for each group
+    (``gs.classes`` of them per group): each class fills its contiguous columns of a buffer in class
+    order, and one gather per group puts the blocks back in their order (3.5x faster than scattering
+    every class into its columns: MiniLM's table 56 -> 16 ms)."""
+    buf, dt = None, q.dtype.type
+    for i, (a, b, cols, lo, s) in enumerate(subgroups):
+        c = i % gs.classes
+        if buf is None or buf.shape[0] < b - a:
+            buf = np.empty((b - a, gs.nb), dtype=q.dtype)
+        x0, x1 = int(gs.class_starts[c]), int(gs.class_starts[c + 1])
+        part = buf[:b - a, x0:x1]
+        if s is None:
+            part.fill(lo)
+        else:
+            np.add(s.astype(q.dtype, copy=False).reshape(b - a, x1 - x0), dt(lo), out=part)
+        if c == gs.classes - 1:
+            if b - a == 1:
+                np.take(buf[0], gs.inverse, out=q[order[a]])
+            else:
+                q[order[a:b]] = np.take(buf[:b - a], gs.inverse, axis=1)
