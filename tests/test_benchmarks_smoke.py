@@ -204,3 +204,26 @@ def test_error_attribution_shares():
     assert got["table"] == (1.0, 1.0) and got["bad rows"] == (1.0, 1.0)
     assert got["lin"] == (base, 0.0)
     assert 0 < got["one bad row"][1] < 1
+
+
+def test_column_scale_study_keeps_the_output_error():
+    """Scaling a layer's input columns, rescaling its Hessian and unscaling the decoded weight is exact:
+    the same weight error costs the same output error, and a = 0 changes nothing."""
+    from benchmarks.study_column_scales import column_scales, scale_model, unscale
+    torch.manual_seed(0)
+    x = torch.randn(64, 6, dtype=torch.float64) * torch.tensor([0.1, 1, 5, 1, 20, 2], dtype=torch.float64)
+    lin = torch.nn.Linear(6, 3).double()
+    w0 = lin.weight.detach().clone()
+    hess = {"weight": x.T @ x, "table": torch.ones(5, dtype=torch.float64)}
+    assert column_scales(hess, 0.0) == {}
+    scales = column_scales(hess, 1.0)
+    assert set(scales) == {"weight"} and abs(float(scales["weight"].log().mean())) < 1e-12
+    assert torch.allclose(scales["weight"] ** 2 / hess["weight"].diagonal(), (scales["weight"] ** 2 / hess["weight"].diagonal())[0])
+    h = scale_model(dict(lin.named_parameters()), hess, scales)
+    assert not torch.allclose(lin.weight, w0) and h["table"] is hess["table"]
+    err = torch.randn(3, 6, dtype=torch.float64) * 1e-3  # an error of the scaled weight, as the codec would make
+    decoded = unscale({"weight": lin.weight.detach() + err, "bias": lin.bias.detach()}, scales)
+    assert torch.allclose(unscale({"weight": lin.weight.detach()}, scales)["weight"], w0)
+    assert torch.equal(decoded["bias"], lin.bias.detach())
+    out_err = ((decoded["weight"] - w0) @ x.T).pow(2).sum()
+    assert torch.allclose(out_err, torch.einsum("oi,ij,oj->", err, h["weight"], err))
