@@ -156,7 +156,7 @@ class BitReader:
         # remaining stream walked too (5,000 steps for MiniLM's 3,816 labels, 20 ms)
         span = remaining if max_code_bits is None else min(remaining, count * max_code_bits)
         avg = max(1.0, span / count)
-        for lane_codes, overlap_codes in ((256, 64), (2048, 1024)) if max_code_bits is None else ((32, 16), (256, 64), (2048, 1024)):
+        for lane_codes, overlap_codes in ((256, 64), (2048, 1024)):
             starts = self._synchronized(count, int(lane_codes * avg), int(overlap_codes * avg), self.pos + span)
             if starts is not None:
                 return starts
