@@ -303,7 +303,8 @@ def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=
     finetune = None
     if qat is not None:
         from benchmarks.lsc_minilm import MINILM_CONFIG, finetune_at_fixed_steps
-        setting += f", then {qat['steps']} distillation steps at lr {qat['lr']:g}"
+        setting += f", then {qat['steps']} distillation steps at lr {qat['lr']:g}" \
+            + (f" with the rate term x {qat['rate_weight']:g}" if qat.get("rate_weight") else "")
 
         def finetune(student, teacher, tok, train):
             return finetune_at_fixed_steps(student, teacher, tok, train, log=log, max_length=max_length, **qat)

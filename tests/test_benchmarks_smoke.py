@@ -147,6 +147,24 @@ def test_finetune_at_fixed_steps_keeps_the_steps(tiny_bert):
     assert any(not torch.equal(b, e.parts()[1].detach()) for b, e in zip(before_c, entries))
 
 
+def test_finetune_at_fixed_steps_rate_weight_pulls_towards_cheaper_bins(tiny_bert):
+    """With the rate term, QAT at fixed steps ends with a smaller coded size than without it."""
+    import lsc
+    from benchmarks.lsc_minilm import finetune_at_fixed_steps
+    loader, (train, _) = tiny_bert
+    teacher, tok = loader()
+    start = copy.deepcopy(teacher)
+    lsc.compress_posttraining(start, max_error=0.1, progress=False)
+    bits = {}
+    for w in (0.0, 100.0):
+        student = copy.deepcopy(start)
+        finetune_at_fixed_steps(student, teacher, tok, train[:32], 8, 2e-2, log=lambda s: None, batch_size=4,
+                                max_length=16, rate_weight=w)
+        with torch.no_grad():
+            bits[w] = float(lsc.rate_estimate(student).total)
+    assert bits[100.0] < 0.99 * bits[0.0]
+
+
 def test_report_and_plots(digits, tmp_path):
     from benchmarks import run_all as RA
     sec, _, _ = digits
