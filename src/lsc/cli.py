@@ -290,6 +290,7 @@ def write_checkpoint(sd: dict, out: Path) -> None:
 def cmd_recode(args) -> int:
     from . import recode
     from .atomic import atomic_write_bytes
+    from .codec.format import format_version
     src = _check_input(args.file, ".lsc file")
     out = _check_output(args.output, [src])
     t0 = time.perf_counter()
@@ -297,7 +298,7 @@ def cmd_recode(args) -> int:
     atomic_write_bytes(out, data)
     old = src.stat().st_size
     _out(args, f"wrote {out}: {fmt_bytes(len(data))} (from {fmt_bytes(old)}, {100 * (len(data) / old - 1):+.1f}%), "
-               f"format version {int.from_bytes(data[8:12], 'little')}, same weights, in {time.perf_counter() - t0:.1f} s")
+               f"format version {format_version(data)}, same weights, in {time.perf_counter() - t0:.1f} s")
     return 0
 
 

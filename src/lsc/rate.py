@@ -396,21 +396,18 @@ def _group_costs(hard: list[torch.Tensor], groups: list[torch.Tensor], num_group
 def _class_splits(hard: list[torch.Tensor], units: list[int]) -> list[tuple[int, list[torch.Tensor], torch.Tensor]]:
     """The row classes the writer would try (:func:`lsc.rowclasses.propose_row_classes`), for every tensor
     that has them: ``[(tensor index, its blocks split by class, label bits)]``, with one host sync for all."""
-    proposals = []
-    for t, (q, u) in enumerate(zip(hard, units)):
-        if u:
-            labels, used = propose_row_classes(q, u)
-            if used >= 2:
-                block_labels = labels.repeat_interleave(q.shape[0] // u)
-                proposals.append((t, labels, block_labels, used))
+    proposals = [(t, *propose_row_classes(q, u)) for t, (q, u) in enumerate(zip(hard, units)) if u]
     if not proposals:
         return []
-    sizes = torch.cat([torch.bincount(b, minlength=used)[:used] for _, _, b, used in proposals]).tolist()  # the sync
-    out, at = [], 0
-    for t, labels, block_labels, used in proposals:
-        perm = torch.sort(block_labels, stable=True).indices
-        parts = list(hard[t].index_select(0, perm).split(sizes[at:at + used]))
-        at += used
+    rows = torch.stack([r for _, _, r in proposals]).tolist()  # the sync: rows per class of every tensor
+    out = []
+    for (t, labels, _), per_class in zip(proposals, rows):
+        used = sum(1 for r in per_class if r)
+        if used < 2:
+            continue
+        blocks_per_row = hard[t].shape[0] // labels.numel()
+        perm = torch.sort(labels.repeat_interleave(blocks_per_row), stable=True).indices
+        parts = list(hard[t].index_select(0, perm).split([r * blocks_per_row for r in per_class[:used]]))
         out.append((t, parts, elias_gamma_bits(labels + 1).sum()))
     return out
 

@@ -37,13 +37,14 @@ def row_units(layout: BlockLayout) -> int:
     return units if units >= 2 and layout.num_blocks * layout.block_numel >= MIN_SYMBOLS else 0
 
 
-def propose_row_classes(q: torch.Tensor, units: int) -> tuple[torch.Tensor, int]:
+def propose_row_classes(q: torch.Tensor, units: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Integer coefficients ``q`` (num_blocks, P), blocks in row-major grid order -> (label of each block row
-    (units,) int64, number of classes).
+    (units,) int64, rows per label (MAX_CLASSES,) int64: zero past the number of classes used).
 
     A row's class is ``min(ceil(3 log2(1 + rms)), 15)`` of its integers' RMS; classes are then numbered by
     how many rows they hold, most first (ties: smaller RMS first), so the most common label has the
-    shortest Elias-gamma code, and every label below the count is used.
+    shortest Elias-gamma code, and every label below the count is used. Nothing here waits for the
+    device: a caller proposing classes for many tensors reads all their counts at once.
     """
     rows = q.reshape(units, -1).to(torch.float64)
     rms = rows.square().mean(1).sqrt()
@@ -53,8 +54,7 @@ def propose_row_classes(q: torch.Tensor, units: int) -> tuple[torch.Tensor, int]
     by_count = torch.sort(-counts, stable=True).indices
     rank = torch.empty_like(by_count)
     rank[by_count] = torch.arange(MAX_CLASSES, device=by_count.device)
-    used = int((counts > 0).sum())
-    return rank[raw], used
+    return rank[raw], counts[by_count]
 
 
 def class_permutation(labels: np.ndarray, blocks_per_unit: int) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ import zlib
 
 from ..errors import LscFormatError
 
-__all__ = ["MAGIC", "FORMAT_VERSION", "PREFIX_SIZE", "MAX_HEADER_BYTES", "pack_prefix_header",
+__all__ = ["MAGIC", "FORMAT_VERSION", "PREFIX_SIZE", "MAX_HEADER_BYTES", "pack_prefix_header", "format_version",
            "parse_prefix_header", "split_streams", "check_stream", "zlib_decompress_exact"]
 
 MAGIC = b"\x89LSC\r\n\x1a\n"
@@ -51,6 +51,11 @@ def zlib_decompress_exact(data, expected: int, what: str) -> bytes:
     if len(out) != expected or not tail_ok:
         raise LscFormatError(f"{what}: decompressed size does not match the declared {expected} bytes")
     return out
+
+
+def format_version(buf) -> int:
+    """The format version in the prefix of ``buf`` (bytes-like, at least :data:`PREFIX_SIZE` bytes)."""
+    return _PREFIX.unpack_from(memoryview(buf), 0)[1]
 
 
 def parse_prefix_header(buf) -> tuple[dict, int]:
