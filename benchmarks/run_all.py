@@ -304,7 +304,9 @@ def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=
     if qat is not None:
         from benchmarks.lsc_minilm import MINILM_CONFIG, finetune_at_fixed_steps
         setting += f", then {qat['steps']} distillation steps at lr {qat['lr']:g}" \
-            + (f" with the rate term x {qat['rate_weight']:g}" if qat.get("rate_weight") else "")
+            + (f" with the rate term x {qat['rate_weight']:g}" if qat.get("rate_weight") else "") \
+            + (f", inner layers' outputs x {qat['hidden_weight']:g}" if qat.get("hidden_weight") else "") \
+            + (f", frozen: {', '.join(qat['freeze'])}" if qat.get("freeze") else "")
 
         def finetune(student, teacher, tok, train):
             return finetune_at_fixed_steps(student, teacher, tok, train, log=log, max_length=max_length, **qat)
@@ -320,11 +322,13 @@ def minilm_cal_key(target, feedback: bool, rows: bool, kind: str = "minilm-cal")
         (" token-counts=all-training" if rows else "")
 
 
-def minilm_qat_key(target, steps, lr, table_scale: float = 1.0) -> str:
-    """Cache key of a QAT point: its calibrated start's key, the schedule, and the table scale when not 1."""
+def minilm_qat_key(target, steps, lr, table_scale: float = 1.0, opts=None) -> str:
+    """Cache key of a QAT point: its calibrated start's key, the schedule, the table scale when not 1, and the
+    other ``finetune_at_fixed_steps`` options (``hidden_weight``, ``freeze``) when given."""
     from benchmarks.lsc_minilm import MINILM_CONFIG
     return minilm_cal_key(target, True, True, "minilm-cal-qat") + f" steps={steps} lr={lr} batch={MINILM_CONFIG['batch_size']}" \
-        + (f" table-scale={table_scale}" if table_scale != 1.0 else "")
+        + (f" table-scale={table_scale}" if table_scale != 1.0 else "") \
+        + (f" {json.dumps(opts, sort_keys=True)}" if opts else "")
 
 
 def minilm_lsc_key(target, steps, over) -> str:
@@ -353,12 +357,13 @@ def minilm_section(plan, cache: Cache, include_nncodec=True, log=print) -> dict:
             log("  " + RB.format_row(r) + f"  (sensitivity measured in {r['calib_s']:.0f} s)")
     for t, steps, lr, *rest in plan.get("minilm_cal_qat", []):
         scale = rest[0] if rest else 1.0
-        key = minilm_qat_key(t, steps, lr, scale)
+        opts = rest[1] if len(rest) > 1 else {}
+        key = minilm_qat_key(t, steps, lr, scale, opts)
         if not cache.compute_training and not cache.has(key):
             log(f"  skipped (--no-train, not cached): {key}")
             continue
         r, cached = cache.get(key, lambda: minilm_calibrated_point(t, feedback=True, rows=True,
-                                                                   qat=dict(steps=steps, lr=lr), table_scale=scale,
+                                                                   qat=dict(steps=steps, lr=lr, **opts), table_scale=scale,
                                                                    log=log, keep=cache.file(key)), log)
         rows.append(with_current_coder(r, cache, key, log))
         if not cached:

@@ -147,6 +147,35 @@ def test_finetune_at_fixed_steps_keeps_the_steps(tiny_bert):
     assert any(not torch.equal(b, e.parts()[1].detach()) for b, e in zip(before_c, entries))
 
 
+def test_finetune_at_fixed_steps_freezes_by_name_and_distills_inner_layers(tiny_bert):
+    """``freeze`` keeps the named coefficients as they are (their weight is then computed once, not per
+    step), and ``hidden_weight`` adds the inner layers' outputs to the loss: another trajectory."""
+    import lsc
+    from benchmarks.lsc_minilm import finetune_at_fixed_steps
+    from benchmarks.minilm import WORD_EMBEDDINGS
+    from transformers import BertModel
+    loader, (train, _) = tiny_bert
+    one_layer, tok = loader()
+    torch.manual_seed(0)
+    teacher = BertModel(one_layer.config.__class__(**{**one_layer.config.to_dict(), "num_hidden_layers": 2}),
+                        add_pooling_layer=False).eval()  # an inner layer to distill
+    start = copy.deepcopy(teacher)
+    lsc.compress_posttraining(start, max_error=0.1, progress=False)
+    table = WORD_EMBEDDINGS.replace(".weight", ".parametrizations.weight.original")
+    coeffs = {}
+    for hw in (0.0, 1000.0):
+        student = copy.deepcopy(start)
+        finetune_at_fixed_steps(student, teacher, tok, train[:32], 3, 2e-2, log=lambda s: None, batch_size=4,
+                                max_length=16, freeze=["embeddings.word_embeddings.*"], hidden_weight=hw)
+        params = dict(student.named_parameters())
+        assert torch.equal(params[table], dict(start.named_parameters())[table])
+        student.train()
+        emb = student.embeddings.word_embeddings
+        assert emb.weight is emb.weight and not emb.weight.requires_grad  # frozen: computed once
+        coeffs[hw] = params["encoder.layer.0.attention.self.query.parametrizations.weight.original"].detach()
+    assert not torch.equal(coeffs[0.0], coeffs[1000.0])
+
+
 def test_finetune_at_fixed_steps_rate_weight_pulls_towards_cheaper_bins(tiny_bert):
     """With the rate term, QAT at fixed steps ends with a smaller coded size than without it."""
     import lsc

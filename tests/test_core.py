@@ -298,3 +298,60 @@ def test_exact_bits_matches_a_dense_reference(log2_step):
     for d, c, s, g, ng in zip(data, coeffs, steps, groups, ngroups):
         want = _reference_data_bits(torch.round(c / s).numpy(), g.numpy(), ng)
         assert float(d) == pytest.approx(want, rel=1e-9)
+
+
+def _decoded_now(par, coeffs):
+    """The weight computed afresh, bypassing the cache."""
+    return par._compute(coeffs)
+
+
+def test_weight_without_gradient_is_computed_once_and_invalidated_by_any_change():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 20), nn.Linear(20, 3))
+    q_net = lsc.spectral(model, init_bits=6)
+    layer = model[0]
+    par, original = layer.parametrizations.weight[0], layer.parametrizations.weight.original
+    model.eval()
+    w = layer.weight
+    assert layer.weight is w  # eval: reused, not re-synthesized
+    with torch.no_grad():
+        original.add_(0.3)  # what an optimizer step does
+    w2 = layer.weight
+    assert w2 is not w and not torch.equal(w2, w)
+    assert torch.equal(w2, _decoded_now(par, original))
+    with torch.no_grad():
+        q_net.mlp[-1].bias.add_(2.0)  # the steps change
+    w3 = layer.weight
+    assert not torch.equal(w3, w2) and torch.equal(w3, _decoded_now(par, original))
+    w3.mul_(0)  # an in-place edit of the returned weight is never handed out again
+    assert torch.equal(layer.weight, _decoded_now(par, original))
+    other = nn.Sequential(nn.Linear(12, 20), nn.Linear(20, 3))
+    lsc.spectral(other, init_bits=6)
+    model.load_state_dict(other.state_dict())
+    other.eval()
+    assert torch.equal(layer.weight, other[0].weight)
+
+
+def test_training_weights_carry_gradients_and_frozen_ones_are_reused():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 20), nn.Linear(20, 3))
+    q_net = lsc.spectral(model, init_bits=6)
+    model.train()
+    first, second = model[0], model[1]
+    assert first.weight is not first.weight and first.weight.requires_grad  # trainable: a graph per access
+    first.parametrizations.weight.original.requires_grad_(False)
+    assert first.weight.requires_grad  # the steps still learn from the task: not constant
+    for p in q_net.parameters():
+        p.requires_grad_(False)
+    w = first.weight
+    assert first.weight is w and not w.requires_grad  # frozen coefficients and steps: computed once
+    opt = torch.optim.Adam(second.parameters(), lr=0.1)
+    before = second.weight.detach().clone()
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(8, 12)).square().mean().backward()
+        opt.step()
+    assert first.weight is w  # training the other layer leaves the frozen one's weight alone
+    assert not torch.equal(second.weight.detach(), before)
+    q_net.mlp[-1].bias.requires_grad_(True)
+    assert first.weight.requires_grad  # unfreezing the steps records a graph again

@@ -7,6 +7,8 @@ user's module keeps its class, forward, hooks and attribute access.
 """
 from __future__ import annotations
 
+import weakref
+
 import numpy as np
 import torch
 from torch import nn
@@ -22,6 +24,10 @@ from .training import quantized_synthesis
 from .transforms import block_transform
 
 __all__ = ["SpectralParametrization"]
+
+# parametrization -> (tensors its weight was computed from, their versions, the weight, its version);
+# outside the module so that deepcopy, pickling and state_dict never see it
+_CONSTANT: "weakref.WeakKeyDictionary[SpectralParametrization, tuple]" = weakref.WeakKeyDictionary()
 
 
 class SpectralParametrization(nn.Module):
@@ -99,7 +105,43 @@ class SpectralParametrization(nn.Module):
     # cached q_net / rate state is Python-side. The user's layers around it still compile.
     @torch.compiler.disable
     def forward(self, *originals: torch.Tensor) -> torch.Tensor:
+        """The weight; computed once and reused while it carries no gradient and nothing it reads changes.
+
+        A weight needs no graph in eval mode, under ``no_grad``, or when its coefficients are
+        frozen (``requires_grad_(False)``) and so are its steps (a frozen q_net or exponents read
+        from a file). Recomputing it on every access would redo the whole synthesis per forward:
+        a validation loop, or fine-tuning with a frozen embedding table, would pay for it at
+        every batch. The cache is keyed on the identity and ``_version`` of every tensor the
+        weight reads (optimizer steps, ``load_state_dict`` and ``.to()`` all invalidate it) and
+        on the weight's own version (an in-place edit of the returned tensor is not reused).
+        """
         coeffs = originals[0]
+        inputs = self._constant_inputs(coeffs)
+        if inputs is None:
+            _CONSTANT.pop(self, None)  # a stale weight must not stay alive through training
+            return self._compute(coeffs)
+        versions = (self.training, torch.is_inference_mode_enabled()) + tuple((t._version, t.data_ptr()) for t in inputs)
+        hit = _CONSTANT.get(self)
+        if (hit is not None and hit[1] == versions and hit[2]._version == hit[3]
+                and all(a is b for a, b in zip(hit[0], inputs))):
+            return hit[2]
+        w = self._compute(coeffs)
+        _CONSTANT[self] = (inputs, versions, w, w._version)
+        return w
+
+    def _constant_inputs(self, coeffs: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The tensors the weight is computed from, or None when this forward must record a graph."""
+        graph = self.training and torch.is_grad_enabled()
+        if graph and coeffs.requires_grad:  # the training step: checked first, it is the hot path
+            return None
+        if torch.is_inference_mode_enabled() or coeffs.is_inference():
+            return None  # inference tensors have no version counter to key on
+        source = (self.frozen_exponent,) if self.frozen_exponent is not None else self.q_net.current_parameters()
+        if graph and any(t.requires_grad for t in source):
+            return None
+        return (coeffs, self.mean, self.std) + tuple(source)
+
+    def _compute(self, coeffs: torch.Tensor) -> torch.Tensor:
         if self.training:
             step = self._training_step()
             return quantized_synthesis(coeffs.to(step.dtype), step, self.layout, self.mean, self.std,

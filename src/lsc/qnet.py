@@ -81,6 +81,13 @@ class QuantizationNetwork(nn.Module):
         self.__dict__["_members"] = dict(features=feats, ids=ids, sizes=[f.shape[0] for _, f in members],
                                          index={i: k for k, (i, _) in enumerate(members)}, slots=slots)
 
+    def current_parameters(self) -> tuple[torch.Tensor, ...]:
+        """The tensors :meth:`forward` reads now: the attached slots (see :meth:`attach_members`), else ``parameters()``."""
+        members = self.__dict__.get("_members")
+        if members is None:
+            return tuple(self.parameters())
+        return tuple(getattr(m, name) for m, name in members["slots"])
+
     def shared_outputs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
         """(exponents, steps) of every member tensor (row-major positions), or None without members.
 
@@ -93,7 +100,7 @@ class QuantizationNetwork(nn.Module):
         members = self.__dict__.get("_members")
         if members is None:
             return None
-        params = tuple(getattr(m, name) for m, name in members["slots"])
+        params = self.current_parameters()
         key = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
                tuple((id(p), p._version, p.data_ptr(), p.requires_grad) for p in params))
         hit = _SHARED.get(self)
