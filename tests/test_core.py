@@ -336,9 +336,13 @@ def test_training_weights_carry_gradients_and_frozen_ones_are_reused():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 20), nn.Linear(20, 3))
     q_net = lsc.spectral(model, init_bits=6)
-    model.train()
     first, second = model[0], model[1]
+    model.eval()
+    first.weight  # cached in eval mode
+    model.train()
     assert first.weight is not first.weight and first.weight.requires_grad  # trainable: a graph per access
+    from lsc.parametrization import _CONSTANT
+    assert first.parametrizations.weight[0] not in _CONSTANT  # the eval weight is not kept through training
     first.parametrizations.weight.original.requires_grad_(False)
     assert first.weight.requires_grad  # the steps still learn from the task: not constant
     for p in q_net.parameters():

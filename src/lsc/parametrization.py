@@ -118,7 +118,8 @@ class SpectralParametrization(nn.Module):
         coeffs = originals[0]
         inputs = self._constant_inputs(coeffs)
         if inputs is None:
-            _CONSTANT.pop(self, None)  # a stale weight must not stay alive through training
+            if _CONSTANT:  # a stale weight must not stay alive through training
+                _CONSTANT.pop(self, None)
             return self._compute(coeffs)
         versions = (self.training, torch.is_inference_mode_enabled()) + tuple((t._version, t.data_ptr()) for t in inputs)
         hit = _CONSTANT.get(self)
