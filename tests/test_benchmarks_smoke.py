@@ -121,10 +121,12 @@ def test_minilm_calibrated_point_tiny(tiny_bert):
     with pytest.raises(ValueError, match="feedback"):
         RA.minilm_calibrated_point(1e-2, loader=loader, corpus=(train[:64], held[:8]), n_calib=8, table_scale=0.5)
     qat = RA.minilm_calibrated_point(1e-2, n_heldout=8, max_length=16, loader=loader, corpus=(train[:64], held[:8]),
-                                     n_calib=8, feedback=True, rows=True, qat=dict(steps=2, lr=0.3, batch_size=4),
-                                     log=lambda s: None)
+                                     n_calib=8, feedback=True, rows=True, log=lambda s: None,
+                                     qat=dict(steps=2, lr=0.3, batch_size=4, **RA.INNER_FROZEN_TABLE))
     assert qat["method"] == "lsc (post-training, calibrated + error feedback + token counts + QAT at fixed steps)"
     assert qat["steps"] == 2 and qat["train_s"] > 0 and "2 distillation steps" in qat["setting"]
+    assert "inner layers' outputs x 1000, frozen: embeddings.word_embeddings.*" in qat["setting"]
+    assert RA.minilm_qat_key(1e-2, 2, 0.3, 1.0, RA.INNER_FROZEN_TABLE) != RA.minilm_qat_key(1e-2, 2, 0.3)
     # coefficients start at their bins' centres: a large rate moves some across a boundary within two steps
     assert qat["mean_cos"] != by_rows["mean_cos"]
 
