@@ -182,20 +182,14 @@ def _abs_sum(c: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 def _log2_sum(x: torch.Tensor) -> torch.Tensor:
-    """sum(log2(x)) for x in (0, 1], in x's dtype: log2 of products of 8 values (in float64, where
-    8 bin probabilities >= 1e-30 cannot underflow) instead of 8 logarithms, the costliest part of
-    the surrogate (~1.6x faster in the CPU cache), and summed in float64."""
-    flat = x.reshape(-1)
-    n = flat.numel()
-    m = n // 8 * 8
-    y = scratch(3, m, torch.float64, x.device)[:m].copy_(flat[:m])
-    for _ in range(3):
-        m //= 2
-        y = torch.mul(y[:m], y[m: 2 * m], out=y[:m])
-    total = torch.log2(y).sum()
-    if n % 8:
-        total = total + torch.log2(flat[n - n % 8:].to(torch.float64)).sum()
-    return total.to(x.dtype)
+    """sum(log2(x)) for x in (0, 1], computed in place in ``x`` (a scratch buffer).
+
+    One vectorized float32 logarithm and a float32 (cascade) sum. A product of 8 values in
+    float64 followed by one logarithm per 8, which this code used before, measured 2.5-3x
+    slower here on every CPU capability (AVX-512, AVX2, default) and size (21k-262k values):
+    the float64 copy costs more than the 7 logarithms it saves. The result is float32 anyway.
+    """
+    return torch.log2(x, out=x).sum()
 
 
 def _terms(c, terms, f: torch.Tensor | None, sums: torch.Tensor | None, index: torch.Tensor | None = None):
