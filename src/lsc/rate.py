@@ -181,17 +181,6 @@ def _abs_sum(c: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _log2_sum(x: torch.Tensor) -> torch.Tensor:
-    """sum(log2(x)) for x in (0, 1], computed in place in ``x`` (a scratch buffer).
-
-    One vectorized float32 logarithm and a float32 (cascade) sum. A product of 8 values in
-    float64 followed by one logarithm per 8, which this code used before, measured 2.5-3x
-    slower here on every CPU capability (AVX-512, AVX2, default) and size (21k-262k values):
-    the float64 copy costs more than the 7 logarithms it saves. The result is float32 anyway.
-    """
-    return torch.log2(x, out=x).sum()
-
-
 def _terms(c, terms, f: torch.Tensor | None, sums: torch.Tensor | None, index: torch.Tensor | None = None):
     """sum(log2(a * b)) over ``c`` (num_blocks, P) with ``terms`` (4, P) from :func:`_position_terms`, or
     over flat ``c`` with ``index`` mapping each coefficient to its column of ``terms``; ``f`` (if given)
@@ -215,7 +204,10 @@ def _terms_once(c, terms, f: torch.Tensor | None, sums: torch.Tensor | None, ind
             sums.add_(a.sum(0)).add_(b.sum(0))
         else:
             sums.index_add_(0, index, torch.add(a, b, out=scratch(2, c.numel(), c.dtype, c.device)))
-    return _log2_sum(torch.addcmul(floor, a, b, out=a))  # a*b + floor: the floor costs no extra pass
+    # log2(a*b + floor) in place (the floor costs no extra pass), summed in the coefficients' dtype. Products
+    # of 8 values in float64 with one logarithm per 8 measured 2.5-3x slower on this machine's CPUs
+    # (AVX-512, AVX2, default kernels; 21k-262k values): the float64 copy costs more than the 7 logs it saves.
+    return torch.log2(torch.addcmul(floor, a, b, out=a), out=a).sum()
 
 
 def _bits_forward(coeffs, steps, scale, want_f, want_s):
