@@ -99,20 +99,41 @@ def _pool(hidden, mask):
     return (hidden * m).sum(1) / m.sum(1).clamp_min(1e-9)
 
 
+def spliced_text(train: list[str], i: int, gen: torch.Generator, min_words: int = 4, max_words: int = 48) -> str:
+    """A random run of words across training verses ``i`` and ``i + 1`` (neighbours in canonical order).
+
+    The teacher labels any text, so distillation need not replay the same 30k verses: these
+    windows start and end mid-sentence and join two verses, giving new sequences with the
+    corpus's own words and local structure (used by ``distill_steps(augment=...)``).
+    """
+    words = (train[i] + " " + train[(i + 1) % len(train)]).split()
+    hi = min(len(words), max_words)
+    lo = min(min_words, hi)
+    length = int(torch.randint(lo, hi + 1, (1,), generator=gen))
+    start = int(torch.randint(0, len(words) - length + 1, (1,), generator=gen))
+    return " ".join(words[start:start + length])
+
+
 def distill_steps(student, teacher, tok, train, steps: int, opt, sched=None, *,
                   batch_size=MINILM_CONFIG["batch_size"], max_length=MINILM_CONFIG["max_length"],
                   cos_weight=MINILM_CONFIG["cos_weight"], tok_weight=MINILM_CONFIG["tok_weight"], hidden_weight=0.0,
-                  extra_loss=None, device="cpu", log=print, status=None) -> float:
+                  augment: float = 0.0, extra_loss=None, device="cpu", log=print, status=None) -> float:
     """``steps`` optimizer steps of distillation on training verses (in a fixed shuffled order) -> seconds.
 
     loss = cos_weight * (1 - cos of mean-pooled embeddings) + tok_weight * token-level MSE of the
     normalized last hidden states (+ ``hidden_weight`` * the same MSE averaged over the intermediate
-    layers' outputs, + ``extra_loss()``, e.g. the rate term). The student trains
+    layers' outputs, + ``extra_loss()``, e.g. the rate term). With ``augment`` > 0, that fraction of
+    each batch (on average) is replaced by :func:`spliced_text` windows around the same verses, so a long
+    run does not fit the training verses themselves (measured on MiniLM after 6,000 plain steps: training
+    verses 0.9925, held-out 0.9868; after post-training alone the two were level). Measured at 0.5: the
+    gap narrows (0.9889 / 0.9854 after 4,000 steps) but the held-out cosine falls too, so the run_all
+    points that use it are a negative result, kept reproducible. The student trains
     without dropout: its parametrizations compute the weights with gradients, as in training, but
     the model itself is the deterministic one the teacher's embeddings come from.
     """
     gen = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(train), generator=gen)
+    aug_gen = torch.Generator().manual_seed(1)
     t0 = time.perf_counter()
     student.train()
     for mod in student.modules():  # distill the deterministic model: no dropout (attention reads .p too)
@@ -121,7 +142,12 @@ def distill_steps(student, teacher, tok, train, steps: int, opt, sched=None, *,
     layers = bool(hidden_weight)
     for step in range(steps):
         start = (step * batch_size) % len(perm)
-        batch = [train[int(i)] for i in perm[start:start + batch_size]]
+        idx = [int(i) for i in perm[start:start + batch_size]]
+        if augment:
+            swap = (torch.rand(len(idx), generator=aug_gen) < augment).tolist()
+            batch = [spliced_text(train, i, aug_gen) if w else train[i] for i, w in zip(idx, swap)]
+        else:
+            batch = [train[i] for i in idx]
         enc = tok(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
         with torch.no_grad():
             tout = teacher(**enc, output_hidden_states=layers)

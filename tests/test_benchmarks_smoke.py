@@ -196,6 +196,54 @@ def test_finetune_at_fixed_steps_rate_weight_pulls_towards_cheaper_bins(tiny_ber
     assert bits[100.0] < 0.99 * bits[0.0]
 
 
+def test_spliced_text_is_a_run_of_words_across_two_neighbouring_verses():
+    """Augmented distillation text: contiguous words of verse i followed by verse i + 1, reproducible by seed."""
+    from benchmarks.lsc_minilm import spliced_text
+    train = ["a b c d e f", "g h i j", "k l m"]
+    joined = "a b c d e f g h i j".split()
+    got = [spliced_text(train, 0, torch.Generator().manual_seed(s)) for s in range(40)]
+    for text in got:
+        words = text.split()
+        assert 4 <= len(words) <= len(joined)
+        start = joined.index(words[0])
+        assert joined[start:start + len(words)] == words
+    assert len(set(got)) > 5  # windows of many lengths and places
+    assert got == [spliced_text(train, 0, torch.Generator().manual_seed(s)) for s in range(40)]
+    wrap = spliced_text(train, 2, torch.Generator().manual_seed(0), min_words=5, max_words=5).split()
+    assert " ".join(wrap) in "k l m a b c d e f"  # the last verse joins the first
+    assert spliced_text(["one two"], 0, torch.Generator().manual_seed(0)) in "one two one two"
+
+
+def test_distill_steps_augment_feeds_spliced_windows(tiny_bert):
+    """``augment`` swaps part of each batch for spliced windows: another trajectory, same steps otherwise;
+    ``augment=0`` is the plain verse order."""
+    import lsc
+    from benchmarks.lsc_minilm import finetune_at_fixed_steps
+    loader, (train, _) = tiny_bert
+    teacher, tok = loader()
+    start = copy.deepcopy(teacher)
+    lsc.compress_posttraining(start, max_error=0.1, progress=False)
+    seen, coeffs = {}, {}
+    for aug in (0.0, 0.0, 1.0):
+        student = copy.deepcopy(start)
+        texts = []
+        real_tok = tok
+
+        def spy(batch, *a, **k):
+            texts.extend(batch)
+            return real_tok(batch, *a, **k)
+        finetune_at_fixed_steps(student, teacher, spy, train[:32], 3, 2e-2, log=lambda s: None, batch_size=4,
+                                max_length=16, augment=aug)
+        name = "encoder.layer.0.attention.self.query.parametrizations.weight.original"
+        c = dict(student.named_parameters())[name].detach()
+        if aug in coeffs:
+            assert torch.equal(coeffs[aug], c) and seen[aug] == texts  # deterministic
+        coeffs[aug], seen[aug] = c, texts
+    assert all(t in train[:32] for t in seen[0.0])
+    assert sum(t in train[:32] for t in seen[1.0]) <= 1  # windows, not the verses (one may match by chance)
+    assert not torch.equal(coeffs[0.0], coeffs[1.0])
+
+
 def test_report_and_plots(digits, tmp_path):
     from benchmarks import run_all as RA
     sec, _, _ = digits
