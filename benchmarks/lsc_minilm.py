@@ -142,12 +142,9 @@ def distill_steps(student, teacher, tok, train, steps: int, opt, sched=None, *,
     layers = bool(hidden_weight)
     for step in range(steps):
         start = (step * batch_size) % len(perm)
-        idx = [int(i) for i in perm[start:start + batch_size]]
-        if augment:
-            swap = (torch.rand(len(idx), generator=aug_gen) < augment).tolist()
-            batch = [spliced_text(train, i, aug_gen) if w else train[i] for i, w in zip(idx, swap)]
-        else:
-            batch = [train[i] for i in idx]
+        idx = perm[start:start + batch_size].tolist()
+        swap = (torch.rand(len(idx), generator=aug_gen) < augment).tolist() if augment else [False] * len(idx)
+        batch = [spliced_text(train, i, aug_gen) if w else train[i] for i, w in zip(idx, swap)]
         enc = tok(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
         with torch.no_grad():
             tout = teacher(**enc, output_hidden_states=layers)

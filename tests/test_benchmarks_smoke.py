@@ -227,11 +227,10 @@ def test_distill_steps_augment_feeds_spliced_windows(tiny_bert):
     for aug in (0.0, 0.0, 1.0):
         student = copy.deepcopy(start)
         texts = []
-        real_tok = tok
 
         def spy(batch, *a, **k):
             texts.extend(batch)
-            return real_tok(batch, *a, **k)
+            return tok(batch, *a, **k)
         finetune_at_fixed_steps(student, teacher, spy, train[:32], 3, 2e-2, log=lambda s: None, batch_size=4,
                                 max_length=16, augment=aug)
         name = "encoder.layer.0.attention.self.query.parametrizations.weight.original"
