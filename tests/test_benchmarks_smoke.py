@@ -243,6 +243,35 @@ def test_distill_steps_augment_feeds_spliced_windows(tiny_bert):
     assert not torch.equal(coeffs[0.0], coeffs[1.0])
 
 
+def test_distill_steps_dropout_is_seeded_and_restored(tiny_bert):
+    """``dropout`` trains the student with that dropout everywhere: another trajectory, the same one on a
+    rerun, the caller's random state untouched and the modules' rates as they were afterwards."""
+    import lsc
+    from benchmarks.lsc_minilm import finetune_at_fixed_steps
+    loader, (train, _) = tiny_bert
+    teacher, tok = loader()
+    start = copy.deepcopy(teacher)
+    lsc.compress_posttraining(start, max_error=0.1, progress=False)
+    rates = [m.p for m in start.modules() if isinstance(m, torch.nn.Dropout)]
+    assert rates and any(rates)
+    name = "encoder.layer.0.attention.self.query.parametrizations.weight.original"
+    coeffs = {}
+    for dropout in (0.0, 0.5, 0.5):
+        student = copy.deepcopy(start)
+        torch.manual_seed(123)
+        expected = torch.rand(3)
+        torch.manual_seed(123)
+        finetune_at_fixed_steps(student, teacher, tok, train[:32], 3, 2e-2, log=lambda s: None, batch_size=4,
+                                max_length=16, dropout=dropout)
+        assert torch.equal(torch.rand(3), expected)  # the caller's random state as it left it
+        assert [m.p for m in student.modules() if isinstance(m, torch.nn.Dropout)] == rates
+        c = dict(student.named_parameters())[name].detach()
+        if dropout in coeffs:
+            assert torch.equal(coeffs[dropout], c)  # seeded
+        coeffs[dropout] = c
+    assert not torch.equal(coeffs[0.0], coeffs[0.5])
+
+
 def test_report_and_plots(digits, tmp_path):
     from benchmarks import run_all as RA
     sec, _, _ = digits
