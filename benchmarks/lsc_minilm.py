@@ -140,7 +140,9 @@ def distill_steps(student, teacher, tok, train, steps: int, opt, sched=None, *,
     aug_gen = torch.Generator().manual_seed(1)
     drops = [m for m in student.modules() if isinstance(m, torch.nn.Dropout)]  # attention reads .p too
     rates = [m.p for m in drops]
-    with torch.random.fork_rng(devices=[]):  # dropout's masks, seeded, without touching the caller's RNG
+    dev = torch.device(device)
+    gpus = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):  # dropout's masks, seeded, without touching the caller's RNG
         torch.manual_seed(2)
         for mod in drops:
             mod.p = dropout
