@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import copy
 import fnmatch
 import json
@@ -114,6 +115,25 @@ def spliced_text(train: list[str], i: int, gen: torch.Generator, min_words: int 
     return " ".join(words[start:start + length])
 
 
+@contextlib.contextmanager
+def _dropout(model, rate: float, device):
+    """Every dropout layer of ``model`` at ``rate`` (attention reads ``.p`` too) with seeded masks inside the
+    block; afterwards the layers' rates and the caller's random state (CPU, and the GPU trained on) as they were."""
+    drops = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    rates = [m.p for m in drops]
+    dev = torch.device(device)
+    gpus = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):
+        torch.manual_seed(2)
+        for mod in drops:
+            mod.p = rate
+        try:
+            yield
+        finally:
+            for mod, p in zip(drops, rates):
+                mod.p = p
+
+
 def distill_steps(student, teacher, tok, train, steps: int, opt, sched=None, *,
                   batch_size=MINILM_CONFIG["batch_size"], max_length=MINILM_CONFIG["max_length"],
                   cos_weight=MINILM_CONFIG["cos_weight"], tok_weight=MINILM_CONFIG["tok_weight"], hidden_weight=0.0,
@@ -138,61 +158,42 @@ def distill_steps(student, teacher, tok, train, steps: int, opt, sched=None, *,
     gen = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(train), generator=gen)
     aug_gen = torch.Generator().manual_seed(1)
-    drops = [m for m in student.modules() if isinstance(m, torch.nn.Dropout)]  # attention reads .p too
-    rates = [m.p for m in drops]
-    dev = torch.device(device)
-    gpus = [dev.index if dev.index is not None else torch.cuda.current_device()] if dev.type == "cuda" else []
-    with torch.random.fork_rng(devices=gpus):  # dropout's masks, seeded, without touching the caller's RNG
-        torch.manual_seed(2)
-        for mod in drops:
-            mod.p = dropout
-        try:
-            return _distill_loop(student, teacher, tok, train, steps, opt, sched, perm, aug_gen, batch_size,
-                                 max_length, cos_weight, tok_weight, hidden_weight, augment, extra_loss, device,
-                                 log, status)
-        finally:
-            for mod, p in zip(drops, rates):
-                mod.p = p
+    with _dropout(student, dropout, device):
+        t0 = time.perf_counter()
+        student.train()
+        layers = bool(hidden_weight)
+        for step in range(steps):
+            start = (step * batch_size) % len(perm)
+            idx = perm[start:start + batch_size].tolist()
+            swap = (torch.rand(len(idx), generator=aug_gen) < augment).tolist() if augment else [False] * len(idx)
+            batch = [spliced_text(train, i, aug_gen) if w else train[i] for i, w in zip(idx, swap)]
+            enc = tok(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
+            with torch.no_grad():
+                tout = teacher(**enc, output_hidden_states=layers)
+            sout = student(**enc, output_hidden_states=layers)
+            th, sh = tout.last_hidden_state, sout.last_hidden_state
+            mask = enc["attention_mask"]
+            cos = F.cosine_similarity(_pool(sh, mask), _pool(th, mask), dim=-1)
+            m = mask.unsqueeze(-1).to(sh.dtype)
 
-
-def _distill_loop(student, teacher, tok, train, steps, opt, sched, perm, aug_gen, batch_size, max_length,
-                  cos_weight, tok_weight, hidden_weight, augment, extra_loss, device, log, status) -> float:
-    """The optimizer steps of :func:`distill_steps` -> seconds."""
-    t0 = time.perf_counter()
-    student.train()
-    layers = bool(hidden_weight)
-    for step in range(steps):
-        start = (step * batch_size) % len(perm)
-        idx = perm[start:start + batch_size].tolist()
-        swap = (torch.rand(len(idx), generator=aug_gen) < augment).tolist() if augment else [False] * len(idx)
-        batch = [spliced_text(train, i, aug_gen) if w else train[i] for i, w in zip(idx, swap)]
-        enc = tok(batch, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
-        with torch.no_grad():
-            tout = teacher(**enc, output_hidden_states=layers)
-        sout = student(**enc, output_hidden_states=layers)
-        th, sh = tout.last_hidden_state, sout.last_hidden_state
-        mask = enc["attention_mask"]
-        cos = F.cosine_similarity(_pool(sh, mask), _pool(th, mask), dim=-1)
-        m = mask.unsqueeze(-1).to(sh.dtype)
-
-        def token_mse(s, t):
-            return (((F.normalize(s, dim=-1) - F.normalize(t, dim=-1)) ** 2) * m).sum() / m.sum()
-        loss = cos_weight * (1 - cos).mean() + tok_weight * token_mse(sh, th)
-        if layers:  # hidden_states: the embeddings' output, each layer's, the last one's (counted above)
-            inner = [token_mse(s, t) for s, t in zip(sout.hidden_states[1:-1], tout.hidden_states[1:-1])]
-            loss = loss + hidden_weight * sum(inner) / max(len(inner), 1)
-        if extra_loss is not None:
-            loss = loss + extra_loss()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if sched is not None:
-            sched.step()
-        if step % 25 == 0 or step == steps - 1:
-            log(f"  step {step:4d}  cos {float(cos.detach().mean()):.4f}  " + (status() + "  " if status else "")
-                + f"{time.perf_counter() - t0:.0f}s")
-    student.eval()
-    return time.perf_counter() - t0
+            def token_mse(s, t):
+                return (((F.normalize(s, dim=-1) - F.normalize(t, dim=-1)) ** 2) * m).sum() / m.sum()
+            loss = cos_weight * (1 - cos).mean() + tok_weight * token_mse(sh, th)
+            if layers:  # hidden_states: the embeddings' output, each layer's, the last one's (counted above)
+                inner = [token_mse(s, t) for s, t in zip(sout.hidden_states[1:-1], tout.hidden_states[1:-1])]
+                loss = loss + hidden_weight * sum(inner) / max(len(inner), 1)
+            if extra_loss is not None:
+                loss = loss + extra_loss()
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            if step % 25 == 0 or step == steps - 1:
+                log(f"  step {step:4d}  cos {float(cos.detach().mean()):.4f}  " + (status() + "  " if status else "")
+                    + f"{time.perf_counter() - t0:.0f}s")
+        student.eval()
+        return time.perf_counter() - t0
 
 
 def finetune_at_fixed_steps(student, teacher, tok, train, steps: int, lr: float, *, pct_start=0.05, log=print,

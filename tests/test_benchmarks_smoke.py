@@ -131,6 +131,19 @@ def test_minilm_calibrated_point_tiny(tiny_bert):
     assert qat["mean_cos"] != by_rows["mean_cos"]
 
 
+QUERY = "encoder.layer.0.attention.self.query.parametrizations.weight.original"  # a coefficient tensor QAT moves
+
+
+def _posttrained(tiny_bert):
+    """(teacher, tokenizer, training verses, the teacher compressed post-training): where the QAT tests start."""
+    import lsc
+    loader, (train, _) = tiny_bert
+    teacher, tok = loader()
+    start = copy.deepcopy(teacher)
+    lsc.compress_posttraining(start, max_error=0.1, progress=False)
+    return teacher, tok, train, start
+
+
 def test_finetune_at_fixed_steps_keeps_the_steps(tiny_bert):
     """QAT after post-training moves the coefficients but never the step sizes the allocation chose."""
     import lsc
@@ -174,7 +187,7 @@ def test_finetune_at_fixed_steps_freezes_by_name_and_distills_inner_layers(tiny_
         student.train()
         emb = student.embeddings.word_embeddings
         assert emb.weight is emb.weight and not emb.weight.requires_grad  # frozen: computed once
-        coeffs[hw] = params["encoder.layer.0.attention.self.query.parametrizations.weight.original"].detach()
+        coeffs[hw] = params[QUERY].detach()
     assert not torch.equal(coeffs[0.0], coeffs[1000.0])
 
 
@@ -182,10 +195,7 @@ def test_finetune_at_fixed_steps_rate_weight_pulls_towards_cheaper_bins(tiny_ber
     """With the rate term, QAT at fixed steps ends with a smaller coded size than without it."""
     import lsc
     from benchmarks.lsc_minilm import finetune_at_fixed_steps
-    loader, (train, _) = tiny_bert
-    teacher, tok = loader()
-    start = copy.deepcopy(teacher)
-    lsc.compress_posttraining(start, max_error=0.1, progress=False)
+    teacher, tok, train, start = _posttrained(tiny_bert)
     bits = {}
     for w in (0.0, 100.0):
         student = copy.deepcopy(start)
@@ -217,12 +227,8 @@ def test_spliced_text_is_a_run_of_words_across_two_neighbouring_verses():
 def test_distill_steps_augment_feeds_spliced_windows(tiny_bert):
     """``augment`` swaps part of each batch for spliced windows: another trajectory, same steps otherwise;
     ``augment=0`` is the plain verse order."""
-    import lsc
     from benchmarks.lsc_minilm import finetune_at_fixed_steps
-    loader, (train, _) = tiny_bert
-    teacher, tok = loader()
-    start = copy.deepcopy(teacher)
-    lsc.compress_posttraining(start, max_error=0.1, progress=False)
+    teacher, tok, train, start = _posttrained(tiny_bert)
     seen, coeffs = {}, {}
     for aug in (0.0, 0.0, 1.0):
         student = copy.deepcopy(start)
@@ -233,8 +239,7 @@ def test_distill_steps_augment_feeds_spliced_windows(tiny_bert):
             return tok(batch, *a, **k)
         finetune_at_fixed_steps(student, teacher, spy, train[:32], 3, 2e-2, log=lambda s: None, batch_size=4,
                                 max_length=16, augment=aug)
-        name = "encoder.layer.0.attention.self.query.parametrizations.weight.original"
-        c = dict(student.named_parameters())[name].detach()
+        c = dict(student.named_parameters())[QUERY].detach()
         if aug in coeffs:
             assert torch.equal(coeffs[aug], c) and seen[aug] == texts  # deterministic
         coeffs[aug], seen[aug] = c, texts
@@ -246,15 +251,10 @@ def test_distill_steps_augment_feeds_spliced_windows(tiny_bert):
 def test_distill_steps_dropout_is_seeded_and_restored(tiny_bert):
     """``dropout`` trains the student with that dropout everywhere: another trajectory, the same one on a
     rerun, the caller's random state untouched and the modules' rates as they were afterwards."""
-    import lsc
     from benchmarks.lsc_minilm import finetune_at_fixed_steps
-    loader, (train, _) = tiny_bert
-    teacher, tok = loader()
-    start = copy.deepcopy(teacher)
-    lsc.compress_posttraining(start, max_error=0.1, progress=False)
+    teacher, tok, train, start = _posttrained(tiny_bert)
     rates = [m.p for m in start.modules() if isinstance(m, torch.nn.Dropout)]
     assert rates and any(rates)
-    name = "encoder.layer.0.attention.self.query.parametrizations.weight.original"
     coeffs = {}
     for dropout in (0.0, 0.5, 0.5):
         student = copy.deepcopy(start)
@@ -265,7 +265,7 @@ def test_distill_steps_dropout_is_seeded_and_restored(tiny_bert):
                                 max_length=16, dropout=dropout)
         assert torch.equal(torch.rand(3), expected)  # the caller's random state as it left it
         assert [m.p for m in student.modules() if isinstance(m, torch.nn.Dropout)] == rates
-        c = dict(student.named_parameters())[name].detach()
+        c = dict(student.named_parameters())[QUERY].detach()
         if dropout in coeffs:
             assert torch.equal(coeffs[dropout], c)  # seeded
         coeffs[dropout] = c
