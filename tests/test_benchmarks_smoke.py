@@ -272,6 +272,68 @@ def test_distill_steps_dropout_is_seeded_and_restored(tiny_bert):
     assert not torch.equal(coeffs[0.0], coeffs[0.5])
 
 
+def test_substitute_tokens_replaces_one_inner_token():
+    """At rate 1 every sequence longer than [CLS] [SEP] gets exactly one inner token from the pool, nothing
+    else moves (padding included); at rate 0 nothing does; the same generator seed gives the same batch."""
+    from benchmarks.lsc_minilm import substitute_tokens
+    ids = torch.tensor([[101, 5, 6, 7, 102, 0], [101, 8, 102, 0, 0, 0], [101, 102, 0, 0, 0, 0], [101, 9, 9, 9, 9, 102]])
+    mask = (ids != 0).long()
+    pool = torch.tensor([2000, 2001, 2002])
+    for seed in range(20):
+        out = substitute_tokens(ids, mask, pool, 1.0, torch.Generator().manual_seed(seed))
+        assert torch.equal(out, substitute_tokens(ids, mask, pool, 1.0, torch.Generator().manual_seed(seed)))
+        changed = out != ids
+        assert changed.sum(1).tolist() == [1, 1, 0, 1]
+        assert torch.isin(out[changed], pool).all()
+        assert not changed[:, 0].any() and not changed[mask == 0].any()
+        assert not (changed & (ids == 102)).any()  # [SEP] stays
+    assert torch.equal(substitute_tokens(ids, mask, pool, 0.0, torch.Generator().manual_seed(0)), ids)
+
+
+def test_rare_token_pool_counts_training_lookups(tiny_bert):
+    """The pool holds the ordinary tokens whose training count lies in ``[lo, hi)``: never special tokens or
+    BERT's unused slots, every token of a once-seen word when ``lo = 1``, and nothing seen ``hi`` times."""
+    from benchmarks.lsc_minilm import rare_token_pool, token_counts
+    loader, _ = tiny_bert
+    _, tok = loader()
+    train = ["and the lord spake", "and the people", "and zerubbabel"]
+    counts = token_counts(tok, train)
+    once = rare_token_pool(tok, train, (1, 2))
+    assert set(once.tolist()) == {i for i in range(999, len(tok)) if counts[i] == 1}
+    assert set(tok("zerubbabel", add_special_tokens=False)["input_ids"]) <= set(once.tolist())
+    unseen = rare_token_pool(tok, train, (0, 1))
+    assert not set(unseen.tolist()) & set(tok.all_special_ids) and int(unseen.min()) >= 999
+    assert tok.convert_tokens_to_ids("and") not in set(unseen.tolist()) | set(once.tolist())  # seen 3 times
+    assert len(unseen) + len(once) + int(((counts >= 2) & (torch.arange(len(tok)) >= 999)).sum()) == len(tok) - 999
+
+
+def test_distill_steps_rare_swap_feeds_teacher_and_student_the_same_tokens(tiny_bert):
+    """``rare_swap`` replaces at most one token per verse by a rare one, in the batch that teacher and student
+    both read (otherwise the batches of ``rare_swap=0``): a seeded, different trajectory."""
+    from benchmarks.lsc_minilm import finetune_at_fixed_steps, rare_token_pool
+    teacher, tok, train, start = _posttrained(tiny_bert)
+    pool = set(rare_token_pool(tok, train[:32], (0, 10), 16).tolist())
+    coeffs, batches = {}, {}
+    for swap in (0.0, 1.0, 1.0):
+        student = copy.deepcopy(start)
+        seen = {"t": [], "s": []}
+        hooks = [m.register_forward_pre_hook(lambda mod, a, k, key=key: seen[key].append(k["input_ids"].clone()),
+                                             with_kwargs=True) for m, key in ((teacher, "t"), (student, "s"))]
+        finetune_at_fixed_steps(student, teacher, tok, train[:32], 3, 2e-2, log=lambda s: None, batch_size=4,
+                                max_length=16, rare_swap=swap)
+        for h in hooks:
+            h.remove()
+        assert len(seen["s"]) == 3 and all(torch.equal(x, y) for x, y in zip(seen["t"], seen["s"]))
+        c = dict(student.named_parameters())[QUERY].detach()
+        if swap in coeffs:
+            assert torch.equal(coeffs[swap], c)  # seeded
+        coeffs[swap], batches[swap] = c, seen["s"]
+    diff = [x != y for x, y in zip(batches[1.0], batches[0.0])]  # same verses, same padding
+    assert all(d.sum(1).max() <= 1 for d in diff) and sum(int(d.sum()) for d in diff) >= 6
+    assert set(torch.cat([x[d] for x, d in zip(batches[1.0], diff)]).tolist()) <= pool
+    assert not torch.equal(coeffs[0.0], coeffs[1.0])
+
+
 def test_report_and_plots(digits, tmp_path):
     from benchmarks import run_all as RA
     sec, _, _ = digits
