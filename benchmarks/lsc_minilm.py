@@ -184,13 +184,16 @@ def distill_steps(student, teacher, tok, train, steps: int, opt, sched=None, *,
     ``rare_swap`` > 0: that fraction of the verses (on average) has one token replaced by a random token
     looked up ``lo <= n < hi`` times in ``train`` (``rare_counts``; :func:`substitute_tokens`), for teacher and
     student alike, so the rarely read rows of the word-embedding table, and the encoder's response to
-    their coarse codes, are trained too.
+    their coarse codes, are trained too. Measured at 0.5 (4,000 steps): verses with such a token gain, the
+    rest lose, and the file grows slightly; no gain at equal size, so those points are negative results too.
     """
     gen = torch.Generator().manual_seed(0)
     perm = torch.randperm(len(train), generator=gen)
     aug_gen = torch.Generator().manual_seed(1)
     swap_gen = torch.Generator().manual_seed(3)
     pool = rare_token_pool(tok, train, rare_counts, max_length) if rare_swap else None
+    if pool is not None and not pool.numel():
+        raise ValueError(f"rare_swap: no token of the vocabulary is read {rare_counts[0]}-{rare_counts[1] - 1} times in training")
     with _dropout(student, dropout, device):
         t0 = time.perf_counter()
         student.train()

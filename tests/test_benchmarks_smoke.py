@@ -332,6 +332,9 @@ def test_distill_steps_rare_swap_feeds_teacher_and_student_the_same_tokens(tiny_
     assert all(d.sum(1).max() <= 1 for d in diff) and sum(int(d.sum()) for d in diff) >= 6
     assert set(torch.cat([x[d] for x, d in zip(batches[1.0], diff)]).tolist()) <= pool
     assert not torch.equal(coeffs[0.0], coeffs[1.0])
+    with pytest.raises(ValueError, match="no token of the vocabulary is read 5-4 times"):
+        finetune_at_fixed_steps(copy.deepcopy(start), teacher, tok, train[:32], 1, 2e-2, log=lambda s: None,
+                                batch_size=4, max_length=16, rare_swap=0.5, rare_counts=(5, 5))
 
 
 def test_report_and_plots(digits, tmp_path):
