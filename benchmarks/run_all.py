@@ -328,15 +328,7 @@ def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=
     finetune = None
     if qat is not None:
         from benchmarks.lsc_minilm import MINILM_CONFIG, finetune_at_fixed_steps
-        setting += f", then {qat['steps']} distillation steps at lr {qat['lr']:g}" \
-            + (f" with the rate term x {qat['rate_weight']:g}" if qat.get("rate_weight") else "") \
-            + (f", inner layers' outputs x {qat['hidden_weight']:g}" if qat.get("hidden_weight") else "") \
-            + (f", frozen: {', '.join(qat['freeze'])}" if qat.get("freeze") else "") \
-            + (f", {qat['augment']:.0%} of the verses swapped for spliced windows" if qat.get("augment") else "") \
-            + (f", student dropout {qat['dropout']:g}" if qat.get("dropout") else "") \
-            + (f", token-level MSE x {qat['tok_weight']:g}" if "tok_weight" in qat else "") \
-            + (f", {qat['rare_swap']:.0%} of the verses with one token swapped for one read {qat.get('rare_counts', (0, 10))[0]}-"
-               f"{qat.get('rare_counts', (0, 10))[1] - 1} times in training" if qat.get("rare_swap") else "")
+        setting += _qat_setting(qat)
 
         def finetune(student, teacher, tok, train):
             return finetune_at_fixed_steps(student, teacher, tok, train, log=log, max_length=max_length, **qat)
@@ -344,6 +336,20 @@ def minilm_calibrated_point(target: float, n_heldout=256, max_length=64, loader=
     if qat is not None:
         row.update(steps=qat["steps"], batch_size=qat.get("batch_size", MINILM_CONFIG["batch_size"]))
     return row
+
+
+def _qat_setting(qat: dict) -> str:
+    """How a QAT point trained, for its table row: the schedule, then each option that differs from the recipe."""
+    lo, hi = qat.get("rare_counts", (0, 10))
+    parts = [(f" with the rate term x {qat.get('rate_weight', 0):g}", bool(qat.get("rate_weight"))),
+             (f", inner layers' outputs x {qat.get('hidden_weight', 0):g}", bool(qat.get("hidden_weight"))),
+             (f", frozen: {', '.join(qat.get('freeze', ()))}", bool(qat.get("freeze"))),
+             (f", {qat.get('augment', 0):.0%} of the verses swapped for spliced windows", bool(qat.get("augment"))),
+             (f", student dropout {qat.get('dropout', 0):g}", bool(qat.get("dropout"))),
+             (f", token-level MSE x {qat.get('tok_weight', 0):g}", "tok_weight" in qat),
+             (f", {qat.get('rare_swap', 0):.0%} of the verses with one token swapped for one read {lo}-{hi - 1} times "
+              "in training", bool(qat.get("rare_swap")))]
+    return f", then {qat['steps']} distillation steps at lr {qat['lr']:g}" + "".join(text for text, on in parts if on)
 
 
 def minilm_cal_key(target, feedback: bool, rows: bool, kind: str = "minilm-cal") -> str:
