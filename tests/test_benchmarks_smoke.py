@@ -206,6 +206,40 @@ def test_finetune_at_fixed_steps_rate_weight_pulls_towards_cheaper_bins(tiny_ber
     assert bits[100.0] < 0.99 * bits[0.0]
 
 
+def test_finetune_at_fixed_steps_blank_unread_zeroes_only_unread_rows(tiny_bert):
+    """``blank_unread`` zeroes the coefficients of the table rows no training verse reads, after the same
+    training: those rows never had a gradient, every other coefficient ends as without the option, and the
+    file shrinks. Without one-row blocks there is nothing row-wise to blank: a clear error."""
+    import lsc
+    from benchmarks.lsc_minilm import blank_unread_rows, finetune_at_fixed_steps, token_counts, train_vocab
+    from benchmarks.minilm import WORD_EMBEDDINGS
+    loader, (train, _) = tiny_bert
+    teacher, tok = loader()
+    train = train[:32]
+    start = copy.deepcopy(teacher)
+    lsc.compress_posttraining(start, max_error=0.1, hessians={WORD_EMBEDDINGS: token_counts(tok, train, 16)}, progress=False)
+    table = WORD_EMBEDDINGS.replace(".weight", ".parametrizations.weight.original")
+    read = train_vocab(tok, train, 16)
+    got = {}
+    for blank in (False, True):
+        student = copy.deepcopy(start)
+        finetune_at_fixed_steps(student, teacher, tok, train, 3, 2e-2, log=lambda s: None, batch_size=4,
+                                max_length=16, blank_unread=blank)
+        got[blank] = ({k: v.detach().clone() for k, v in student.named_parameters()},
+                      sum(t.numel() for t in lsc.compress_weights(student).values()))
+    plain, blanked = got[False][0], got[True][0]
+    start_table = dict(start.named_parameters())[table]
+    assert torch.equal(plain[table][~read], start_table[~read])  # unread rows: no gradient, unchanged by training
+    assert start_table[~read].abs().sum() > 0 and torch.count_nonzero(blanked[table][~read]) == 0
+    assert torch.equal(blanked[table][read], plain[table][read])
+    assert all(torch.equal(plain[k], blanked[k]) for k in plain if k != table)
+    assert got[True][1] < got[False][1]  # the file's bytes
+    one_block = copy.deepcopy(teacher)
+    lsc.compress_posttraining(one_block, max_error=0.1, progress=False)  # no counts: square blocks
+    with pytest.raises(ValueError, match="one-row blocks"):
+        blank_unread_rows(one_block, tok, train, 16, log=lambda s: None)
+
+
 def test_spliced_text_is_a_run_of_words_across_two_neighbouring_verses():
     """Augmented distillation text: contiguous words of verse i followed by verse i + 1, reproducible by seed."""
     from benchmarks.lsc_minilm import spliced_text
