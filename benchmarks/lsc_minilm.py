@@ -287,8 +287,9 @@ def blank_unread_rows(student, tok, train, max_length=64, log=print) -> int:
     unread = ~train_vocab(tok, train, max_length)
     with torch.no_grad():
         coeffs[unread.to(coeffs.device)] = 0.0
-    log(f"  blanked {int(unread.sum())} word-embedding rows no training verse reads")
-    return int(unread.sum())
+    rows = int(unread.sum())
+    log(f"  blanked {rows} word-embedding rows no training verse reads")
+    return rows
 
 
 def distill(target_bytes: float, steps: int, *, n_heldout=256, log=print, keep_vocab=False, loader=load_minilm,
