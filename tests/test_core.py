@@ -312,24 +312,70 @@ def test_weight_without_gradient_is_computed_once_and_invalidated_by_any_change(
     layer = model[0]
     par, original = layer.parametrizations.weight[0], layer.parametrizations.weight.original
     model.eval()
-    w = layer.weight
-    assert layer.weight is w  # eval: reused, not re-synthesized
-    with torch.no_grad():
+    with torch.no_grad():  # a validation loop: no graph to record
+        w = layer.weight
+        assert layer.weight is w  # eval: reused, not re-synthesized
         original.add_(0.3)  # what an optimizer step does
-    w2 = layer.weight
-    assert w2 is not w and not torch.equal(w2, w)
-    assert torch.equal(w2, _decoded_now(par, original))
-    with torch.no_grad():
+        w2 = layer.weight
+        assert w2 is not w and not torch.equal(w2, w)
+        assert torch.equal(w2, _decoded_now(par, original))
         q_net.mlp[-1].bias.add_(2.0)  # the steps change
-    w3 = layer.weight
-    assert not torch.equal(w3, w2) and torch.equal(w3, _decoded_now(par, original))
-    w3.mul_(0)  # an in-place edit of the returned weight is never handed out again
-    assert torch.equal(layer.weight, _decoded_now(par, original))
-    other = nn.Sequential(nn.Linear(12, 20), nn.Linear(20, 3))
-    lsc.spectral(other, init_bits=6)
-    model.load_state_dict(other.state_dict())
-    other.eval()
-    assert torch.equal(layer.weight, other[0].weight)
+        w3 = layer.weight
+        assert not torch.equal(w3, w2) and torch.equal(w3, _decoded_now(par, original))
+        w3.mul_(0)  # an in-place edit of the returned weight is never handed out again
+        assert torch.equal(layer.weight, _decoded_now(par, original))
+        other = nn.Sequential(nn.Linear(12, 20), nn.Linear(20, 3))
+        lsc.spectral(other, init_bits=6)
+        model.load_state_dict(other.state_dict())
+        other.eval()
+        assert torch.equal(layer.weight, other[0].weight)
+
+
+def test_eval_mode_weights_are_the_decoded_ones_and_still_learn():
+    """model.eval() changes values, not autograd: a fine-tune left in eval mode (from_pretrained's default)
+    must get the task's gradient, the training forward's one, on the exact decoded weight."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(3, 16, 5), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8, 4))
+    q_net = lsc.spectral(model, init_bits=5)
+    x = torch.randn(6, 3, 12)
+    probe = {name: torch.randn(p.shape) for name, p in (("0", model[0].weight), ("3", model[3].weight))}
+
+    def gradients(train: bool):
+        model.train(train)
+        for p in list(model.parameters()) + list(q_net.parameters()):
+            p.grad = None
+        loss = sum((model[int(k)].weight * r).sum() for k, r in probe.items())  # gradient independent of the value
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None], q_net.mlp[-1].weight.grad.clone()
+
+    train_grads, train_q = gradients(True)
+    eval_grads, eval_q = gradients(False)
+    assert len(eval_grads) == 2 and all(g.abs().sum() > 0 for g in eval_grads)
+    for a, b in zip(train_grads, eval_grads):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+    assert torch.allclose(train_q, eval_q, rtol=1e-4, atol=1e-8) and eval_q.abs().sum() > 0  # the steps learn too
+    with torch.no_grad():
+        decoded = model[3].weight.clone()
+    w = model[3].weight
+    assert w.requires_grad and torch.equal(w, decoded)  # the value is the decoded one, bit for bit
+    out = model(x)
+    assert out.requires_grad and torch.equal(out.detach(), _no_grad(model, x))
+    # the seed's loop with the model left in eval mode: the task loss falls
+    opt = torch.optim.Adam(list(model.parameters()) + list(q_net.parameters()), lr=1e-2)
+    target = torch.randn(6, 4)
+    losses = []
+    for _ in range(30):
+        task = (model(x) - target).square().mean()
+        losses.append(task.item())
+        opt.zero_grad()
+        (task + lsc.quantization_loss(model, weight=1e-3)).backward()
+        opt.step()
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def _no_grad(model, x):
+    with torch.no_grad():
+        return model(x)
 
 
 def test_training_weights_carry_gradients_and_frozen_ones_are_reused():

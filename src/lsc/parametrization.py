@@ -12,6 +12,7 @@ import weakref
 import numpy as np
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .blocking import BlockLayout, to_blocks
 from .errors import LscError
@@ -105,48 +106,60 @@ class SpectralParametrization(nn.Module):
     # cached q_net / rate state is Python-side. The user's layers around it still compile.
     @torch.compiler.disable
     def forward(self, *originals: torch.Tensor) -> torch.Tensor:
-        """The weight; computed once and reused while it carries no gradient and nothing it reads changes.
+        """The weight: the training synthesis in train mode, the decoded (file) weight in eval mode.
 
-        A weight needs no graph in eval mode, under ``no_grad``, or when its coefficients are
-        frozen (``requires_grad_(False)``) and so are its steps (a frozen q_net or exponents read
-        from a file). Recomputing it on every access would redo the whole synthesis per forward:
-        a validation loop, or fine-tuning with a frozen embedding table, would pay for it at
-        every batch. The cache is keyed on the identity and ``_version`` of every tensor the
-        weight reads (optimizer steps, ``load_state_dict`` and ``.to()`` all invalidate it) and
-        on the weight's own version (an in-place edit of the returned tensor is not reused).
+        Gradients follow PyTorch's rules, not the mode: whenever autograd is on and the
+        coefficients or the steps can learn, the weight is differentiable. In eval mode its value
+        is still the decoded weight, bit for bit, and its gradient is the training forward's
+        (:class:`_DecodedWithGradient`); otherwise a model fine-tuned in eval mode (Hugging
+        Face's ``from_pretrained`` returns one) would silently learn nothing from its task loss.
+
+        A weight with no graph to record (eval mode or ``no_grad`` or frozen coefficients and
+        steps) is computed once and reused until something it reads changes: a validation
+        loop would otherwise redo the whole synthesis per forward. The cache is keyed on the
+        identity and ``_version`` of every tensor the weight reads (optimizer steps,
+        ``load_state_dict`` and ``.to()`` all invalidate it) and on the weight's own version
+        (an in-place edit of the returned tensor is not reused).
         """
         coeffs = originals[0]
-        inputs = self._constant_inputs(coeffs)
-        if inputs is None:
+        graph = torch.is_grad_enabled() and (coeffs.requires_grad or self._steps_learn())
+        if graph and self.training:  # the training step: checked first, it is the hot path
             if _CONSTANT:  # a stale weight must not stay alive through training
                 _CONSTANT.pop(self, None)
             return self._compute(coeffs)
-        versions = (self.training, torch.is_inference_mode_enabled()) + tuple((t._version, t.data_ptr()) for t in inputs)
-        hit = _CONSTANT.get(self)
-        if (hit is not None and hit[1] == versions and hit[2]._version == hit[3]
-                and all(a is b for a, b in zip(hit[0], inputs))):
-            return hit[2]
-        w = self._compute(coeffs)
-        _CONSTANT[self] = (inputs, versions, w, w._version)
+        w = self._kept(coeffs)
+        if graph:
+            return _DecodedWithGradient.apply(w, coeffs, self._training_step(), self)
         return w
 
-    def _constant_inputs(self, coeffs: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
-        """The tensors the weight is computed from, or None when this forward must record a graph."""
-        graph = self.training and torch.is_grad_enabled()
-        if graph and coeffs.requires_grad:  # the training step: checked first, it is the hot path
-            return None
-        if torch.is_inference_mode_enabled() or coeffs.is_inference():
-            return None  # inference tensors have no version counter to key on
-        source = (self.frozen_exponent,) if self.frozen_exponent is not None else self.q_net.current_parameters()
-        if graph and any(t.requires_grad for t in source):
-            return None
-        return (coeffs, self.mean, self.std) + tuple(source)
+    def _steps_learn(self) -> bool:
+        """Whether the steps this weight is quantized with carry gradients (to q_net)."""
+        return self.frozen_exponent is None and any(t.requires_grad for t in self.q_net.current_parameters())
+
+    def _kept(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """The weight of the current mode without a graph, from the cache when nothing it reads changed."""
+        with torch.no_grad():
+            if torch.is_inference_mode_enabled() or coeffs.is_inference():
+                return self._compute(coeffs)  # inference tensors have no version counter to key on
+            source = (self.frozen_exponent,) if self.frozen_exponent is not None else self.q_net.current_parameters()
+            inputs = (coeffs, self.mean, self.std) + tuple(source)
+            versions = (self.training,) + tuple((t._version, t.data_ptr()) for t in inputs)
+            hit = _CONSTANT.get(self)
+            if (hit is not None and hit[1] == versions and hit[2]._version == hit[3]
+                    and all(a is b for a, b in zip(hit[0], inputs))):
+                return hit[2]
+            w = self._compute(coeffs)
+            _CONSTANT[self] = (inputs, versions, w, w._version)
+            return w
+
+    def _training_weight(self, coeffs: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        """The training forward: quantized at ``step`` (P,) through the leaky rounding, then synthesized."""
+        return quantized_synthesis(coeffs.to(step.dtype), step, self.layout, self.mean, self.std,
+                                   self.orig_dtype, self.transform, self.leak)
 
     def _compute(self, coeffs: torch.Tensor) -> torch.Tensor:
         if self.training:
-            step = self._training_step()
-            return quantized_synthesis(coeffs.to(step.dtype), step, self.layout, self.mean, self.std,
-                                       self.orig_dtype, self.transform, self.leak)
+            return self._training_weight(coeffs, self._training_step())
         q, e = self.integer_state(coeffs, check=False)
         w = reconstruct(q, e, self.layout, self.mean, self.std, self.orig_dtype, self.transform)
         # NaN/Inf coefficients would cast to garbage integers: give NaN weights, never silently wrong ones
@@ -177,3 +190,28 @@ class SpectralParametrization(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.name}: shape={self.layout.shape}, block={self.layout.block_shape}, {self.transform}, groups={self.num_groups}"
+
+
+class _DecodedWithGradient(torch.autograd.Function):
+    """``weight`` (the decoded weight) as the value, the training synthesis's gradient for ``coeffs`` and ``step``.
+
+    The forward costs nothing beyond the decoded weight (kept between calls); the training
+    synthesis is redone in the backward, only when a backward runs.
+    """
+
+    @staticmethod
+    def forward(ctx, weight, coeffs, step, par):
+        ctx.save_for_backward(coeffs, step)
+        ctx.par = par
+        return weight.view_as(weight)  # a view: the kept weight itself never joins a graph
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        coeffs, step = ctx.saved_tensors
+        need = ctx.needs_input_grad[1:3]
+        with torch.enable_grad():
+            c, s = (t.detach().requires_grad_(n) for t, n in zip((coeffs, step), need))
+            w = ctx.par._training_weight(c, s)
+            got = iter(torch.autograd.grad(w, [t for t, n in zip((c, s), need) if n], grad))
+        return None, *(next(got) if n else None for n in need), None
