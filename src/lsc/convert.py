@@ -12,6 +12,7 @@ from .blocking import choose_block_shape
 from .errors import LscError
 from .grouping import DEFAULT_MIN_GROUP_SYMBOLS
 from .parametrization import SpectralParametrization
+from .precision import full_precision
 from .qnet import QuantizationNetwork
 from .state import LscState, SpectralEntry, attach_state
 
@@ -86,6 +87,7 @@ def _per_tensor(option, name: str, shape: tuple[int, ...]):
     return option(name, shape) if callable(option) else option
 
 
+@full_precision
 def spectral(model: nn.Module, *, block_size=8, init_bits: float = 10.0, include=None, exclude=None,
              rate_weight: float = 1.0, leak: float = 0.0, min_group_symbols: int = DEFAULT_MIN_GROUP_SYMBOLS,
              q_net_hidden: int = 32, bits_scale: float = 4.0, transform="dct") -> QuantizationNetwork:

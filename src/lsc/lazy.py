@@ -57,6 +57,7 @@ from .codec.entropy import GroupStream, decode_positions, group_bounds
 from .errors import LscError, LscFormatError
 from .grouping import position_groups
 from .packing import PackedCoefficients, int_dtype_for
+from .precision import full_precision
 from .reconstruct import compute_dtype_for, reconstruct
 from .rowclasses import row_units
 
@@ -271,6 +272,7 @@ class _Runtime:
         self.stores: list[_Store] = []
         self.tracker: DecodeMemoryTracker | None = None
 
+    @full_precision
     def get(self, store: _Store, device) -> torch.Tensor:
         key = id(store)
         for memo in reversed(self.scopes):
@@ -295,6 +297,7 @@ class _Runtime:
             self.scopes[-1][key] = w
         return w
 
+    @full_precision
     def embedding(self, module: nn.Embedding, store: _Store, device, idx: torch.Tensor) -> torch.Tensor:
         """An nn.Embedding forward that decodes only the chunks holding the looked-up rows (copies only, so
         bitwise equal to the dense lookup); falls back to the whole weight when that is not possible."""

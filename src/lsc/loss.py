@@ -6,6 +6,7 @@ from torch import nn
 
 from .rate import FILE_OVERHEAD_BYTES, RateEstimate, estimate_rate, exact_bits, surrogate_bits_total
 from .quantizer import bits_to_exponent, step_size
+from .precision import full_precision
 from .rowclasses import row_units
 from .state import get_state
 
@@ -45,6 +46,7 @@ def _shared_outputs(q_net, pars) -> tuple[list[torch.Tensor], list[torch.Tensor]
     return exps, [step_size(e) for e in exps]
 
 
+@full_precision
 def rate_estimate(model: nn.Module) -> RateEstimate:
     """Estimated coded size of every spectral tensor: exact value, differentiable through a surrogate."""
     st, _, coeffs, steps, exps, groups, ngroups, orders = _rate_inputs(model)
@@ -61,6 +63,7 @@ def bits_per_weight(model: nn.Module) -> torch.Tensor:
 
 
 @torch.compiler.disable  # eager inside a compiled training step, like the spectral weights themselves
+@full_precision
 def quantization_loss(model: nn.Module, weight: float | None = None) -> torch.Tensor:
     """``weight * bits_per_weight(model)``, cheap enough to add to every training step.
 
@@ -93,6 +96,7 @@ def _fmt_bytes(n: float) -> str:
         n /= 1000
 
 
+@full_precision
 def report(model: nn.Module, print_table: bool = True) -> list[dict]:
     """Per-tensor table of the real .lsc file: bytes (ANS stream + side info), bits/weight, and the estimate.
 

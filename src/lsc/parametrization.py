@@ -18,6 +18,7 @@ from .blocking import BlockLayout, to_blocks
 from .errors import LscError
 from .grouping import position_groups
 from .morton import morton_order
+from .precision import full_precision
 from .qnet import QuantizationNetwork, position_features
 from .quantizer import bits_to_exponent, integer_coefficients, step_size
 from .reconstruct import compute_dtype_for, reconstruct
@@ -74,6 +75,7 @@ class SpectralParametrization(nn.Module):
     def step(self, exponent: torch.Tensor) -> torch.Tensor:
         return step_size(exponent).to(self.mean.dtype).reshape(self.layout.block_shape)
 
+    @full_precision
     def integer_state(self, coeffs: torch.Tensor, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """(integer coefficients, int64 exponents): exactly what the file stores.
 
@@ -105,6 +107,7 @@ class SpectralParametrization(nn.Module):
     # kernels write through out= views and reuse buffers, which tracing cannot follow, and the
     # cached q_net / rate state is Python-side. The user's layers around it still compile.
     @torch.compiler.disable
+    @full_precision
     def forward(self, *originals: torch.Tensor) -> torch.Tensor:
         """The weight: the training synthesis in train mode, the decoded (file) weight in eval mode.
 
@@ -167,6 +170,7 @@ class SpectralParametrization(nn.Module):
         return w.masked_fill(~torch.isfinite(coeffs).all(), float("nan"))
 
     @torch.no_grad()
+    @full_precision
     def right_inverse(self, weight: torch.Tensor):
         """Weight -> coefficients; a 1-tuple when the dtype changes (fp16/bf16 models keep fp32 coefficients)."""
         coeffs = self._analyze(weight)
@@ -207,6 +211,7 @@ class _DecodedWithGradient(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @full_precision
     def backward(ctx, grad):
         coeffs, step = ctx.saved_tensors
         need = ctx.needs_input_grad[1:3]

@@ -41,6 +41,7 @@ from torch import nn
 from .convert import _per_tensor, selected_parameters, spectral
 from .errors import LscError
 from .feedback import feedback_quantize, output_error, supports_feedback
+from .precision import full_precision
 from .quantizer import EXPONENT_RESOLUTION, MAX_BITS, MIN_BITS, integer_coefficients
 from .reconstruct import reconstruct
 from .state import get_state
@@ -427,6 +428,7 @@ def _progress(iterable, total, desc, progress, unit="tensor"):
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, leave=False, dynamic_ncols=True)
 
 
+@full_precision
 def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, torch.Tensor]], bits: Optional[float] = None,
                           max_error: Optional[float] = None, *, path: Union[str, os.PathLike, None] = None,
                           block_size=8, include=None, exclude=None, min_bits: float = -4.0,

@@ -16,6 +16,7 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 from .blocking import BlockLayout
+from .precision import full_precision
 from .quantizer import EXPONENT_RESOLUTION, MAX_BITS, MIN_BITS, bits_to_exponent, step_size
 
 __all__ = ["QuantizationNetwork", "position_features", "NUM_FEATURES"]
@@ -88,6 +89,7 @@ class QuantizationNetwork(nn.Module):
             return tuple(self.parameters())
         return tuple(getattr(m, name) for m, name in members["slots"])
 
+    @full_precision
     def shared_outputs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
         """(exponents, steps) of every member tensor (row-major positions), or None without members.
 
@@ -157,6 +159,7 @@ class _SharedBits(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @full_precision
     def backward(ctx, grad_e, grad_s):
         need = [i for i, p in enumerate(ctx.params) if ctx.needs_input_grad[3 + i]]
         grads = [None] * len(ctx.params)
@@ -194,6 +197,7 @@ class _SharedBitsMLP(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable
+    @full_precision
     def backward(ctx, grad_e, grad_s):
         if [t._version for t in ctx.inputs] != ctx.versions:
             raise RuntimeError("one of the variables needed for gradient computation has been modified by an "

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import torch
 
+from .precision import full_precision
 from .quantizer import fresh, scratch
 from .rowclasses import propose_row_classes
 
@@ -283,6 +284,7 @@ class _LogisticBits(torch.autograd.Function):
         return bits
 
     @staticmethod
+    @full_precision
     def backward(ctx, grad):
         coeffs, step, scale = ctx.saved_tensors
         saved, ctx.saved = ctx.saved, None  # handed out as the gradient: a repeated backward recomputes it
@@ -306,6 +308,7 @@ class _LogisticBitsTotal(torch.autograd.Function):
         return bits
 
     @staticmethod
+    @full_precision
     def backward(ctx, grad):
         tensors, count = ctx.saved_tensors, ctx.count
         saved, ctx.saved = ctx.saved, None

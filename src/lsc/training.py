@@ -24,6 +24,7 @@ from typing import NamedTuple
 import torch
 
 from .blocking import BlockLayout
+from .precision import full_precision
 from .quantizer import fake_quantize, fresh, scratch
 from .reconstruct import synthesize
 from .transforms import KRON_MAX_POSITIONS, inverse_matrix
@@ -267,6 +268,7 @@ class _QuantizedSynthesis(torch.autograd.Function):
         return w
 
     @staticmethod
+    @full_precision
     def backward(ctx, grad_w):
         coeffs, step, std, residual = ctx.saved_tensors
         job, grad_w = ctx.job, grad_w.to(coeffs.dtype)

@@ -28,6 +28,7 @@ from ..blocking import BlockLayout
 from ..errors import LscError, LscFormatError, format_errors
 from ..grouping import position_groups
 from ..morton import morton_order, rowmajor_order
+from ..precision import full_precision
 from ..quantizer import dequantize
 from ..reconstruct import compute_dtype_for, reconstruct
 from ..rowclasses import MAX_CLASSES, propose_row_classes, row_units
@@ -142,6 +143,7 @@ def _encode_buffers(model: nn.Module, tol: float) -> tuple[dict, bytes]:
     return {"name": BUFFERS_KEY, "kind": "buffers", "shape": [len(blob)], "dtype": "uint8"}, blob
 
 
+@full_precision
 def compress_weights(model: nn.Module, *, scan: str = "morton", buffer_tolerance: float | None = None) -> dict[str, torch.Tensor]:
     """Entropy-code a spectral model -> self-contained dict of uint8 tensors (torch.save-able).
 
@@ -458,6 +460,7 @@ def _guarded(m: dict, fn, *args):
     return format_errors(m["name"], fn, *args)
 
 
+@full_precision
 def decompress_weights(compressed: dict[str, torch.Tensor], *, workers: int | None = None) -> "OrderedDict[str, torch.Tensor]":
     """Compressed dict from :func:`compress_weights` -> plain state_dict with the original model's keys.
 
@@ -470,6 +473,7 @@ def decompress_weights(compressed: dict[str, torch.Tensor], *, workers: int | No
 
 # --------------------------------------------------------------------------- files
 
+@full_precision
 def save(model: nn.Module, path, *, buffer_tolerance: float | None = None) -> int:
     """Write the .lsc file of a spectral model atomically (temp file + rename); returns its size in bytes.
 
@@ -510,6 +514,7 @@ def _read(src) -> bytes:
         return f.read()
 
 
+@full_precision
 def load(path, model: nn.Module | None = None, *, strict: bool = True, lazy=False, workers: int | None = None,
          **lazy_options):
     """Read a .lsc file (path or bytes).
