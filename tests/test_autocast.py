@@ -93,3 +93,30 @@ def test_a_mixed_precision_fine_tune_learns_and_its_file_decodes_exactly(device)
         lazy_weights = _weights(lazy)
     assert all(torch.equal(a, b) for a, b in zip(_weights(fresh), decoded))
     assert all(torch.equal(a, b) for a, b in zip(lazy_weights, decoded))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_casting_a_spectral_model_sets_its_weights_dtype_and_keeps_lsc_state_at_full_precision(dtype):
+    """model.half() / .to(torch.bfloat16) / .double() after lsc.spectral: the layers get weights of that dtype,
+    as a plain model's would; the standardization and q_net's inputs stay full precision; the file decodes exactly."""
+    model, q_net = _model("cpu")
+    before = _weights(model)
+    model.to(dtype)
+    par = model[3].parametrizations.weight[0]
+    assert par.mean.dtype == par.std.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert par.features.dtype == torch.float32
+    x = torch.randn(5, 3, 12, dtype=dtype)
+    out = model(x)  # used to fail: float32 weights against half-precision inputs
+    assert out.dtype == dtype and model[3].weight.dtype == dtype
+    (out.float().square().mean() + lsc.quantization_loss(model)).backward()
+    assert model[3].parametrizations.weight.original.grad.abs().sum() > 0
+    tol = {torch.bfloat16: 2e-2, torch.float16: 2e-3, torch.float64: 1e-6}[dtype]
+    assert all(torch.allclose(a.double(), b.double(), atol=tol) for a, b in zip(_weights(model), before))
+    model.eval()
+    with torch.no_grad():
+        decoded = _weights(model)
+    fresh = nn.Sequential(nn.Conv1d(3, 16, 5), nn.ReLU(), nn.Flatten(), nn.Linear(16 * 8, 4)).to(dtype)
+    lsc.load(to_bytes(lsc.compress_weights(model)), fresh)
+    assert all(torch.equal(a, b) and a.dtype == dtype for a, b in zip(_weights(fresh), decoded))
+    model.float()
+    assert model(x.float()).dtype == torch.float32

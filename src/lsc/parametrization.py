@@ -57,10 +57,20 @@ class SpectralParametrization(nn.Module):
         self.register_buffer("frozen_exponent", None, persistent=False)
         object.__setattr__(self, "q_net", q_net)  # shared by all tensors; deliberately not a submodule
 
-    # -- device handling: model.to(device) carries the shared q_net along (device only, never dtype)
+    # -- model.to(device) carries the shared q_net along (device only, never dtype); a dtype cast
+    # (model.half(), .to(torch.bfloat16), .double()) sets the weight's dtype, as it would for a plain model
     def _apply(self, fn, *args, **kwargs):
-        probe = fn(torch.zeros(0, device=self.features.device))
+        probe = fn(torch.zeros(0, device=self.features.device, dtype=self.orig_dtype))
+        own = {name: getattr(self, name) for name in ("mean", "std", "features", "frozen_exponent")}
         result = super()._apply(fn, *args, **kwargs)
+        if probe.is_floating_point() and probe.dtype != self.orig_dtype:
+            # lsc's own state stays at full precision: half-precision statistics would move every decoded
+            # weight, and q_net reads its float32 features. (The coefficients, like any parameter, are cast.)
+            self.orig_dtype = probe.dtype
+            cdtype = compute_dtype_for(probe.dtype)
+            for name, t in own.items():
+                if t is not None:
+                    setattr(self, name, t.to(device=probe.device, dtype=cdtype if name in ("mean", "std") else t.dtype))
         q_net = self.__dict__["q_net"]
         if next(q_net.parameters()).device != probe.device:
             q_net.to(probe.device)
