@@ -405,3 +405,31 @@ def test_training_weights_carry_gradients_and_frozen_ones_are_reused():
     assert not torch.equal(second.weight.detach(), before)
     q_net.mlp[-1].bias.requires_grad_(True)
     assert first.weight.requires_grad  # unfreezing the steps records a graph again
+
+
+class _SparseLookup(nn.Module):
+    def __init__(self, sparse: bool):
+        super().__init__()
+        self.emb = nn.Embedding(100, 16, sparse=sparse, padding_idx=0)
+        self.fc = nn.Linear(16, 2)
+
+    def forward(self, ids):
+        return self.fc(self.emb(ids).mean(1))
+
+
+@pytest.mark.parametrize("transform", ["dct", "wavelet"])
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_sparse_embedding_gradients_reach_the_coefficients(transform, mode):
+    """nn.Embedding(sparse=True) hands its weight a sparse gradient; the coefficients get the dense one."""
+    torch.manual_seed(0)
+    sparse, dense = _SparseLookup(True), _SparseLookup(False)
+    lsc.spectral(sparse, transform=transform)
+    lsc.spectral(dense, transform=transform)
+    dense.load_state_dict(sparse.state_dict())
+    ids = torch.randint(0, 100, (4, 7))
+    for model in (sparse, dense):
+        model.train(mode == "train")
+        (model(ids).square().sum() + lsc.quantization_loss(model)).backward()
+    got, want = (m.emb.parametrizations.weight.original.grad for m in (sparse, dense))
+    assert got.layout == torch.strided and got.abs().sum() > 0
+    torch.testing.assert_close(got, want)

@@ -29,7 +29,7 @@ from .quantizer import fake_quantize, fresh, scratch
 from .reconstruct import synthesize
 from .transforms import KRON_MAX_POSITIONS, inverse_matrix
 
-__all__ = ["quantized_synthesis"]
+__all__ = ["quantized_synthesis", "dense"]
 
 
 class _Plan(NamedTuple):
@@ -271,7 +271,7 @@ class _QuantizedSynthesis(torch.autograd.Function):
     @full_precision
     def backward(ctx, grad_w):
         coeffs, step, std, residual = ctx.saved_tensors
-        job, grad_w = ctx.job, grad_w.to(coeffs.dtype)
+        job, grad_w = ctx.job, dense(grad_w).to(coeffs.dtype)
         if job.rows and coeffs.device.type == "cpu":
             grad_coeffs, grad_step = _chunked_backward(grad_w, job, std, residual, ctx.needs_input_grad[1])
         else:
@@ -328,5 +328,23 @@ def quantized_synthesis(coeffs: torch.Tensor, step: torch.Tensor, layout: BlockL
     job = _job(layout, transform, coeffs.dtype, coeffs.device, dtype, float(leak))
     if job is None or not coeffs.is_contiguous():
         c_hat = fake_quantize(coeffs, step.reshape(layout.block_shape), leak)
-        return synthesize(c_hat, layout, mean, std, dtype, transform)
+        return _DenseGradient.apply(synthesize(c_hat, layout, mean, std, dtype, transform))
     return _QuantizedSynthesis.apply(coeffs, step, job, mean, std)
+
+
+def dense(grad: torch.Tensor) -> torch.Tensor:
+    """A weight's gradient as a strided tensor: ``nn.Embedding(sparse=True)`` hands back a sparse one, but
+    the coefficients of a block mix several rows, so their gradient is dense."""
+    return grad if grad.layout == torch.strided else grad.to_dense()
+
+
+class _DenseGradient(torch.autograd.Function):
+    """Identity whose backward densifies the gradient (see :func:`dense`), for the generic synthesis path."""
+
+    @staticmethod
+    def forward(ctx, w):
+        return w.view_as(w)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return dense(grad)
