@@ -219,6 +219,16 @@ def test_atomic_save_keeps_old_file(tmp_path, monkeypatch):
     lsc.load(path)
 
 
+def test_saving_to_a_missing_directory_or_a_directory_names_the_problem(tmp_path):
+    model = nn.Linear(8, 4)
+    lsc.spectral(model)
+    with pytest.raises(FileNotFoundError, match=r"the directory .*nowhere does not exist"):
+        lsc.save(model, tmp_path / "nowhere" / "m.lsc")
+    with pytest.raises(IsADirectoryError, match="it is a directory"):
+        lsc.save(model, tmp_path)
+    assert os.listdir(tmp_path) == []  # nothing left behind
+
+
 @pytest.fixture(scope="module")
 def good_file():
     torch.manual_seed(0)

@@ -22,7 +22,12 @@ def atomic_path(path):
     path = os.fspath(path)
     base = os.path.basename(path)
     stem, suffix = os.path.splitext(base)
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{suffix}", dir=os.path.dirname(os.path.abspath(path)))
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):  # name what is missing, not the temporary file
+        raise FileNotFoundError(f"cannot write {path}: the directory {folder} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {path}: it is a directory; give a file name")
+    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{suffix}", dir=folder)
     os.close(fd)
     try:
         yield tmp
