@@ -433,3 +433,36 @@ def test_sparse_embedding_gradients_reach_the_coefficients(transform, mode):
     got, want = (m.emb.parametrizations.weight.original.grad for m in (sparse, dense))
     assert got.layout == torch.strided and got.abs().sum() > 0
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("name, make, inp", [c for c in cases() if c[0] in ("tied", "linear", "conv2d_bn", "rnns", "attention_layernorm", "rank10_and_scalar")])
+def test_a_plain_checkpoint_loads_into_the_spectral_model(name, make, inp):
+    """The wrapped model still loads its own dense checkpoints: each weight is analyzed as lsc.spectral would."""
+    torch.manual_seed(0)
+    trained = make()
+    reference = make()
+    reference.load_state_dict(trained.state_dict())
+    lsc.spectral(reference)
+    wrapped = make()  # other initial weights, wrapped first, then restored
+    q_net = lsc.spectral(wrapped)
+    q_before = {k: v.clone() for k, v in q_net.state_dict().items()}
+    result = wrapped.load_state_dict(trained.state_dict())  # strict: no missing or unexpected keys
+    assert not result.missing_keys and not result.unexpected_keys
+    assert wrapped.state_dict().keys() == reference.state_dict().keys()
+    for key, value in reference.state_dict().items():
+        if not key.startswith("_lsc_qnet."):  # the two q_nets were initialized apart
+            assert torch.equal(wrapped.state_dict()[key], value), key
+    assert all(torch.equal(q_net.state_dict()[k], v) for k, v in q_before.items())  # q_net kept
+    wrapped.eval()
+    x = inp()
+    with torch.no_grad():
+        out, want = wrapped(x), trained(x)
+    out, want = (o[0] if isinstance(o, tuple) else o for o in (out, want))
+    assert torch.allclose(out, want, atol=1e-2, rtol=1e-2)
+
+
+def test_a_plain_checkpoint_of_the_wrong_shape_names_the_tensor():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    lsc.spectral(model)
+    with pytest.raises(lsc.LscError, match=r"0\.weight: cannot assign a tensor of shape \(9, 8\)"):
+        model.load_state_dict(nn.Sequential(nn.Linear(8, 9), nn.Linear(9, 2)).state_dict())

@@ -187,6 +187,15 @@ class SpectralParametrization(nn.Module):
         return (coeffs,) if coeffs.dtype != weight.dtype else coeffs
 
     def _analyze(self, weight: torch.Tensor) -> torch.Tensor:
+        coeffs, mean, std = self.analysis(weight)
+        self.mean.copy_(mean)
+        self.std.copy_(std)
+        return coeffs
+
+    @torch.no_grad()
+    @full_precision
+    def analysis(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(coefficients, mean, std) of a dense weight, leaving this parametrization's state alone."""
         if tuple(weight.shape) != self.layout.shape:
             raise LscError(f"{self.name}: cannot assign a tensor of shape {tuple(weight.shape)} to a spectral parameter of shape {self.layout.shape}")
         if weight.is_meta:
@@ -198,9 +207,8 @@ class SpectralParametrization(nn.Module):
         std = w.std(unbiased=False) if w.numel() > 1 else torch.ones((), dtype=w.dtype, device=w.device)
         if not bool(std > 0) or not bool(torch.isfinite(std)):
             std = torch.ones_like(std)
-        self.mean.copy_(mean)
-        self.std.copy_(std)
-        return block_transform(to_blocks((w - mean) / std, self.layout), self.layout.block_shape, self.transform)
+        coeffs = block_transform(to_blocks((w - mean) / std, self.layout), self.layout.block_shape, self.transform)
+        return coeffs, mean, std
 
     def extra_repr(self) -> str:
         return f"{self.name}: shape={self.layout.shape}, block={self.layout.block_shape}, {self.transform}, groups={self.num_groups}"

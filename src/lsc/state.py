@@ -85,11 +85,34 @@ def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_k
     st = module.__dict__.get("_lsc")
     if st is None:
         return
+    plain = _analyze_dense_weights(module, st, state_dict, prefix)
     own = {k[len(prefix + QNET_PREFIX):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix + QNET_PREFIX)}
     if own:
         st.q_net.load_state_dict(own, strict=strict)
-    elif strict:
+    elif strict and not plain:  # a plain checkpoint has no q_net: the current one stays
         missing_keys.extend(prefix + QNET_PREFIX + k for k in st.q_net.state_dict())
+
+
+def _analyze_dense_weights(model: nn.Module, st: LscState, state_dict, prefix: str) -> bool:
+    """Turn the dense weights of a plain checkpoint (``fc.weight``) into the spectral keys that hold them
+    (coefficients, mean, std: what ``lsc.spectral`` would compute), so that the model the user wrapped
+    still loads its own checkpoints. Returns whether any was found."""
+    found = False
+    for entry in st.entries:
+        for name in (entry.name, *entry.tied_names):
+            if prefix + name not in state_dict:
+                continue
+            path, _, attr = name.rpartition(".")
+            plist = (model.get_submodule(path) if path else model).parametrizations[attr]
+            base = f"{prefix}{path + '.' if path else ''}parametrizations.{attr}."
+            if any(k.startswith(base) for k in state_dict):
+                continue  # the spectral keys are there too: leave the extra key to load_state_dict's own check
+            index = next(i for i, p in enumerate(plist) if isinstance(p, SpectralParametrization))
+            coeffs, mean, std = plist[index].analysis(state_dict.pop(prefix + name))
+            state_dict[base + next(k for k in plist._parameters if k.startswith("original"))] = coeffs
+            state_dict[f"{base}{index}.mean"], state_dict[f"{base}{index}.std"] = mean, std
+            found = True
+    return found
 
 
 def attach_state(model: nn.Module, state: LscState) -> None:
