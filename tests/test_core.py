@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 import lsc
+from lsc.codec import to_bytes
 from lsc.parametrization import SpectralParametrization
 from model_zoo import Tied, cases
 
@@ -331,6 +332,29 @@ def test_weight_without_gradient_is_computed_once_and_invalidated_by_any_change(
         assert torch.equal(layer.weight, other[0].weight)
 
 
+def test_inference_mode_reuses_the_decoded_weight_too():
+    """torch.inference_mode (Lightning's validation, serving code) must not decode every weight at every batch."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 20), nn.Linear(20, 3))
+    lsc.spectral(model, init_bits=6)
+    layer, original = model[0], model[0].parametrizations.weight.original
+    model.eval()
+    with torch.no_grad():
+        want = layer.weight.clone()
+    with torch.inference_mode():
+        w = layer.weight
+        assert layer.weight is w and torch.equal(w, want) and not w.is_inference()
+    with torch.no_grad():
+        original.add_(0.3)
+    with torch.inference_mode():
+        assert layer.weight is not w and torch.equal(layer.weight, _decoded_now(layer.parametrizations.weight[0], original))
+    with torch.inference_mode():  # a model built inside inference mode has no version counters: recomputed, still right
+        inner = nn.Linear(12, 20)
+        lsc.spectral(inner, init_bits=6)
+        inner.eval()
+        assert inner.weight is not inner.weight and torch.equal(inner.weight, inner.weight)
+
+
 def test_eval_mode_weights_are_the_decoded_ones_and_still_learn():
     """model.eval() changes values, not autograd: a fine-tune left in eval mode (from_pretrained's default)
     must get the task's gradient, the training forward's one, on the exact decoded weight."""
@@ -466,3 +490,32 @@ def test_a_plain_checkpoint_of_the_wrong_shape_names_the_tensor():
     lsc.spectral(model)
     with pytest.raises(lsc.LscError, match=r"0\.weight: cannot assign a tensor of shape \(9, 8\)"):
         model.load_state_dict(nn.Sequential(nn.Linear(8, 9), nn.Linear(9, 2)).state_dict())
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(init_bits=100), r"init_bits must be in \[-12, 24\]"),
+    (dict(init_bits=float("nan")), "init_bits must be a finite number"),
+    (dict(init_bits="6"), "init_bits must be a finite number"),
+    (dict(rate_weight=-1.0), "rate_weight must be >= 0"),
+    (dict(leak=1.0), r"leak must be in \[0, 1\)"),
+    (dict(bits_scale=0), "bits_scale must be > 0"),
+    (dict(q_net_hidden=0), "q_net_hidden must be a positive integer"),
+    (dict(min_group_symbols=2.5), "min_group_symbols must be a positive integer"),
+    (dict(block_size="8"), r"0\.weight: block_size must be an int or a tuple of ints"),
+    (dict(block_size=(4, 4)), r"0\.bias: block_size \(4, 4\) has 2 dims .* give per-tensor shapes as \{pattern: size\}"),
+    (dict(transform={"1.*": "fft", "default": "dct"}), r"1\.weight: unknown transform 'fft'"),
+])
+def test_bad_options_are_refused_by_name_and_leave_the_model_alone(options, message):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        lsc.spectral(model, **options)
+    assert not any(isinstance(m, SpectralParametrization) for m in model.modules())
+    assert model.state_dict().keys() == before.keys() and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
+def test_numpy_and_tensor_scalars_are_accepted_as_options():
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    lsc.spectral(model, init_bits=torch.tensor(6.0), block_size=np.int64(4), q_net_hidden=np.int64(16))
+    assert model[0].parametrizations.weight[0].layout.block_shape == (4, 4)
+    assert lsc.load(to_bytes(lsc.compress_weights(model))).keys() == {"0.weight", "0.bias", "1.weight", "1.bias"}

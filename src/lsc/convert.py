@@ -1,6 +1,8 @@
 """``lsc.spectral``: reparameterize every selected tensor of a model in place."""
 from __future__ import annotations
 
+import math
+import operator
 from fnmatch import fnmatch
 from typing import Callable, Union
 
@@ -8,12 +10,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .blocking import choose_block_shape
+from .blocking import choose_block_shape, is_integer
 from .errors import LscError
 from .grouping import DEFAULT_MIN_GROUP_SYMBOLS
 from .parametrization import SpectralParametrization
 from .precision import full_precision
 from .qnet import QuantizationNetwork
+from .quantizer import MAX_BITS, MIN_BITS
 from .state import LscState, SpectralEntry, attach_state
 
 __all__ = ["spectral", "selected_parameters"]
@@ -72,7 +75,11 @@ def selected_parameters(model: nn.Module, include=None, exclude=None):
 def _block_for(name: str, shape: tuple[int, ...], block_size) -> tuple[int, ...]:
     if isinstance(block_size, dict) and "default" not in block_size:
         block_size = {**block_size, "default": 8}
-    return choose_block_shape(shape, _per_tensor(block_size, name, shape))
+    try:
+        return choose_block_shape(shape, _per_tensor(block_size, name, shape))
+    except ValueError as e:
+        hint = " (a tuple applies to every tensor: give per-tensor shapes as {pattern: size})" if isinstance(block_size, (tuple, list)) else ""
+        raise ValueError(f"{name}: {e}{hint}") from None
 
 
 def _per_tensor(option, name: str, shape: tuple[int, ...]):
@@ -85,6 +92,29 @@ def _per_tensor(option, name: str, shape: tuple[int, ...]):
                 return value
         return option.get("default")
     return option(name, shape) if callable(option) else option
+
+
+def _check_options(*, init_bits, rate_weight, leak, min_group_symbols, q_net_hidden, bits_scale) -> None:
+    """Reject option values that would train something else than asked, with the option's name."""
+    def number(name, value):
+        try:
+            v = float(value) if not isinstance(value, (bool, str, bytes)) else math.nan
+        except (TypeError, ValueError):
+            v = math.nan
+        if not math.isfinite(v):
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
+        return v
+    if not MIN_BITS <= number("init_bits", init_bits) <= MAX_BITS:
+        raise ValueError(f"init_bits must be in [{MIN_BITS:g}, {MAX_BITS:g}] (the range of step sizes lsc stores), got {init_bits!r}")
+    if number("rate_weight", rate_weight) < 0:
+        raise ValueError(f"rate_weight must be >= 0 (a negative weight would reward larger files), got {rate_weight!r}")
+    if not 0 <= number("leak", leak) < 1:
+        raise ValueError(f"leak must be in [0, 1) (the fraction of the rounding residual kept), got {leak!r}")
+    if number("bits_scale", bits_scale) <= 0:
+        raise ValueError(f"bits_scale must be > 0, got {bits_scale!r}")
+    for name, value in (("min_group_symbols", min_group_symbols), ("q_net_hidden", q_net_hidden)):
+        if not is_integer(value) or value < 1:
+            raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 @full_precision
@@ -112,6 +142,10 @@ def spectral(model: nn.Module, *, block_size=8, init_bits: float = 10.0, include
         transform: block transform name (``"dct"``), a dict ``{glob: name, "default": name}``
             or ``callable(name, shape) -> name``.
     """
+    _check_options(init_bits=init_bits, rate_weight=rate_weight, leak=leak, min_group_symbols=min_group_symbols,
+                   q_net_hidden=q_net_hidden, bits_scale=bits_scale)
+    init_bits, rate_weight, leak, bits_scale = (float(v) for v in (init_bits, rate_weight, leak, bits_scale))
+    min_group_symbols, q_net_hidden = operator.index(min_group_symbols), operator.index(q_net_hidden)
     if getattr(model, "_lsc", None) is not None or any(isinstance(m, SpectralParametrization) for m in model.modules()):
         raise LscError("model is already a spectral model: lsc.spectral was called on it before")
     chosen = selected_parameters(model, include, exclude)
@@ -124,13 +158,15 @@ def spectral(model: nn.Module, *, block_size=8, init_bits: float = 10.0, include
             raise LscError(f"{name}: contains NaN or Inf; lsc cannot compress non-finite weights")
     q_net = QuantizationNetwork(len(chosen), init_bits=init_bits, hidden=q_net_hidden, bits_scale=bits_scale)
     q_net.to(chosen[0][3].device)
+    # every parametrization is built (and every per-tensor option checked) before the model is touched:
+    # a bad option for the last tensor must not leave the first ones converted
+    pars = [SpectralParametrization(name, tuple(p.shape), p.dtype, _block_for(name, tuple(p.shape), block_size), tid,
+                                    len(chosen), q_net, leak=leak, min_group_symbols=min_group_symbols,
+                                    transform=_per_tensor(transform, name, tuple(p.shape))).to(p.device)
+            for tid, (name, _, _, p, _) in enumerate(chosen)]
     entries = []
-    for tid, (name, module, attr, p, ties) in enumerate(chosen):
-        block = _block_for(name, tuple(p.shape), block_size)
+    for par, (name, module, attr, p, ties) in zip(pars, chosen):
         dense = p.detach().clone() if ties else None
-        par = SpectralParametrization(name, tuple(p.shape), p.dtype, block, tid, len(chosen), q_net,
-                                      leak=leak, min_group_symbols=min_group_symbols,
-                                      transform=_per_tensor(transform, name, tuple(p.shape))).to(p.device)
         parametrize.register_parametrization(module, attr, par, unsafe=True)
         plist = module.parametrizations[attr]
         for _, tmod, tattr in ties:

@@ -23,7 +23,7 @@ from .qnet import QuantizationNetwork, position_features
 from .quantizer import bits_to_exponent, integer_coefficients, step_size
 from .reconstruct import compute_dtype_for, reconstruct
 from .training import dense, quantized_synthesis
-from .transforms import block_transform
+from .transforms import block_transform, get_transform
 
 __all__ = ["SpectralParametrization"]
 
@@ -44,6 +44,10 @@ class SpectralParametrization(nn.Module):
         self.orig_dtype = dtype
         self.tensor_id = int(tensor_id)
         self.leak = float(leak)
+        try:  # an unknown name fails here, before the model is touched
+            get_transform(transform)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
         self.transform = transform
         cdtype = compute_dtype_for(dtype)
         self.register_buffer("mean", torch.zeros((), dtype=cdtype))
@@ -151,11 +155,14 @@ class SpectralParametrization(nn.Module):
 
     def _kept(self, coeffs: torch.Tensor) -> torch.Tensor:
         """The weight of the current mode without a graph, from the cache when nothing it reads changed."""
-        with torch.no_grad():
-            if torch.is_inference_mode_enabled() or coeffs.is_inference():
-                return self._compute(coeffs)  # inference tensors have no version counter to key on
+        # Under torch.inference_mode (Lightning's validation loop, serving code) the weight is still computed
+        # as an ordinary tensor, so it has a version counter and may be kept; only weights read from inference
+        # tensors (a model created in inference mode) have nothing to key on and are recomputed.
+        with torch.inference_mode(False), torch.no_grad():  # this order: leaving inference mode turns grad on
             source = (self.frozen_exponent,) if self.frozen_exponent is not None else self.q_net.current_parameters()
             inputs = (coeffs, self.mean, self.std) + tuple(source)
+            if any(t.is_inference() for t in inputs):
+                return self._compute(coeffs)
             versions = (self.training,) + tuple((t._version, t.data_ptr()) for t in inputs)
             hit = _CONSTANT.get(self)
             if (hit is not None and hit[1] == versions and hit[2]._version == hit[3]
