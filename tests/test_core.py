@@ -519,3 +519,12 @@ def test_numpy_and_tensor_scalars_are_accepted_as_options():
     lsc.spectral(model, init_bits=torch.tensor(6.0), block_size=np.int64(4), q_net_hidden=np.int64(16))
     assert model[0].parametrizations.weight[0].layout.block_shape == (4, 4)
     assert lsc.load(to_bytes(lsc.compress_weights(model))).keys() == {"0.weight", "0.bias", "1.weight", "1.bias"}
+
+
+@pytest.mark.parametrize("weight", [-1.0, float("nan"), float("inf")])
+def test_quantization_loss_refuses_a_weight_that_is_not_a_finite_nonnegative_number(weight):
+    model = nn.Sequential(nn.Linear(8, 8))
+    lsc.spectral(model)
+    with pytest.raises(ValueError, match="weight must be a finite number >= 0"):
+        lsc.quantization_loss(model, weight=weight)
+    assert float(lsc.quantization_loss(model, weight=0.0).detach()) == 0.0

@@ -75,6 +75,9 @@ def quantization_loss(model: nn.Module, weight: float | None = None) -> torch.Te
     """
     st, numel, coeffs, steps, exps, groups, ngroups, orders = _rate_inputs(model)
     w = st.rate_weight if weight is None else float(weight)
+    if not w >= 0 or w == float("inf"):  # also NaN
+        raise ValueError(f"quantization_loss: weight must be a finite number >= 0 (a negative one would reward "
+                         f"larger files), got {weight!r}")
     if not torch.is_grad_enabled():
         return w * estimate_rate(_as_blocks(coeffs, steps), steps, groups, ngroups, exps, orders, _row_units(st)).total / numel
     sur = surrogate_bits_total(coeffs, steps)
