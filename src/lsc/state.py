@@ -105,11 +105,12 @@ def _analyze_dense_weights(model: nn.Module, st: LscState, state_dict, prefix: s
             path, _, attr = name.rpartition(".")
             plist = (model.get_submodule(path) if path else model).parametrizations[attr]
             base = f"{prefix}{path + '.' if path else ''}parametrizations.{attr}."
-            if any(k.startswith(base) for k in state_dict):
+            original = base + next(k for k in plist._parameters if k.startswith("original"))
+            if original in state_dict:
                 continue  # the spectral keys are there too: leave the extra key to load_state_dict's own check
             index = next(i for i, p in enumerate(plist) if isinstance(p, SpectralParametrization))
             coeffs, mean, std = plist[index].analysis(state_dict.pop(prefix + name))
-            state_dict[base + next(k for k in plist._parameters if k.startswith("original"))] = coeffs
+            state_dict[original] = coeffs
             state_dict[f"{base}{index}.mean"], state_dict[f"{base}{index}.std"] = mean, std
             found = True
     return found
