@@ -414,3 +414,27 @@ def test_recode_keeps_the_weights_and_only_changes_the_coding(tmp_path):
     assert lsc.recode(new) == new  # idempotent
     with pytest.raises(lsc.LscFormatError):
         lsc.recode(old[:-3])
+
+
+def test_load_takes_the_dict_compress_weights_returns():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    lsc.spectral(model)
+    model.eval()
+    packed = lsc.compress_weights(model)
+    assert all(torch.equal(a, b) for a, b in zip(lsc.load(packed).values(), lsc.load(to_bytes(packed)).values()))
+    plain = lsc.load(packed, nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2)))
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        assert torch.equal(plain(x), model(x))
+
+
+def test_a_removed_parametrization_is_named_not_a_key_error():
+    from torch.nn.utils import parametrize
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    lsc.spectral(model)
+    parametrize.remove_parametrizations(model[0], "weight")
+    for call in (lambda: lsc.quantization_loss(model), lambda: lsc.save(model, "unused.lsc"),
+                 lambda: lsc.report(model, print_table=False)):
+        with pytest.raises(lsc.LscError, match=r"0\.weight: its spectral parametrization was removed"):
+            call()

@@ -30,13 +30,22 @@ class SpectralEntry:
     attr: str
     tied_names: list[str] = field(default_factory=list)
 
+    def _plist(self):
+        """The tensor's ParametrizationList, or a clear error when someone removed it."""
+        try:
+            return self.module.parametrizations[self.attr]
+        except (AttributeError, KeyError):
+            raise LscError(f"{self.name}: its spectral parametrization was removed (parametrize.remove_parametrizations?), "
+                           "so lsc can no longer read the model; to get a plain model from a spectral one, decode it "
+                           "instead: lsc.load(lsc.compress_weights(spectral_model), plain_model)") from None
+
     @property
     def parametrization(self) -> SpectralParametrization:
-        return self.module.parametrizations[self.attr][0]
+        return self._plist()[0]
 
     def parts(self) -> tuple[SpectralParametrization, torch.Tensor]:
         """(parametrization, coefficients) with one module lookup (the rate loss runs every step)."""
-        plist = self.module.parametrizations[self.attr]
+        plist = self._plist()
         own = plist._parameters
         coeffs = own.get("original", own.get("original0"))
         return plist[0], (coeffs if coeffs is not None else self.coefficients)
@@ -44,7 +53,7 @@ class SpectralEntry:
     @property
     def coefficients(self) -> torch.Tensor:
         """The trainable coefficients (``original``, or ``original0`` when they are wider than the weight)."""
-        plist = self.module.parametrizations[self.attr]
+        plist = self._plist()
         return plist.original if hasattr(plist, "original") else plist.original0
 
 

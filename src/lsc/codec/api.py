@@ -517,7 +517,7 @@ def _read(src) -> bytes:
 @full_precision
 def load(path, model: nn.Module | None = None, *, strict: bool = True, lazy=False, workers: int | None = None,
          **lazy_options):
-    """Read a .lsc file (path or bytes).
+    """Read a .lsc file (path, bytes, or the dict :func:`compress_weights` returns).
 
     Without ``model``: returns the plain state_dict (on the CPU). With a plain ``model``: loads
     it (``load_state_dict(strict=strict)``), rebuilding each weight on the device of the
@@ -535,7 +535,7 @@ def load(path, model: nn.Module | None = None, *, strict: bool = True, lazy=Fals
         if model is None:
             raise LscError("lazy loading needs the model to load into: lsc.load(path, model, lazy=True)")
         return load_lazy(path, model, mode="packed" if lazy is True else lazy, strict=strict, **lazy_options)
-    header, streams, _ = _parts_from_bytes(_read(path))
+    header, streams, _ = _parts_from_dict(path) if isinstance(path, dict) else _parts_from_bytes(_read(path))
     is_spectral = model is not None and getattr(_unwrap(model), "_lsc", None) is not None
     # a plain model's weights are rebuilt where its tensors live: on a GPU, its output then equals
     # the eval forward of the spectral model on that GPU bit for bit (a spectral model rebuilds its own)
