@@ -33,6 +33,9 @@ def test_equals_dense_loading(name, make, inp, mode):
     with torch.inference_mode():
         assert torch.equal(lazy(x), ref)
         assert torch.equal(lazy(x), ref)  # second run: chunking decided, nothing kept from the first
+    # its state_dict is the dense checkpoint (decoded weights under the model's own keys), not the placeholders
+    dense_sd, lazy_sd = dense.state_dict(), lazy.state_dict()
+    assert lazy_sd.keys() == dense_sd.keys() and all(torch.equal(lazy_sd[k], v) for k, v in dense_sd.items())
     for n, p in dense.named_parameters():  # attribute access decodes too
         mod, _, attr = n.rpartition(".")
         assert torch.equal(getattr(lazy.get_submodule(mod) if mod else lazy, attr), p), n

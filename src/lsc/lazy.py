@@ -470,7 +470,26 @@ def load_lazy(src, model: nn.Module, *, mode: str = "packed", cache: int = 0, st
         if isinstance(module, nn.RNNBase):
             module.__dict__["_flat_weights"] = [None] * len(module._flat_weights_names)
     model.__dict__["_lsc_lazy"] = runtime
+    model._register_state_dict_hook(_dense_state_dict_hook(runtime, [(store, names) for store, names in plan
+                                                                      if any(n in own for n in names)]))
     return model.eval()
+
+
+def _dense_state_dict_hook(runtime: _Runtime, plan):
+    """``model.state_dict()`` of a lazy model holds the decoded weights under the model's own keys, not the
+    empty placeholders: saving it gives an ordinary dense checkpoint (each tensor decoded once)."""
+    def hook(module, state_dict, prefix, local_metadata):
+        for store, names in plan:
+            weight = None
+            for n in names:
+                path, _, attr = n.rpartition(".")
+                placeholder = f"{prefix}{path + '.' if path else ''}parametrizations.{attr}.original"
+                if placeholder in state_dict:
+                    device = state_dict.pop(placeholder).device
+                    weight = runtime.get(store, device) if weight is None else weight
+                    state_dict[prefix + n] = weight
+        return state_dict
+    return hook
 
 
 def _runtime(model) -> _Runtime:
