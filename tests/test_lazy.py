@@ -190,3 +190,12 @@ def test_embedding_decodes_only_the_rows_it_looks_up(mode):
     # only the chunks holding the rows are reconstructed, never the whole table ("entropy" still
     # entropy-decodes all integer coefficients, in int16 here: half the bytes of the float table)
     assert tracker.peak < 4000 * 64 * 4 * (0.5 if mode == "packed" else 1.0)
+
+
+def test_spectral_refuses_a_lazily_loaded_model():
+    """Its weights are decoded placeholders, not parameters: wrapping it would silently train only the rest."""
+    data = _file(nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)), exclude=nn.LayerNorm)
+    lazy = lsc.load(data, nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)), lazy=True)
+    with pytest.raises(lsc.LscError, match="loaded lazily"):
+        lsc.spectral(lazy)
+    assert type(lazy[1]) is nn.LayerNorm  # untouched

@@ -148,6 +148,10 @@ def spectral(model: nn.Module, *, block_size=8, init_bits: float = 10.0, include
     min_group_symbols, q_net_hidden = operator.index(min_group_symbols), operator.index(q_net_hidden)
     if getattr(model, "_lsc", None) is not None or any(isinstance(m, SpectralParametrization) for m in model.modules()):
         raise LscError("model is already a spectral model: lsc.spectral was called on it before")
+    from .lazy import LazyParametrization  # lazy imports the codec, which imports this module
+    if any(isinstance(m, LazyParametrization) for m in model.modules()):
+        raise LscError("model was loaded lazily (inference only, its weights are not parameters); to fine-tune a "
+                       "file, call lsc.spectral on a fresh model and then lsc.load(path, model)")
     chosen = selected_parameters(model, include, exclude)
     if not chosen:
         raise LscError("no floating-point parameters selected: nothing to compress (check include/exclude)")
