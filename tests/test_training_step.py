@@ -108,7 +108,10 @@ def test_training_forward_matches_eval_forward():
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("shape,block", [((37,), (8,)), ((10,), (8,)), ((30, 20), (8, 8)), ((5, 16), (8, 8)),
-                                         ((12, 5), (8, 8)), ((20, 6, 3, 3), (8, 8, 3, 3)), ((3, 40), (1, 8))])
+                                         ((12, 5), (8, 8)), ((20, 6, 3, 3), (8, 8, 3, 3)), ((3, 40), (1, 8)),
+                                         # whole-row blocks are the weight's own memory order (no copies), ragged or not
+                                         ((3, 36), (1, 8)), ((300, 64), (1, 64)), ((301, 100), (1, 64)),
+                                         ((4, 6, 10), (1, 1, 5)), ((4, 6, 10), (1, 2, 5))])
 def test_quantized_synthesis_matches_fake_quantize_then_synthesize(shape, block, dtype, chunking):
     layout = BlockLayout(shape, block)
     cdt = torch.float64 if dtype == torch.float64 else torch.float32
@@ -129,7 +132,8 @@ def test_quantized_synthesis_matches_fake_quantize_then_synthesize(shape, block,
     tol = dict(rtol=1e-3, atol=1e-2) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got[0], ref.detach(), **tol)
     torch.testing.assert_close(got[1], c.grad, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(got[2], step.grad, rtol=1e-5, atol=1e-6)
+    # the step's gradient sums over every block: float32 rounding grows with their number
+    torch.testing.assert_close(got[2], step.grad, rtol=1e-5, atol=1e-6 * layout.num_blocks ** 0.5)
 
 
 def test_batched_surrogate_matches_autograd_of_the_formula():

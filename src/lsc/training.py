@@ -41,7 +41,7 @@ class _Plan(NamedTuple):
     padded: tuple               # grid * block per dim
     interleaved: tuple          # (n_1, b_1, n_2, b_2, ...)
     perm: tuple                 # interleaved -> (grid..., block...)
-    natural: bool               # blocks are already in the weight's memory order (1-D, or one block column)
+    natural: bool               # blocks are already in the weight's memory order (1-D, one block column, 1 x b rows)
     ragged: int                 # 0: no padding, 1: only the leading dim is padded, 2: others too
     split: int                  # block dims [:split] and [split:] form two Kronecker factors (0: one matrix)
 
@@ -59,7 +59,14 @@ def _plan(layout: BlockLayout) -> _Plan:
         split = min(costs)[1] if costs else -1
     return _Plan(layout.num_blocks, layout.block_numel, layout.coeff_shape, padded,
                  tuple(v for nb in zip(grid, block) for v in nb),
-                 tuple(range(0, 2 * k, 2)) + tuple(range(1, 2 * k, 2)), all(n == 1 for n in grid[1:]), ragged, split)
+                 tuple(range(0, 2 * k, 2)) + tuple(range(1, 2 * k, 2)), _natural(grid, block), ragged, split)
+
+
+def _natural(grid: tuple, block: tuple) -> bool:
+    """Whether (grid..., block...) order is the padded weight's own memory order, (n_1, b_1, ..., n_k, b_k):
+    every block dim but the last must have size 1 or only grid dims of size 1 after it (so 1-D tensors,
+    a single block column, and blocks of whole rows such as 1 x 64 for an embedding table need no copies)."""
+    return all(b == 1 or math.prod(grid[i + 1:]) == 1 for i, b in enumerate(block[:-1]))
 
 
 def _blocked_view(x: torch.Tensor, grid, block) -> torch.Tensor:
