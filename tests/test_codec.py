@@ -438,3 +438,17 @@ def test_a_removed_parametrization_is_named_not_a_key_error():
                  lambda: lsc.report(model, print_table=False)):
         with pytest.raises(lsc.LscError, match=r"0\.weight: its spectral parametrization was removed"):
             call()
+
+
+def test_a_module_replaced_after_spectral_is_caught_before_a_wrong_file_is_written(tmp_path):
+    """A new head swapped in after lsc.spectral: the file would have held the old head, silently."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    lsc.spectral(model)
+    lsc.save(model, tmp_path / "m.lsc")
+    before = (tmp_path / "m.lsc").read_bytes()
+    model[2] = nn.Linear(8, 5)
+    for call in (lambda: lsc.save(model, tmp_path / "m.lsc"), lambda: lsc.quantization_loss(model),
+                 lambda: lsc.report(model, print_table=False)):
+        with pytest.raises(lsc.LscError, match=r"2\.weight: the module holding this spectral tensor was replaced"):
+            call()
+    assert (tmp_path / "m.lsc").read_bytes() == before  # the old file is left as it was

@@ -8,7 +8,7 @@ from .rate import FILE_OVERHEAD_BYTES, RateEstimate, estimate_rate, exact_bits, 
 from .quantizer import bits_to_exponent, step_size
 from .precision import full_precision
 from .rowclasses import row_units
-from .state import get_state
+from .state import check_attached, get_state
 
 __all__ = ["rate_estimate", "bits_per_weight", "quantization_loss", "report", "compressed_numel"]
 
@@ -49,6 +49,7 @@ def _shared_outputs(q_net, pars) -> tuple[list[torch.Tensor], list[torch.Tensor]
 @full_precision
 def rate_estimate(model: nn.Module) -> RateEstimate:
     """Estimated coded size of every spectral tensor: exact value, differentiable through a surrogate."""
+    check_attached(model)
     st, _, coeffs, steps, exps, groups, ngroups, orders = _rate_inputs(model)
     return estimate_rate(_as_blocks(coeffs, steps), steps, groups, ngroups, exps, orders, _row_units(st))
 
@@ -83,6 +84,7 @@ def quantization_loss(model: nn.Module, weight: float | None = None) -> torch.Te
     sur = surrogate_bits_total(coeffs, steps)
     cache = st.rate_cache
     if cache is None or cache["device"] != sur.device or st.rate_calls % st.rate_refresh == 0:
+        check_attached(model)
         data, side = exact_bits([c.detach() for c in _as_blocks(coeffs, steps)], [s.detach() for s in steps], groups,
                                 ngroups, [e.detach() for e in exps], orders, _row_units(st))
         exact = torch.stack([d + s for d, s in zip(data, side)]).sum().to(sur.dtype)

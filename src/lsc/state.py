@@ -16,7 +16,7 @@ from .errors import LscError
 from .parametrization import SpectralParametrization
 from .qnet import QuantizationNetwork
 
-__all__ = ["SpectralEntry", "LscState", "get_state", "QNET_PREFIX"]
+__all__ = ["SpectralEntry", "LscState", "get_state", "check_attached", "QNET_PREFIX"]
 
 QNET_PREFIX = "_lsc_qnet."
 
@@ -73,13 +73,43 @@ class LscState:
                         copy.deepcopy(self.config, memo), self.rate_weight, self.rate_refresh)
 
 
+def _holder(model: nn.Module) -> nn.Module:
+    """The module ``lsc.spectral`` was called on, looking through DDP/compile wrappers."""
+    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
+        if m is not None and isinstance(getattr(m, "_lsc", None), LscState):
+            return m
+    raise LscError("model is not a spectral model: call lsc.spectral(model) first")
+
+
 def get_state(model: nn.Module) -> LscState:
     """The lsc state of a spectral model (looks through DDP/compile wrappers)."""
-    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
-        st = getattr(m, "_lsc", None) if m is not None else None
-        if isinstance(st, LscState):
-            return st
-    raise LscError("model is not a spectral model: call lsc.spectral(model) first")
+    return _holder(model)._lsc
+
+
+def check_attached(model: nn.Module) -> LscState:
+    """:func:`get_state`, after checking that every spectral tensor is still where ``lsc.spectral`` put it.
+
+    A module replaced afterwards (a new classification head, say) leaves the old one's spectral
+    tensor in lsc's list: the rate term would keep shrinking it and the file would hold it instead of
+    the model's new weights. Run by the encoder, the report and every exact rate refresh.
+    """
+    holder = _holder(model)
+    st = holder._lsc
+    for entry in st.entries:
+        par = entry.parametrization
+        for name in (entry.name, *entry.tied_names):
+            path, _, attr = name.rpartition(".")
+            try:
+                module = holder.get_submodule(path) if path else holder
+            except AttributeError:
+                module = None
+            plist = getattr(module, "parametrizations", {})
+            if attr not in plist or not any(p is par for p in plist[attr]):
+                now = "gone" if module is None else f"a {type(module).__name__} without it"
+                raise LscError(f"{name}: the module holding this spectral tensor was replaced after lsc.spectral "
+                               f"(it is now {now}), so lsc would go on training and saving the old tensor; change the "
+                               "model first, then call lsc.spectral")
+    return st
 
 
 def _state_dict_hook(module, state_dict, prefix, local_metadata):

@@ -32,7 +32,7 @@ from ..precision import full_precision
 from ..quantizer import dequantize
 from ..reconstruct import compute_dtype_for, reconstruct
 from ..rowclasses import MAX_CLASSES, propose_row_classes, row_units
-from ..state import QNET_PREFIX, get_state
+from ..state import QNET_PREFIX, check_attached, get_state
 from ..transforms import TRANSFORMS
 from .entropy import encode_symbols, group_bounds
 from .format import (check_stream, pack_prefix_header, parse_prefix_header, split_streams,
@@ -157,7 +157,7 @@ def compress_weights(model: nn.Module, *, scan: str = "morton", buffer_tolerance
     """
     if scan not in _SCANS:
         raise LscError(f"unknown scan {scan!r}; use 'morton' or 'rowmajor'")
-    st = get_state(model)
+    st = check_attached(model)
     min_group = int(st.config.get("min_group_symbols", 1024))
     covered = set()
     metas, streams = [], []
