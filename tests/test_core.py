@@ -528,3 +528,16 @@ def test_quantization_loss_refuses_a_weight_that_is_not_a_finite_nonnegative_num
     with pytest.raises(ValueError, match="weight must be a finite number >= 0"):
         lsc.quantization_loss(model, weight=weight)
     assert float(lsc.quantization_loss(model, weight=0.0).detach()) == 0.0
+
+
+@pytest.mark.parametrize("knobs, message", [
+    (dict(total_steps=0), "total_steps must be a positive integer"), (dict(ramp=2.0), r"ramp must be in \[0, 1\]"),
+    (dict(lr=-1.0), r"lr must be in \(0, inf\)"), (dict(init_weight=-1.0), r"init_weight must be in \[0, inf\)"),
+    (dict(min_weight=1.0, max_weight=0.5), r"max_weight must be in \[1, inf\)"), (dict(tolerance="5%"), "tolerance must be in"),
+])
+def test_rate_controller_refuses_settings_that_would_not_control(knobs, message):
+    model = nn.Sequential(nn.Linear(8, 8))
+    lsc.spectral(model)
+    with pytest.raises(lsc.LscError, match="RateController: " + message):
+        lsc.RateController(model, target_bytes=200, **knobs)
+    lsc.RateController(model, target_bytes=200, total_steps=np.int64(100))  # NumPy integers are integers

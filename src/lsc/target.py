@@ -27,6 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .blocking import is_integer
 from .errors import LscError
 from .loss import compressed_numel, quantization_loss, rate_estimate
 from .rate import HEADER_BYTES_PER_TENSOR
@@ -50,6 +51,29 @@ def raw_bytes(model: nn.Module) -> int:
         seen.add(id(t))
         total += t.numel() * t.element_size() + HEADER_BYTES_PER_TENSOR
     return total
+
+
+def _check_knobs(*, total_steps, ramp, init_weight, lr, gain, horizon, tolerance, min_weight, max_weight) -> None:
+    """Refuse controller settings that would make it diverge or do nothing, naming the setting."""
+    def finite(name, value, low, low_ok, high=math.inf, high_ok=True):
+        try:
+            v = float(value) if not isinstance(value, (bool, str, bytes)) else math.nan
+        except (TypeError, ValueError):
+            v = math.nan
+        if not (math.isfinite(v) and (v >= low if low_ok else v > low) and (v <= high if high_ok else v < high)):
+            bound = ("[" if low_ok else "(") + f"{low:g}, " + (f"{high:g}" + ("]" if high_ok else ")") if math.isfinite(high) else "inf)")
+            raise LscError(f"RateController: {name} must be in {bound}, got {value!r}")
+    if total_steps is not None and (not is_integer(total_steps) or total_steps < 1):
+        raise LscError(f"RateController: total_steps must be a positive integer (or None), got {total_steps!r}")
+    finite("ramp", ramp, 0, True, 1, True)
+    if init_weight is not None:
+        finite("init_weight", init_weight, 0, True)
+    finite("lr", lr, 0, False)
+    finite("gain", gain, 0, True)
+    finite("horizon", horizon, 0, True)
+    finite("tolerance", tolerance, 0, False)
+    finite("min_weight", min_weight, 0, False)
+    finite("max_weight", max_weight, float(min_weight), True)
 
 
 class RateController:
@@ -78,6 +102,8 @@ class RateController:
                  min_weight: float = 1e-6, max_weight: float = 1e6):
         if (target_bits_per_weight is None) == (target_bytes is None):
             raise LscError("give exactly one of target_bits_per_weight and target_bytes")
+        _check_knobs(total_steps=total_steps, ramp=ramp, init_weight=init_weight, lr=lr, gain=gain, horizon=horizon,
+                     tolerance=tolerance, min_weight=min_weight, max_weight=max_weight)
         self.model = model
         self.state = get_state(model)
         self.numel = compressed_numel(model)
