@@ -256,3 +256,12 @@ def test_distillation_at_fixed_steps_after_posttraining(tmp_path):
     (err_pt, size_pt), (err_qat, size_qat) = file_error(tmp_path / "pt.lsc"), file_error(tmp_path / "qat.lsc")
     assert err_qat < 0.7 * err_pt
     assert abs(size_qat - size_pt) < 0.1 * size_pt
+
+
+def test_a_bound_dict_that_misses_a_tensor_names_it_and_leaves_the_model_as_it_was():
+    model = nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lsc.LscError, match=r"1\.weight: max_error has no bound for it .* keys: \['0\.\*'\]"):
+        lsc.compress_posttraining(model, max_error={"0.*": 0.1}, progress=False)
+    assert type(model[1]) is nn.Linear and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    assert len(lsc.compress_posttraining(model, max_error={"0.*": 0.1, "default": 0.05}, progress=False).tensors) == 4

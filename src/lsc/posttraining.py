@@ -381,6 +381,9 @@ def _guess_exponent(par, weight: torch.Tensor, max_error: float) -> Optional[int
 def _error_bound(max_error, name: str, shape: tuple[int, ...]) -> float:
     """Resolve ``max_error`` (number, ``{glob: E, "default": E}`` or ``callable(name, shape)``) for one tensor."""
     value = _per_tensor(max_error, name, shape)
+    if value is None and isinstance(max_error, dict):
+        raise LscError(f"{name}: max_error has no bound for it (no key matches and no 'default'); "
+                       f"keys: {sorted(max_error)[:5]}")
     try:
         value = float(value)
     except (TypeError, ValueError):
@@ -520,6 +523,9 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
     # detach() keeps the original storage alive: parametrize rebinds the parameter itself to the coefficients
     originals = {name: p.detach() for name, _, _, p, _ in selected_parameters(model, include, exclude)}
     hessians = _check_hessians(hessians, model, originals)
+    if max_error is not None:  # every tensor's bound resolves, before lsc.spectral changes the model
+        for name, w in originals.items():
+            _error_bound(max_error, name, tuple(w.shape))
     row_weighted = {name for name, h in hessians.items() if h.dim() == 1 and name in originals}
     q_net = spectral(model, block_size=_with_row_blocks(block_size, row_weighted), init_bits=0.0, include=include,
                      exclude=exclude, bits_scale=4.0)
