@@ -39,7 +39,8 @@ def test_insensitive_tensors_are_capped_and_the_rest_still_meet_the_target():
 
 
 @pytest.mark.parametrize("kwargs, match", [(dict(target=0.0), "target"), (dict(target=float("nan")), "target"),
-                                           (dict(target=1e-3, max_bound=0.0), "max_bound")])
+                                           (dict(target=1e-3, max_bound=0.0), "max_bound"),
+                                           (dict(target=1e-3, default=-1.0), "default=-1.0 must be a finite number >= 0")])
 def test_allocation_rejects_bad_arguments(kwargs, match):
     with pytest.raises(lsc.LscError, match=match):
         lsc.allocate_error_bounds({"a": S(1.0, 10)}, **kwargs)

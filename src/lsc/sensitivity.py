@@ -140,6 +140,8 @@ def allocate_error_bounds(sensitivity: Mapping[str, TensorSensitivity], target: 
         raise LscError(f"target={target} must be a positive number: the allowed output distortion")
     if not (0 < max_bound <= 1):
         raise LscError(f"max_bound={max_bound} must be in (0, 1]")
+    if not (0 <= default < math.inf):
+        raise LscError(f"default={default} must be a finite number >= 0 (the bound of tensors not measured)")
     if not sensitivity:
         raise LscError("sensitivity is empty: measure it first with lsc.measure_sensitivity")
     floor = 1e-12 * max(max(s.per_error2 / max(s.numel, 1) for s in sensitivity.values()), 1e-30)
