@@ -317,3 +317,15 @@ def test_factored_file_loads_into_an_unfactored_plain_model(tmp_path):
     plain = lsc.load(tmp_path / "f.lsc", make().eval())
     x = torch.randn(4, 32)
     torch.testing.assert_close(plain(x), model(x), rtol=1e-5, atol=1e-5)  # folding U @ V is a new matmul
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(max_error=-1.0), "max_error must be a finite number >= 0"), (dict(max_error=float("nan")), "max_error must be"),
+    (dict(rank=0), "rank must be a positive integer or a fraction"), (dict(rank=1.5), "rank must be a positive integer"),
+    (dict(min_saving=2.0), r"min_saving must be in \[0, 1\)"), (dict(min_numel=-1), "min_numel must be an integer >= 0"),
+])
+def test_factorize_refuses_bad_options_before_touching_the_model(options, message):
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
+    with pytest.raises(ValueError, match=message):
+        lsc.factorize(model, **options)
+    assert type(model[0]) is nn.Linear
