@@ -263,3 +263,10 @@ def test_row_counts_keep_a_block_size_given_per_tensor():
     lsc.compress_posttraining(net, max_error=0.1, hessians={"emb.weight": counts},
                               block_size={"emb.*": (4, 4), "default": 8}, progress=False)
     assert _block_shape(net, "emb.weight") == (4, 4)
+
+
+def test_collect_hessians_on_a_spectral_model_says_to_use_the_plain_one():
+    model = nn.Sequential(nn.Linear(8, 8))
+    lsc.spectral(model)
+    with pytest.raises(lsc.LscError, match="collect_hessians takes the plain model"):
+        lsc.collect_hessians(model, lambda m: m(torch.randn(4, 8)))

@@ -58,6 +58,9 @@ def collect_hessians(model: nn.Module, run: Callable[[nn.Module], object]) -> di
     hooks = [mod.register_forward_pre_hook(_accumulate(hessians, names[id(mod.weight)])) for mod in layers] + \
             [mod.register_forward_pre_hook(_count_lookups(hessians, names[id(mod.weight)])) for mod in lookups]
     if not hooks:
+        if any(torch.nn.utils.parametrize.is_parametrized(mod) for mod in model.modules()):
+            raise LscError("collect_hessians takes the plain model: this one's weights are parametrized (by lsc.spectral "
+                           "or compress_posttraining?); record the Hessians before compressing it")
         raise LscError("the model has no nn.Linear, nn.Conv2d or nn.Embedding layer whose inputs lsc could record")
     try:
         run(model)
