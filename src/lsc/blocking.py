@@ -13,7 +13,9 @@ import operator
 
 import torch
 
-__all__ = ["BlockLayout", "choose_block_shape", "is_integer", "to_blocks", "from_blocks"]
+from .checks import is_integer
+
+__all__ = ["BlockLayout", "choose_block_shape", "to_blocks", "from_blocks"]
 
 
 @dataclass(frozen=True)
@@ -50,23 +52,11 @@ class BlockLayout:
         return math.prod(self.shape)
 
 
-def is_integer(value) -> bool:
-    """An integer of any kind (Python, NumPy, 0-D integer tensor), and not a bool."""
-    if isinstance(value, bool):
-        return False
-    try:
-        operator.index(value)
-    except TypeError:
-        return False
-    return True
-
-
 def choose_block_shape(shape: tuple[int, ...], block_size) -> tuple[int, ...]:
     """Block shape for a tensor: ``block_size`` per dim (int or per-dim tuple), never larger than the dim."""
-    whole = is_integer
-    if not (whole(block_size) or (isinstance(block_size, (tuple, list)) and all(whole(b) for b in block_size))):
+    if not (is_integer(block_size) or (isinstance(block_size, (tuple, list)) and all(is_integer(b) for b in block_size))):
         raise ValueError(f"block_size must be an int or a tuple of ints (one per dim), got {block_size!r}")
-    if whole(block_size):
+    if is_integer(block_size):
         sizes = (operator.index(block_size),) * len(shape)
     else:
         sizes = tuple(operator.index(b) for b in block_size)

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .blocking import choose_block_shape, is_integer
+from .blocking import choose_block_shape
+from .checks import as_number, is_integer
 from .errors import LscError
 from .grouping import DEFAULT_MIN_GROUP_SYMBOLS
 from .parametrization import SpectralParametrization
@@ -97,10 +98,7 @@ def _per_tensor(option, name: str, shape: tuple[int, ...]):
 def _check_options(*, init_bits, rate_weight, leak, min_group_symbols, q_net_hidden, bits_scale) -> None:
     """Reject option values that would train something else than asked, with the option's name."""
     def number(name, value):
-        try:
-            v = float(value) if not isinstance(value, (bool, str, bytes)) else math.nan
-        except (TypeError, ValueError):
-            v = math.nan
+        v = as_number(value)
         if not math.isfinite(v):
             raise ValueError(f"{name} must be a finite number, got {value!r}")
         return v

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .blocking import is_integer
+from .checks import is_integer
 from .convert import selected_parameters
 from .errors import LscError
 

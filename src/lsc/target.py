@@ -27,7 +27,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .blocking import is_integer
+from .checks import as_number, is_integer
 from .errors import LscError
 from .loss import compressed_numel, quantization_loss, rate_estimate
 from .rate import HEADER_BYTES_PER_TENSOR
@@ -56,10 +56,7 @@ def raw_bytes(model: nn.Module) -> int:
 def _check_knobs(*, total_steps, ramp, init_weight, lr, gain, horizon, tolerance, min_weight, max_weight) -> None:
     """Refuse controller settings that would make it diverge or do nothing, naming the setting."""
     def finite(name, value, low, low_ok, high=math.inf, high_ok=True):
-        try:
-            v = float(value) if not isinstance(value, (bool, str, bytes)) else math.nan
-        except (TypeError, ValueError):
-            v = math.nan
+        v = as_number(value)
         if not (math.isfinite(v) and (v >= low if low_ok else v > low) and (v <= high if high_ok else v < high)):
             bound = ("[" if low_ok else "(") + f"{low:g}, " + (f"{high:g}" + ("]" if high_ok else ")") if math.isfinite(high) else "inf)")
             raise LscError(f"RateController: {name} must be in {bound}, got {value!r}")
