@@ -54,14 +54,14 @@ class BlockLayout:
 
 def choose_block_shape(shape: tuple[int, ...], block_size) -> tuple[int, ...]:
     """Block shape for a tensor: ``block_size`` per dim (int or per-dim tuple), never larger than the dim."""
-    if not (is_integer(block_size) or (isinstance(block_size, (tuple, list)) and all(is_integer(b) for b in block_size))):
-        raise ValueError(f"block_size must be an int or a tuple of ints (one per dim), got {block_size!r}")
     if is_integer(block_size):
         sizes = (operator.index(block_size),) * len(shape)
-    else:
+    elif isinstance(block_size, (tuple, list)) and all(is_integer(b) for b in block_size):
         sizes = tuple(operator.index(b) for b in block_size)
         if len(sizes) != len(shape):
             raise ValueError(f"block_size {tuple(block_size)} has {len(sizes)} dims but the tensor has shape {tuple(shape)}")
+    else:
+        raise ValueError(f"block_size must be an int or a tuple of ints (one per dim), got {block_size!r}")
     if any(b < 1 for b in sizes):
         raise ValueError(f"block sizes must be >= 1, got {sizes}")
     return tuple(max(1, min(s, b)) for s, b in zip(shape, sizes))

@@ -1,6 +1,8 @@
 """The rate term users add to their task loss, and the per-tensor report."""
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -76,7 +78,7 @@ def quantization_loss(model: nn.Module, weight: float | None = None) -> torch.Te
     """
     st, numel, coeffs, steps, exps, groups, ngroups, orders = _rate_inputs(model)
     w = st.rate_weight if weight is None else float(weight)
-    if not w >= 0 or w == float("inf"):  # also NaN
+    if not (math.isfinite(w) and w >= 0):
         raise ValueError(f"quantization_loss: weight must be a finite number >= 0 (a negative one would reward "
                          f"larger files), got {weight!r}")
     if not torch.is_grad_enabled():
@@ -101,7 +103,6 @@ def _fmt_bytes(n: float) -> str:
         n /= 1000
 
 
-@full_precision
 def report(model: nn.Module, print_table: bool = True) -> list[dict]:
     """Per-tensor table of the real .lsc file: bytes (ANS stream + side info), bits/weight, and the estimate.
 

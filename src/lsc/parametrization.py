@@ -22,7 +22,7 @@ from .precision import full_precision
 from .qnet import QuantizationNetwork, position_features
 from .quantizer import bits_to_exponent, integer_coefficients, step_size
 from .reconstruct import compute_dtype_for, reconstruct
-from .training import dense, quantized_synthesis
+from .training import quantized_synthesis
 from .transforms import block_transform, get_transform
 
 __all__ = ["SpectralParametrization"]
@@ -243,5 +243,5 @@ class _DecodedWithGradient(torch.autograd.Function):
         with torch.enable_grad():
             c, s = (t.detach().requires_grad_(n) for t, n in zip((coeffs, step), need))
             w = ctx.par._training_weight(c, s)
-            got = iter(torch.autograd.grad(w, [t for t, n in zip((c, s), need) if n], dense(grad)))
+            got = iter(torch.autograd.grad(w, [t for t, n in zip((c, s), need) if n], grad))  # densified there
         return None, *(next(got) if n else None for n in need), None

@@ -29,7 +29,7 @@ from .quantizer import fake_quantize, fresh, scratch
 from .reconstruct import synthesize
 from .transforms import KRON_MAX_POSITIONS, inverse_matrix
 
-__all__ = ["quantized_synthesis", "dense"]
+__all__ = ["quantized_synthesis"]
 
 
 class _Plan(NamedTuple):

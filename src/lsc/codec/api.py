@@ -473,7 +473,6 @@ def decompress_weights(compressed: dict[str, torch.Tensor], *, workers: int | No
 
 # --------------------------------------------------------------------------- files
 
-@full_precision
 def save(model: nn.Module, path, *, buffer_tolerance: float | None = None) -> int:
     """Write the .lsc file of a spectral model atomically (temp file + rename); returns its size in bytes.
 
