@@ -36,8 +36,8 @@ class SpectralEntry:
             return self.module.parametrizations[self.attr]
         except (AttributeError, KeyError):
             raise LscError(f"{self.name}: its spectral parametrization was removed (parametrize.remove_parametrizations?), "
-                           "so lsc can no longer read the model; to get a plain model from a spectral one, decode it "
-                           "instead: lsc.load(lsc.compress_weights(spectral_model), plain_model)") from None
+                           "so lsc can no longer read the model; to make a spectral model plain, with its decoded "
+                           "weights, call lsc.to_dense(model) instead") from None
 
     @property
     def parametrization(self) -> SpectralParametrization:
