@@ -1,4 +1,5 @@
 """Issue 8: wavelet transform, low-rank + spectral, buffer compression, size target."""
+import io
 import math
 import os
 
@@ -273,6 +274,52 @@ def test_rate_controller_rejects_bad_targets(digits):
         lsc.RateController(model, target_bits_per_weight=1.0, target_bytes=100)
     with pytest.raises(lsc.LscError):
         lsc.RateController(model, target_bits_per_weight=-1.0)
+
+
+def _controlled_run(steps, checkpoint=None):
+    """A size-targeted fine-tune of a small MLP: ``steps`` steps, resumed from ``checkpoint`` if given."""
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 16), torch.randint(0, 4, (64,))
+    model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 4))
+    q_net = lsc.spectral(model, init_bits=8)
+    opt = torch.optim.Adam(list(model.parameters()) + list(q_net.parameters()), lr=1e-2)
+    ctrl = lsc.RateController(model, target_bits_per_weight=2.0, total_steps=50)
+    if checkpoint is not None:
+        state = torch.load(io.BytesIO(checkpoint), weights_only=True)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        ctrl.load_state_dict(state["ctrl"])
+    for _ in range(steps):
+        loss = nn.functional.cross_entropy(model(x), y) + ctrl.loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "ctrl": ctrl.state_dict()}, buf)
+    return model, ctrl, buf.getvalue()
+
+
+def test_rate_controller_resumes_where_it_stopped():
+    whole, whole_ctrl, _ = _controlled_run(50)
+    _, first_ctrl, checkpoint = _controlled_run(25)
+    resumed, ctrl, _ = _controlled_run(25, checkpoint)
+    assert whole_ctrl.history[0][1] != whole_ctrl.history[-1][1]  # lambda really moved
+    assert ctrl.history == whole_ctrl.history and ctrl.weight == whole_ctrl.weight
+    for a, b in zip(resumed.state_dict().values(), whole.state_dict().values()):
+        assert torch.equal(a, b)
+    # without the controller's state, the resumed run would restart its ramp and lambda
+    fresh = lsc.RateController(resumed, target_bits_per_weight=2.0, total_steps=50)
+    assert fresh.state_dict()["steps"] == 0 and first_ctrl.state_dict()["steps"] == 25
+
+
+def test_rate_controller_state_must_fit_the_model():
+    ctrl = _controlled_run(1)[1]
+    other = nn.Linear(4, 4)
+    lsc.spectral(other)
+    with pytest.raises(lsc.LscError, match="compressed weights"):
+        lsc.RateController(other, target_bits_per_weight=2.0).load_state_dict(ctrl.state_dict())
+    with pytest.raises(lsc.LscError, match="missing"):
+        lsc.RateController(other, target_bits_per_weight=2.0).load_state_dict({"steps": 3})
 
 
 def test_transforms_registered():

@@ -177,6 +177,33 @@ class RateController:
         self.steps += 1
         self.history.append((bpw, self.weight))
 
+    # -- resuming
+    _SETTINGS = ("target_bpw", "target_bytes", "ramp_steps", "lr", "gain", "horizon", "tolerance", "min_weight",
+                 "max_weight")
+    _PROGRESS = ("log_weight", "slope", "start_bpw", "steps", "error", "last_bpw", "history")
+
+    def state_dict(self) -> dict:
+        """The controller's settings and progress (lambda, its trend, the step count, the history),
+        as plain numbers: save it with the model's and the optimizer's state dicts to resume a run
+        (``torch.load(weights_only=True)`` reads it back)."""
+        out = {name: getattr(self, name) for name in self._SETTINGS + self._PROGRESS}
+        out["history"] = [tuple(h) for h in self.history]
+        out["numel"] = self.numel
+        return out
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`: settings and progress both, as PyTorch's LR schedulers do, so a
+        resumed run steers exactly as the interrupted one would have."""
+        missing = [k for k in self._SETTINGS + self._PROGRESS + ("numel",) if k not in state]
+        if missing:
+            raise LscError(f"not a RateController state dict: missing {missing}")
+        if int(state["numel"]) != self.numel:
+            raise LscError(f"the RateController state is for a model with {int(state['numel']):,} compressed weights; "
+                           f"this model has {self.numel:,}")
+        for name in self._SETTINGS + self._PROGRESS:
+            setattr(self, name, state[name])
+        self.history = [tuple(h) for h in state["history"]]
+
     # -- measuring
     @torch.no_grad()
     def predicted_bits_per_weight(self) -> float:
