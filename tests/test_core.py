@@ -541,3 +541,40 @@ def test_rate_controller_refuses_settings_that_would_not_control(knobs, message)
     with pytest.raises(lsc.LscError, match="RateController: " + message):
         lsc.RateController(model, target_bytes=200, **knobs)
     lsc.RateController(model, target_bytes=200, total_steps=np.int64(100))  # NumPy integers are integers
+
+
+def _steps_with(optimizer_for, steps=60, zero_grad_first=True):
+    """Train a small MLP with ``optimizer_for(model, q_net)``; return the lsc warnings raised."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    q_net = lsc.spectral(model, init_bits=8)
+    opt = optimizer_for(model, q_net)
+    x, y = torch.randn(32, 16), torch.randint(0, 4, (32,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(steps):
+            if zero_grad_first:
+                opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y) + lsc.quantization_loss(model, weight=0.01)
+            loss.backward()
+            opt.step()
+            if not zero_grad_first:
+                opt.zero_grad()
+    return [w for w in caught if "q_net" in str(w.message)]
+
+
+def test_an_optimizer_without_q_net_gets_one_warning():
+    got = _steps_with(lambda m, q: torch.optim.Adam(m.parameters(), lr=1e-2))
+    assert len(got) == 1 and "q_net.parameters()" in str(got[0].message)
+    assert got[0].filename == __file__  # it points at the user's quantization_loss call
+
+
+@pytest.mark.parametrize("zero_grad_first", [True, False])
+def test_no_warning_when_q_net_trains_or_is_frozen_on_purpose(zero_grad_first):
+    both = lambda m, q: torch.optim.Adam(list(m.parameters()) + list(q.parameters()), lr=1e-2)  # noqa: E731
+    assert _steps_with(both, zero_grad_first=zero_grad_first) == []
+
+    def frozen(m, q):
+        q.requires_grad_(False)
+        return torch.optim.Adam(m.parameters(), lr=1e-2)
+    assert _steps_with(frozen, zero_grad_first=zero_grad_first) == []

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import math
+import os
+import sys
+import warnings
 
 import torch
 from torch import nn
@@ -90,10 +93,42 @@ def quantization_loss(model: nn.Module, weight: float | None = None) -> torch.Te
         data, side = exact_bits([c.detach() for c in _as_blocks(coeffs, steps)], [s.detach() for s in steps], groups,
                                 ngroups, [e.detach() for e in exps], orders, _row_units(st))
         exact = torch.stack([d + s for d, s in zip(data, side)]).sum().to(sur.dtype)
+        _warn_if_q_net_is_not_trained(st, cache, sur)
         cache = st.rate_cache = dict(exact=exact, sur=sur.detach(), device=sur.device)
     st.rate_calls += 1
     total = cache["exact"] + (sur - cache["sur"]) + 8 * FILE_OVERHEAD_BYTES
     return w * total / numel
+
+
+def _warn_if_q_net_is_not_trained(st, cache, sur: torch.Tensor) -> None:
+    """Warn (once) when q_net gets gradients but never moves while the coefficients do: the usual cause
+    is an optimizer built from ``model.parameters()`` alone, and then the bit allocation never learns.
+
+    Runs at the exact rate refreshes only (they synchronize with the device anyway). Parameters an
+    optimizer steps have no gradient left here or have changed; a frozen q_net has no gradient at all.
+    """
+    params = list(st.q_net.parameters())
+    if st.q_net_warned or not params or not all(p.grad is not None for p in params):  # FSDP: params moved out
+        return
+    now = torch.cat([p.detach().flatten() for p in params])
+    seen, st.q_net_seen = st.q_net_seen, now.clone()
+    if (seen is not None and cache is not None and torch.equal(seen, now)
+            and not torch.equal(cache["sur"], sur.detach())):
+        st.q_net_warned = True
+        warnings.warn("lsc: the quantization network (q_net) receives gradients but its parameters have not changed "
+                      f"over the last {st.rate_refresh} steps while the model's have, so the bit allocation is not "
+                      "learning; pass its parameters to the optimizer: torch.optim.Adam(list(model.parameters()) + "
+                      "list(q_net.parameters()), ...) (or, to keep the allocation fixed on purpose, "
+                      "q_net.requires_grad_(False))", stacklevel=_outside_stacklevel())
+
+
+def _outside_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel of the first caller outside lsc and torch (their decorators vary the depth)."""
+    inner = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inner):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _fmt_bytes(n: float) -> str:

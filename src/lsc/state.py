@@ -66,6 +66,8 @@ class LscState:
     rate_refresh: int = 25          # training steps between exact (histogram) rate evaluations
     rate_calls: int = 0
     rate_cache: dict | None = None
+    q_net_seen: torch.Tensor | None = None  # q_net's values at the last rate refresh (see loss._warn_if_q_net_is_not_trained)
+    q_net_warned: bool = False
 
     def __deepcopy__(self, memo):
         import copy
