@@ -324,3 +324,55 @@ def test_torch_compile_of_a_spectral_model_trains_and_evaluates_like_eager():
     model.eval()
     with torch.no_grad():
         assert torch.equal(compiled(x), eager(x))
+
+
+def _bn_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 32), nn.BatchNorm1d(32), nn.Linear(32, 3))
+
+
+@pytest.mark.parametrize("order", ["compile_then_spectral", "spectral_then_compile"])
+def test_a_compiled_model_is_compressed_under_its_own_names(order, tmp_path):
+    """torch.compile's wrapper prefixes its state dict with ``_orig_mod.``; the file must not."""
+    model = _bn_mlp()
+    if order == "compile_then_spectral":
+        wrapped = torch.compile(model, backend="aot_eager")
+        lsc.spectral(wrapped, init_bits=6)
+    else:
+        lsc.spectral(model, init_bits=6)
+        wrapped = torch.compile(model, backend="aot_eager")
+    x = torch.randn(8, 32)
+    wrapped.train()
+    (wrapped(x).pow(2).mean() + lsc.quantization_loss(wrapped)).backward()
+    assert lsc.RateController(wrapped, target_bytes=10_000).predicted_bytes() == \
+        lsc.RateController(model, target_bytes=10_000).predicted_bytes()
+    path = tmp_path / "c.lsc"
+    size = lsc.save(wrapped, path)
+    assert size == lsc.save(model, tmp_path / "bare.lsc")
+    assert path.read_bytes() == (tmp_path / "bare.lsc").read_bytes()
+    assert sorted(lsc.load(path)) == sorted(_bn_mlp().state_dict())  # no q_net, no prefix
+    assert [r["name"] for r in lsc.report(wrapped, print_table=False)][:-1] == \
+        [r["name"] for r in lsc.report(model, print_table=False)][:-1]
+    wrapped.eval()
+    with torch.no_grad():
+        expected = model(x)
+    plain = lsc.load(path, _bn_mlp()).eval()
+    compiled_plain = torch.compile(_bn_mlp(), backend="aot_eager")
+    assert lsc.load(path, compiled_plain) is compiled_plain  # loads into the module inside, returns the wrapper
+    lazy = lsc.load(path, torch.compile(_bn_mlp(), backend="aot_eager"), lazy=True)
+    with torch.no_grad():
+        assert torch.equal(plain(x), expected)
+        assert torch.equal(compiled_plain.eval()(x), expected)
+        assert torch.equal(lazy(x), expected)
+
+
+def test_conversions_refuse_a_ddp_wrapped_model():
+    class FakeDDP(nn.parallel.DistributedDataParallel):  # DDP proper needs a process group
+        def __init__(self, module):
+            nn.Module.__init__(self)
+            self.module = module
+    wrapped = FakeDDP(_bn_mlp())
+    for convert in (lsc.spectral, lsc.factorize, lambda m: lsc.compress_posttraining(m, max_error=0.1)):
+        with pytest.raises(lsc.LscError, match="call .* on the bare model first"):
+            convert(wrapped)
+    assert not hasattr(wrapped.module[0], "parametrizations")

@@ -19,6 +19,7 @@ from .precision import full_precision
 from .qnet import QuantizationNetwork
 from .quantizer import MAX_BITS, MIN_BITS
 from .state import LscState, SpectralEntry, attach_state
+from .wrappers import unwrap_for_conversion
 
 __all__ = ["spectral", "selected_parameters"]
 
@@ -144,6 +145,7 @@ def spectral(model: nn.Module, *, block_size=8, init_bits: float = 10.0, include
                    q_net_hidden=q_net_hidden, bits_scale=bits_scale)
     init_bits, rate_weight, leak, bits_scale = (float(v) for v in (init_bits, rate_weight, leak, bits_scale))
     min_group_symbols, q_net_hidden = operator.index(min_group_symbols), operator.index(q_net_hidden)
+    model = unwrap_for_conversion(model, "lsc.spectral")  # a compiled model: convert the user's module inside
     if getattr(model, "_lsc", None) is not None or any(isinstance(m, SpectralParametrization) for m in model.modules()):
         raise LscError("model is already a spectral model: lsc.spectral was called on it before")
     from .lazy import LazyParametrization  # lazy imports the codec, which imports this module

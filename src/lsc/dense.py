@@ -19,7 +19,7 @@ from .lazy import LazyParametrization
 from .lowrank import LowRankMatrix, Tucker2
 from .precision import full_precision
 from .reconstruct import reconstruct
-from .state import _holder, check_attached
+from .state import spectral_root, check_attached
 
 __all__ = ["to_dense"]
 
@@ -71,7 +71,7 @@ def to_dense(model: nn.Module, *, keep_factors: bool = False) -> nn.Module:
     if any(isinstance(m, LazyParametrization) for m in model.modules()):
         raise LscError("model was loaded lazily; for plain weights load the file without lazy=: "
                        "lsc.load(path, plain_model)")
-    holder = _holder(model)
+    holder = spectral_root(model)
     st = check_attached(holder)
     plan = []
     for entry in st.entries:  # decode everything first: an error must leave the model as it was

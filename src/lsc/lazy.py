@@ -60,6 +60,7 @@ from .packing import PackedCoefficients, int_dtype_for
 from .precision import full_precision
 from .reconstruct import compute_dtype_for, reconstruct
 from .rowclasses import row_units
+from .wrappers import unwrap_for_conversion
 
 __all__ = ["load_lazy", "lazy_info", "LazyParametrization", "DecodeMemoryTracker", "MODES"]
 
@@ -332,6 +333,9 @@ class LazyParametrization(nn.Module):
     def runtime(self) -> _Runtime:
         return self.__dict__["runtime"]
 
+    # Under torch.compile the weight is decoded eagerly (a graph break), as a spectral weight is: the decoder
+    # writes through out= views and keeps Python-side caches, which tracing cannot follow.
+    @torch.compiler.disable
     def forward(self, placeholder: torch.Tensor) -> torch.Tensor:
         return self.__dict__["runtime"].get(self.store, placeholder.device)
 
@@ -403,6 +407,7 @@ def load_lazy(src, model: nn.Module, *, mode: str = "packed", cache: int = 0, st
     """
     if mode not in MODES:
         raise LscError(f"unknown lazy mode {mode!r}; use one of {MODES}")
+    outer, model = model, unwrap_for_conversion(model, "lsc.load(path, model, lazy=True)")
     if getattr(model, "_lsc", None) is not None:
         raise LscError("lazy loading takes a plain model; load into a spectral model with lsc.load(path, model)")
     if getattr(model, "_lsc_lazy", None) is not None:
@@ -472,7 +477,7 @@ def load_lazy(src, model: nn.Module, *, mode: str = "packed", cache: int = 0, st
     model.__dict__["_lsc_lazy"] = runtime
     model._register_state_dict_hook(_dense_state_dict_hook(runtime, [(store, names) for store, names in plan
                                                                       if any(n in own for n in names)]))
-    return model.eval()
+    return outer.eval()
 
 
 def _dense_state_dict_hook(runtime: _Runtime, plan):

@@ -13,7 +13,7 @@ from .rate import FILE_OVERHEAD_BYTES, RateEstimate, estimate_rate, exact_bits, 
 from .quantizer import bits_to_exponent, step_size
 from .precision import full_precision
 from .rowclasses import row_units
-from .state import check_attached, get_state
+from .state import check_attached, get_state, spectral_root
 
 __all__ = ["rate_estimate", "bits_per_weight", "quantization_loss", "report", "compressed_numel"]
 
@@ -151,7 +151,7 @@ def report(model: nn.Module, print_table: bool = True) -> list[dict]:
     with torch.no_grad():
         est = rate_estimate(model)
     est_bytes = {e.name: float(b) / 8 for e, b in zip(st.entries, est.per_tensor)}
-    params = {n for n, _ in model.named_parameters()}
+    params = {n for n, _ in spectral_root(model).named_parameters()}
     info = file_info(compress_weights(model))
     rows = []
     for r in info["rows"]:

@@ -30,6 +30,7 @@ from torch.nn.utils import parametrize
 from .checks import is_integer
 from .convert import selected_parameters
 from .errors import LscError
+from .wrappers import unwrap_for_conversion
 
 __all__ = ["LowRankMatrix", "Tucker2", "factorize", "factor_report", "fold_factored_state_dict", "FACTOR_KEY"]
 
@@ -162,6 +163,7 @@ def factorize(model: nn.Module, max_error: float = 0.05, *, rank=None, include=N
             they are flattened to (out, in * k...) and factored by truncated SVD.
     Returns one :class:`FactorInfo` per factored weight.
     """
+    model = unwrap_for_conversion(model, "lsc.factorize")
     if getattr(model, "_lsc", None) is not None:
         raise LscError("lsc.factorize must be called before lsc.spectral")
     if rank is None and not (isinstance(max_error, (int, float)) and 0 <= max_error < math.inf):

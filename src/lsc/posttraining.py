@@ -45,6 +45,7 @@ from .precision import full_precision
 from .quantizer import EXPONENT_RESOLUTION, MAX_BITS, MIN_BITS, integer_coefficients
 from .reconstruct import reconstruct
 from .state import get_state
+from .wrappers import unwrap_for_conversion
 
 __all__ = ["compress_posttraining", "PostTrainingResult", "load_checkpoint", "module_from_state_dict",
            "relative_error", "SUPPORTED_FLOAT_DTYPES"]
@@ -511,7 +512,7 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
         raise LscError(f"need {MIN_BITS:g} <= min_bits <= max_bits <= {MAX_BITS:g}, got {min_bits}, {max_bits}")
 
     if isinstance(model_or_state_dict, nn.Module):
-        model = model_or_state_dict
+        model = unwrap_for_conversion(model_or_state_dict, "lsc.compress_posttraining")
         _check_dtypes(dict(model.state_dict()))
     elif isinstance(model_or_state_dict, Mapping):
         if not _is_tensor_dict(model_or_state_dict):

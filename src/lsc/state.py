@@ -16,7 +16,7 @@ from .errors import LscError
 from .parametrization import SpectralParametrization
 from .qnet import QuantizationNetwork
 
-__all__ = ["SpectralEntry", "LscState", "get_state", "check_attached", "QNET_PREFIX"]
+__all__ = ["SpectralEntry", "LscState", "spectral_root", "get_state", "check_attached", "QNET_PREFIX"]
 
 QNET_PREFIX = "_lsc_qnet."
 
@@ -75,17 +75,20 @@ class LscState:
                         copy.deepcopy(self.config, memo), self.rate_weight, self.rate_refresh)
 
 
-def _holder(model: nn.Module) -> nn.Module:
-    """The module ``lsc.spectral`` was called on, looking through DDP/compile wrappers."""
+def spectral_root(model: nn.Module) -> nn.Module:
+    """The module ``lsc.spectral`` was called on, looking through DDP/compile wrappers.
+
+    Own attributes only: ``torch.compile``'s wrapper forwards attribute reads to the model inside,
+    so ``getattr(wrapper, "_lsc")`` would find the state and take the wrapper for the model."""
     for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
-        if m is not None and isinstance(getattr(m, "_lsc", None), LscState):
+        if m is not None and isinstance(m.__dict__.get("_lsc"), LscState):
             return m
     raise LscError("model is not a spectral model: call lsc.spectral(model) first")
 
 
 def get_state(model: nn.Module) -> LscState:
     """The lsc state of a spectral model (looks through DDP/compile wrappers)."""
-    return _holder(model)._lsc
+    return spectral_root(model)._lsc
 
 
 def check_attached(model: nn.Module) -> LscState:
@@ -95,7 +98,7 @@ def check_attached(model: nn.Module) -> LscState:
     tensor in lsc's list: the rate term would keep shrinking it and the file would hold it instead of
     the model's new weights. Run by the encoder, the report and every exact rate refresh.
     """
-    holder = _holder(model)
+    holder = spectral_root(model)
     st = holder._lsc
     for entry in st.entries:
         par = entry.parametrization

@@ -31,7 +31,7 @@ from .checks import as_number, is_integer
 from .errors import LscError
 from .loss import compressed_numel, quantization_loss, rate_estimate
 from .rate import HEADER_BYTES_PER_TENSOR
-from .state import get_state
+from .state import get_state, spectral_root
 
 __all__ = ["RateController", "raw_bytes"]
 
@@ -45,6 +45,7 @@ def raw_bytes(model: nn.Module) -> int:
         spectral.update(e.tied_names)
     total = 0
     seen = set()
+    model = spectral_root(model)
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         if ".parametrizations." in name or name in spectral or id(t) in seen:
             continue

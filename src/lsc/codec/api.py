@@ -32,7 +32,8 @@ from ..precision import full_precision
 from ..quantizer import dequantize
 from ..reconstruct import compute_dtype_for, reconstruct
 from ..rowclasses import MAX_CLASSES, propose_row_classes, row_units
-from ..state import QNET_PREFIX, check_attached, get_state
+from ..state import QNET_PREFIX, check_attached, get_state, spectral_root
+from ..wrappers import unwrap
 from ..transforms import TRANSFORMS
 from .entropy import encode_symbols, group_bounds
 from .format import (check_stream, pack_prefix_header, parse_prefix_header, split_streams,
@@ -158,6 +159,7 @@ def compress_weights(model: nn.Module, *, scan: str = "morton", buffer_tolerance
     if scan not in _SCANS:
         raise LscError(f"unknown scan {scan!r}; use 'morton' or 'rowmajor'")
     st = check_attached(model)
+    model = spectral_root(model)  # names as the user's model has them, not a compile / DDP wrapper's
     min_group = int(st.config.get("min_group_symbols", 1024))
     covered = set()
     metas, streams = [], []
@@ -538,26 +540,28 @@ def load(path, model: nn.Module | None = None, *, strict: bool = True, lazy=Fals
     is_spectral = model is not None and getattr(_unwrap(model), "_lsc", None) is not None
     # a plain model's weights are rebuilt where its tensors live: on a GPU, its output then equals
     # the eval forward of the spectral model on that GPU bit for bit (a spectral model rebuilds its own)
-    devices = None if model is None or is_spectral else {k: v.device for k, v in model.state_dict().items()}
+    inner = None if model is None else unwrap(model)  # the file's keys are the bare model's
+    devices = None if model is None or is_spectral else {k: v.device for k, v in inner.state_dict().items()}
     plain, spec = _decode_all(header, streams, keep_integers=is_spectral, workers=workers, devices=devices)
     if model is None:
         return plain
     if not is_spectral:
         from ..lowrank import FACTOR_KEY, fold_factored_state_dict
-        own = model.state_dict()
+        own = inner.state_dict()
         if any(FACTOR_KEY.match(k) and k not in own for k in plain):  # a factored file into an unfactored model
-            plain = fold_factored_state_dict(plain, model)
-        model.load_state_dict(plain, strict=strict)
+            plain = fold_factored_state_dict(plain, inner)
+        inner.load_state_dict(plain, strict=strict)
         return model
     _load_into_spectral(model, header, plain, spec, strict)
     return model
 
 
 def _unwrap(model):
-    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
-        if m is not None and getattr(m, "_lsc", None) is not None:
-            return m
-    return model
+    """The spectral model inside ``model``'s wrappers, or ``model`` when it is not spectral."""
+    try:
+        return spectral_root(model)
+    except LscError:
+        return model
 
 
 @torch.no_grad()
