@@ -376,3 +376,20 @@ def test_conversions_refuse_a_ddp_wrapped_model():
         with pytest.raises(lsc.LscError, match="call .* on the bare model first"):
             convert(wrapped)
     assert not hasattr(wrapped.module[0], "parametrizations")
+
+
+def test_calibration_of_a_compiled_model_uses_its_own_names(tmp_path):
+    model = _bn_mlp().eval()
+    wrapped = torch.compile(model, backend="aot_eager")
+    x = torch.randn(64, 32)
+    reference = model(x).detach()
+    hessians = lsc.collect_hessians(wrapped, lambda m: m(x))
+    bare = lsc.collect_hessians(model, lambda m: m(x))
+    assert list(hessians) == list(bare) == ["0.weight", "2.weight"]
+    assert all(torch.equal(hessians[k], bare[k]) for k in bare)
+    sens = lsc.measure_sensitivity(wrapped, lambda m: float((m(x) - reference).pow(2).mean()))
+    assert list(sens) == ["0.weight", "2.weight"]
+    bounds = lsc.allocate_error_bounds(sens, target=1e-3)
+    lsc.compress_posttraining(wrapped, max_error=bounds, hessians=hessians)
+    lsc.save(wrapped, tmp_path / "c.lsc")
+    assert sorted(lsc.load(tmp_path / "c.lsc")) == sorted(_bn_mlp().state_dict())

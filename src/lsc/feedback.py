@@ -29,6 +29,7 @@ from torch import nn
 
 from .errors import LscError
 from .transforms import block_inverse_transform, block_transform
+from .wrappers import unwrap
 
 __all__ = ["collect_hessians", "feedback_quantize", "supports_feedback", "output_error"]
 
@@ -48,7 +49,7 @@ def collect_hessians(model: nn.Module, run: Callable[[nn.Module], object]) -> di
     ``model.named_parameters()``, as :func:`lsc.compress_posttraining` expects them.
     """
     hessians: dict[str, torch.Tensor] = {}
-    names = {id(p): n for n, p in model.named_parameters()}
+    names = {id(p): n for n, p in unwrap(model).named_parameters()}  # the bare model's names, also through torch.compile
     layers = [mod for mod in model.modules() if id(getattr(mod, "weight", None)) in names and (
         isinstance(mod, nn.Linear) or (isinstance(mod, nn.Conv2d) and mod.groups == 1 and mod.padding_mode == "zeros"
                                        and not isinstance(mod.padding, str)))]

@@ -32,6 +32,7 @@ from torch import nn
 from .convert import selected_parameters
 from .errors import LscError
 from .posttraining import _progress
+from .wrappers import unwrap
 
 __all__ = ["TensorSensitivity", "measure_sensitivity", "allocate_error_bounds", "predicted_distortion"]
 
@@ -77,7 +78,8 @@ def measure_sensitivity(model: nn.Module, distortion: Callable[[nn.Module], floa
     if getattr(model, "_lsc", None) is not None:
         raise LscError("model is already a spectral model: measure the sensitivity of the original model, "
                        "then compress it with compress_posttraining(model, max_error=bounds)")
-    chosen = [(name, p) for name, _, _, p, _ in selected_parameters(model, include, exclude) if p.dim() >= 2]
+    # named as the bare model names them (compress_posttraining's keys), also through a torch.compile wrapper
+    chosen = [(name, p) for name, _, _, p, _ in selected_parameters(unwrap(model), include, exclude) if p.dim() >= 2]
     if not chosen:
         raise LscError("no floating-point tensors of rank >= 2 selected: nothing to measure (check include/exclude)")
     probes = {}
