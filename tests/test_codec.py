@@ -452,3 +452,36 @@ def test_a_module_replaced_after_spectral_is_caught_before_a_wrong_file_is_writt
         with pytest.raises(lsc.LscError, match=r"2\.weight: the module holding this spectral tensor was replaced"):
             call()
     assert (tmp_path / "m.lsc").read_bytes() == before  # the old file is left as it was
+
+
+@pytest.mark.parametrize("name,factory,make_input", cases(), ids=[c[0] for c in cases()])
+def test_a_model_built_on_the_meta_device_takes_the_decoded_tensors(name, factory, make_input, tmp_path):
+    """The usual way to load a big model without holding two copies: build it on "meta", then load."""
+    torch.manual_seed(0)
+    model = factory()
+    lsc.spectral(model, init_bits=6)
+    path = tmp_path / "m.lsc"
+    lsc.save(model, path)
+    dense = lsc.load(path, factory())
+    with torch.device("meta"):
+        empty = factory()
+    assert lsc.load(path, empty) is empty
+    got, want = empty.state_dict(), dense.state_dict()
+    assert list(got) == list(want)
+    for k in want:
+        assert not got[k].is_meta and torch.equal(got[k], want[k]), k
+    assert [n for n, _ in empty.named_parameters()] == [n for n, _ in dense.named_parameters()]  # ties kept
+    assert all(p.requires_grad for p in empty.parameters())
+    x = make_input()
+    out, ref = empty.eval()(x), dense.eval()(x)
+    out, ref = (out[0], ref[0]) if isinstance(out, tuple) else (out, ref)
+    assert torch.equal(out, ref)
+
+
+def test_meta_tensors_the_file_does_not_fill_are_named(tmp_path):
+    model = nn.Sequential(nn.Linear(8, 8))
+    lsc.spectral(model)
+    with torch.device("meta"):
+        bigger = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    with pytest.raises(lsc.LscError, match=r"meta device.*1\.weight"):
+        lsc.load(lsc.compress_weights(model), bigger, strict=False)

@@ -541,19 +541,39 @@ def load(path, model: nn.Module | None = None, *, strict: bool = True, lazy=Fals
     # a plain model's weights are rebuilt where its tensors live: on a GPU, its output then equals
     # the eval forward of the spectral model on that GPU bit for bit (a spectral model rebuilds its own)
     inner = None if model is None else unwrap(model)  # the file's keys are the bare model's
-    devices = None if model is None or is_spectral else {k: v.device for k, v in inner.state_dict().items()}
+    # meta tensors (a model built under torch.device("meta") so that it never holds two copies) get the CPU's
+    devices = None if model is None or is_spectral else {
+        k: v.device for k, v in inner.state_dict().items() if not v.is_meta}
     plain, spec = _decode_all(header, streams, keep_integers=is_spectral, workers=workers, devices=devices)
     if model is None:
         return plain
     if not is_spectral:
-        from ..lowrank import FACTOR_KEY, fold_factored_state_dict
-        own = inner.state_dict()
-        if any(FACTOR_KEY.match(k) and k not in own for k in plain):  # a factored file into an unfactored model
-            plain = fold_factored_state_dict(plain, inner)
-        inner.load_state_dict(plain, strict=strict)
+        _load_into_plain(inner, header, plain, strict)
         return model
     _load_into_spectral(model, header, plain, spec, strict)
     return model
+
+
+def _load_into_plain(model: nn.Module, header: dict, plain: dict, strict: bool) -> None:
+    from ..lowrank import FACTOR_KEY, fold_factored_state_dict
+    own = model.state_dict()
+    if any(FACTOR_KEY.match(k) and k not in own for k in plain):  # a factored file into an unfactored model
+        plain = fold_factored_state_dict(plain, model)
+    meta = any(t.is_meta for t in own.values())
+    # copying into a meta tensor is a no-op: such a model takes the decoded tensors themselves
+    model.load_state_dict(plain, strict=strict, assign=meta)
+    if not meta:
+        return
+    for m in header["tensors"]:  # assign gave each tied name a Parameter of its own: tie them again
+        names = [n for n in (m["name"], *m.get("tied", [])) if n in own]
+        for name in names[1:]:
+            path, _, attr = name.rpartition(".")
+            owner = model.get_submodule(path) if path else model
+            if attr in owner._parameters:
+                owner._parameters[attr] = model.get_parameter(names[0])
+    left = [k for k, t in model.state_dict().items() if t.is_meta]
+    if left:
+        raise LscError(f"tensors still on the meta device after loading (not in the file): {left[:5]}")
 
 
 def _unwrap(model):
