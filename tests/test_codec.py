@@ -485,3 +485,34 @@ def test_meta_tensors_the_file_does_not_fill_are_named(tmp_path):
         bigger = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
     with pytest.raises(lsc.LscError, match=r"meta device.*1\.weight"):
         lsc.load(lsc.compress_weights(model), bigger, strict=False)
+
+
+def test_files_can_be_binary_file_objects(tmp_path):
+    """As torch.save / torch.load: an open file or an io.BytesIO instead of a path."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16))
+    lsc.spectral(model, init_bits=6)
+    lsc.save(model, tmp_path / "ref.lsc")
+    ref = (tmp_path / "ref.lsc").read_bytes()
+    buf = io.BytesIO(b"prefix")
+    buf.seek(6)
+    assert lsc.save(model, buf) == len(ref)
+    assert buf.getvalue() == b"prefix" + ref  # written at the stream's position
+    buf.seek(6)
+    decoded = lsc.load(buf)
+    assert all(torch.equal(a, b) for a, b in zip(decoded.values(), lsc.load(ref).values()))
+    with open(tmp_path / "f.lsc", "wb") as f:
+        lsc.save(model, f)
+    with open(tmp_path / "f.lsc", "rb") as f:
+        assert lsc.file_info(f)["totals"]["file_bytes"] == len(ref)
+    with open(tmp_path / "f.lsc", "rb") as f:
+        assert lsc.recode(f) == ref
+    with open(tmp_path / "f.lsc", "rb") as f:
+        lazy = lsc.load(f, nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16)), lazy=True)
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        assert torch.equal(lazy(x), lsc.load(ref, nn.Sequential(nn.Linear(16, 16), nn.BatchNorm1d(16))).eval()(x))
+    with open(tmp_path / "t.lsc", "w") as f, pytest.raises(lsc.LscError, match="binary mode"):
+        lsc.save(model, f)
+    with open(tmp_path / "ref.lsc", "r", encoding="latin-1") as f, pytest.raises(lsc.LscError, match="binary mode"):
+        lsc.load(f)

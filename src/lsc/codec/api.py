@@ -11,6 +11,7 @@ uses, so decoded weights equal the spectral model's eval weights bit for bit.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import re
@@ -478,15 +479,22 @@ def decompress_weights(compressed: dict[str, torch.Tensor], *, workers: int | No
 def save(model: nn.Module, path, *, buffer_tolerance: float | None = None) -> int:
     """Write the .lsc file of a spectral model atomically (temp file + rename); returns its size in bytes.
 
+    ``path`` may also be a writable binary file object (an open file, ``io.BytesIO``): the bytes are
+    written at its position, and closing it is the caller's business.
     ``buffer_tolerance``: quantize float buffers too (see :func:`compress_weights`).
     """
     data = to_bytes(compress_weights(model, buffer_tolerance=buffer_tolerance))
-    atomic_write_bytes(path, data)
+    if hasattr(path, "write"):
+        if isinstance(path, io.TextIOBase):
+            raise LscError(f"{path!r} is a text stream; open the file in binary mode ('wb')")
+        path.write(data)
+    else:
+        atomic_write_bytes(path, data)
     return len(data)
 
 
 def recode(src) -> bytes:
-    """The bytes of an .lsc file (path or bytes) re-encoded by this version's entropy coder.
+    """The bytes of an .lsc file (path, bytes or binary file object) re-encoded by this version's entropy coder.
 
     Every spectral tensor's integers, exponents and statistics are kept; only their coding
     changes (an older file gets the row classes of format version 3 where they pay), so the
@@ -509,8 +517,14 @@ def recode(src) -> bytes:
 
 
 def _read(src) -> bytes:
+    """The bytes of a file given as a path, as bytes, or as a readable binary file object (read from its position)."""
     if isinstance(src, (bytes, bytearray, memoryview)):
         return bytes(src)
+    if hasattr(src, "read"):
+        data = src.read()
+        if not isinstance(data, (bytes, bytearray)):
+            raise LscError(f"{src!r} is a text stream; open the file in binary mode ('rb')")
+        return bytes(data)
     with open(os.fspath(src), "rb") as f:
         return f.read()
 
@@ -518,7 +532,7 @@ def _read(src) -> bytes:
 @full_precision
 def load(path, model: nn.Module | None = None, *, strict: bool = True, lazy=False, workers: int | None = None,
          **lazy_options):
-    """Read a .lsc file (path, bytes, or the dict :func:`compress_weights` returns).
+    """Read a .lsc file (path, bytes, binary file object, or the dict :func:`compress_weights` returns).
 
     Without ``model``: returns the plain state_dict (on the CPU). With a plain ``model``: loads
     it (``load_state_dict(strict=strict)``), rebuilding each weight on the device of the
@@ -628,7 +642,7 @@ def _load_into_spectral(model, header, plain, spec, strict):
 # --------------------------------------------------------------------------- inspection
 
 def file_info(src) -> dict[str, Any]:
-    """Per-tensor sizes of a .lsc file (path, bytes, or compressed dict) and totals equal to the file size.
+    """Per-tensor sizes of a .lsc file (path, bytes, binary file object, or compressed dict) and totals equal to the file size.
 
     Returns ``{"rows": [{name, kind, shape, dtype, numel, bits_per_weight, bytes, stream_bytes, side_bytes, tied}],
     "totals": {...}}``; ``totals["file_bytes"] == header_bytes + sum(row bytes)``.
