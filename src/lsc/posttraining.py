@@ -451,7 +451,7 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
             allowed per tensor; the bits of each tensor are found by binary search.
             A number, ``{glob: E, "default": E}`` or ``callable(name, shape) -> E``.
             Exactly one of ``bits`` and ``max_error`` must be given.
-        path: if given, the result is written there with :func:`lsc.save`.
+        path: if given, the result is written there with :func:`lsc.save` (a path or a binary file object).
         block_size, include, exclude: as in :func:`lsc.spectral` (excluded tensors are stored raw).
         max_error_1d: bound for 0-D and 1-D tensors (biases, norm scales, which
             cost little and shift every output); default ``max_error / 20``.
@@ -592,8 +592,7 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
     result = PostTrainingResult(model=model, tensors=rows)
     if path is not None:
         from . import save  # the codec, imported lazily
-        save(model, path)
-        result.path = str(path)
-        result.file_bytes = os.path.getsize(path)
+        result.file_bytes = save(model, path)
+        result.path = os.fspath(path) if isinstance(path, (str, os.PathLike)) else getattr(path, "name", None)
     result.seconds = time.perf_counter() - t0
     return result
