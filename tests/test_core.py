@@ -492,6 +492,21 @@ def test_a_plain_checkpoint_of_the_wrong_shape_names_the_tensor():
         model.load_state_dict(nn.Sequential(nn.Linear(8, 9), nn.Linear(9, 2)).state_dict())
 
 
+def test_a_checkpoint_with_other_blocks_says_which_option_differs():
+    saved = nn.Sequential(nn.Linear(64, 64))
+    lsc.spectral(saved, block_size=8)
+    model = nn.Sequential(nn.Linear(64, 64))
+    lsc.spectral(model, block_size=16)
+    with pytest.raises(RuntimeError, match=r"0\.weight: the checkpoint's coefficients are in blocks of \(8, 8\), "
+                                           r"this model's in blocks of \(16, 16\); call lsc.spectral with the block_size"):
+        model.load_state_dict(saved.state_dict())
+    wider = nn.Sequential(nn.Linear(64, 128))
+    lsc.spectral(wider, block_size=16)
+    with pytest.raises(RuntimeError) as err:  # another architecture: PyTorch's own message, no block hint
+        model.load_state_dict(wider.state_dict())
+    assert "size mismatch" in str(err.value) and "blocks of" not in str(err.value)
+
+
 @pytest.mark.parametrize("options, message", [
     (dict(init_bits=100), r"init_bits must be in \[-12, 24\]"),
     (dict(init_bits=float("nan")), "init_bits must be a finite number"),

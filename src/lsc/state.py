@@ -130,11 +130,32 @@ def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_k
     if st is None:
         return
     plain = _analyze_dense_weights(module, st, state_dict, prefix)
+    _explain_layout_mismatches(module, st, state_dict, prefix, error_msgs)
     own = {k[len(prefix + QNET_PREFIX):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix + QNET_PREFIX)}
     if own:
         st.q_net.load_state_dict(own, strict=strict)
     elif strict and not plain:  # a plain checkpoint has no q_net: the current one stays
         missing_keys.extend(prefix + QNET_PREFIX + k for k in st.q_net.state_dict())
+
+
+def _explain_layout_mismatches(model: nn.Module, st: LscState, state_dict, prefix: str, error_msgs: list) -> None:
+    """Say why coefficients do not fit (PyTorch's own message only gives the shapes): the checkpoint was
+    written by a spectral model with other blocks, so ``lsc.spectral`` needs the options of that run."""
+    for entry in st.entries:
+        par, coeffs = entry.parts()
+        path, _, attr = entry.name.rpartition(".")
+        key = f"{prefix}{path + '.' if path else ''}parametrizations.{attr}." + next(
+            k for k in entry._plist()._parameters if k.startswith("original"))
+        saved = state_dict.get(key)
+        if saved is None or tuple(saved.shape) == tuple(coeffs.shape):
+            continue
+        rank = len(par.layout.shape)
+        block = tuple(saved.shape[rank:])
+        if saved.dim() != 2 * rank or block == par.layout.block_shape:
+            continue  # another shape of weight: PyTorch's size-mismatch message says it
+        error_msgs.append(f"{entry.name}: the checkpoint's coefficients are in blocks of {block}, this model's in "
+                          f"blocks of {par.layout.block_shape}; call lsc.spectral with the block_size of the run "
+                          "that saved the checkpoint")
 
 
 def _analyze_dense_weights(model: nn.Module, st: LscState, state_dict, prefix: str) -> bool:
