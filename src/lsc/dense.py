@@ -19,7 +19,7 @@ from .lazy import LazyParametrization
 from .lowrank import LowRankMatrix, Tucker2
 from .precision import full_precision
 from .reconstruct import reconstruct
-from .state import spectral_root, check_attached
+from .state import check_attached, spectral_root
 
 __all__ = ["to_dense"]
 

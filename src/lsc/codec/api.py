@@ -34,8 +34,8 @@ from ..quantizer import dequantize
 from ..reconstruct import compute_dtype_for, reconstruct
 from ..rowclasses import MAX_CLASSES, propose_row_classes, row_units
 from ..state import QNET_PREFIX, check_attached, get_state, spectral_root
-from ..wrappers import unwrap
 from ..transforms import TRANSFORMS
+from ..wrappers import unwrap
 from .entropy import encode_symbols, group_bounds
 from .format import (check_stream, pack_prefix_header, parse_prefix_header, split_streams,
                      zlib_decompress_exact)
