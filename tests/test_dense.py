@@ -147,3 +147,18 @@ def test_hugging_face_round_trip_through_save_pretrained(tmp_path):
     reloaded = transformers.BertModel.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=ids).last_hidden_state, expected)
+
+
+def test_a_dense_model_can_be_made_spectral_again():
+    """Fine-tune dense, then compress again: the second conversion is a normal spectral model."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    lsc.spectral(model)
+    lsc.to_dense(model)
+    lsc.spectral(model, init_bits=6)
+    state = model.state_dict()
+    model.load_state_dict(state)  # its own checkpoint, q_net included, loads back
+    fresh = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    lsc.spectral(fresh, init_bits=6)
+    fresh.load_state_dict(state)
+    x = torch.randn(3, 8)
+    assert torch.equal(fresh.eval()(x), model.eval()(x))

@@ -185,5 +185,10 @@ def attach_state(model: nn.Module, state: LscState) -> None:
     model._lsc = state
     # q_net learns every tensor's features, so a training step can evaluate it once for all of them
     state.q_net.attach_members([(e.parametrization.tensor_id, e.parametrization.features) for e in state.entries])
-    model._register_state_dict_hook(_state_dict_hook)
-    model._register_load_state_dict_pre_hook(_load_pre_hook, with_module=True)
+    # once per module: the hooks read ``_lsc`` and do nothing without it, so a model made plain by
+    # lsc.to_dense and converted again must not get a second pair (the second load hook would find
+    # q_net's keys already taken and report them missing)
+    if not model.__dict__.get("_lsc_hooked"):
+        model._register_state_dict_hook(_state_dict_hook)
+        model._register_load_state_dict_pre_hook(_load_pre_hook, with_module=True)
+        model.__dict__["_lsc_hooked"] = True
