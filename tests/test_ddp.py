@@ -243,6 +243,29 @@ def test_wrapper_parameters_and_errors():
         unwrap_spectral(Net())
 
 
+def test_every_entry_point_sees_through_the_training_wrapper(tmp_path):
+    model, q_net = make_model()
+    module = SpectralTrainingModule(model, q_net)
+    assert lsc.save(module, tmp_path / "w.lsc") == lsc.save(model, tmp_path / "m.lsc")
+    assert (tmp_path / "w.lsc").read_bytes() == (tmp_path / "m.lsc").read_bytes()
+    assert [r["name"] for r in lsc.report(module, print_table=False)] == \
+        [r["name"] for r in lsc.report(model, print_table=False)]
+    assert lsc.RateController(module, target_bytes=1e4).numel == lsc.RateController(model, target_bytes=1e4).numel
+    lsc.to_dense(module)
+    assert not hasattr(model, "_lsc")
+
+
+def test_a_spectral_submodule_named_model_is_not_taken_for_the_whole():
+    class Head(nn.Module):  # an ordinary model whose backbone happens to be called "model"
+        def __init__(self, backbone):
+            super().__init__()
+            self.model = backbone
+            self.head = nn.Linear(3, 2)
+    backbone, _ = make_model()
+    with pytest.raises(lsc.LscError, match="not a spectral model"):
+        lsc.compress_weights(Head(backbone))  # saving only the backbone would silently drop the head
+
+
 def test_save_on_rank0_without_process_group(tmp_path):
     model, q_net = make_model()
     path = tmp_path / "m.lsc"

@@ -33,7 +33,7 @@ from torch import nn
 from .errors import LscError
 from .loss import quantization_loss
 from .qnet import QuantizationNetwork
-from .state import LscState, get_state
+from .state import LscState, get_state, spectral_root
 
 __all__ = ["SpectralTrainingModule", "unwrap_spectral", "save_on_rank0"]
 
@@ -81,25 +81,7 @@ class SpectralTrainingModule(nn.Module):
 
 def unwrap_spectral(module: nn.Module) -> nn.Module:
     """The spectral model inside DDP / FSDP / ``torch.compile`` / :class:`SpectralTrainingModule` wrappers."""
-    seen = set()
-    m = module
-    while id(m) not in seen:
-        seen.add(id(m))
-        if isinstance(getattr(m, "__dict__", {}).get("_lsc"), LscState):
-            return m
-        if isinstance(m, SpectralTrainingModule):
-            m = m.model
-            continue
-        inner = None
-        for attr in ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"):
-            cand = getattr(m, attr, None)
-            if isinstance(cand, nn.Module):
-                inner = cand
-                break
-        if inner is None:
-            break
-        m = inner
-    raise LscError("not a spectral model (or a DDP / compile / SpectralTrainingModule wrapper of one): call lsc.spectral(model) first")
+    return spectral_root(module)
 
 
 @contextlib.contextmanager

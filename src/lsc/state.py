@@ -76,14 +76,31 @@ class LscState:
 
 
 def spectral_root(model: nn.Module) -> nn.Module:
-    """The module ``lsc.spectral`` was called on, looking through DDP/compile wrappers.
+    """The module ``lsc.spectral`` was called on, inside any DDP / FSDP / ``torch.compile`` /
+    activation-checkpoint / :class:`lsc.SpectralTrainingModule` wrappers around it.
 
     Own attributes only: ``torch.compile``'s wrapper forwards attribute reads to the model inside,
     so ``getattr(wrapper, "_lsc")`` would find the state and take the wrapper for the model."""
-    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
-        if m is not None and isinstance(m.__dict__.get("_lsc"), LscState):
+    seen, m = set(), model
+    while m is not None and id(m) not in seen:
+        seen.add(id(m))
+        if isinstance(m.__dict__.get("_lsc"), LscState):
             return m
-    raise LscError("model is not a spectral model: call lsc.spectral(model) first")
+        m = _wrapped(m)
+    raise LscError("model is not a spectral model (nor a DDP / FSDP / compile / SpectralTrainingModule wrapper of one): "
+                   "call lsc.spectral(model) first")
+
+
+def _wrapped(module: nn.Module) -> nn.Module | None:
+    """The module a wrapper holds, or None. A SpectralTrainingModule is recognized by its q_net, so that
+    the ``model`` attribute of an ordinary model (a task head around a backbone) is never entered."""
+    children = module.__dict__.get("_modules", {})
+    if isinstance(children.get("q_net"), QuantizationNetwork) and isinstance(children.get("model"), nn.Module):
+        return children["model"]
+    for attr in ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"):
+        if isinstance(children.get(attr), nn.Module):
+            return children[attr]
+    return None
 
 
 def get_state(model: nn.Module) -> LscState:
