@@ -79,6 +79,11 @@ def test_eval_forward_equals_the_decoded_file_on_cuda(name, make, inp):
     a, b = (a[0], b[0]) if isinstance(a, tuple) else (a, b)
     assert a.device.type == "cuda"
     assert torch.equal(a, b), name
+    lsc.to_dense(model)  # the plain model keeps the weights rebuilt on the GPU, bit for bit
+    assert all(p.device.type == "cuda" for p in model.parameters())
+    with torch.no_grad():
+        c = model(x)
+    assert torch.equal(c[0] if isinstance(c, tuple) else c, a), name
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
