@@ -261,9 +261,15 @@ def test_a_spectral_submodule_named_model_is_not_taken_for_the_whole():
             super().__init__()
             self.model = backbone
             self.head = nn.Linear(3, 2)
+    class Holder(nn.Module):  # nor one called "module" (only DDP / DataParallel's is a wrapper's)
+        def __init__(self, backbone):
+            super().__init__()
+            self.module = backbone
+            self.head = nn.Linear(3, 2)
     backbone, _ = make_model()
-    with pytest.raises(lsc.LscError, match="not a spectral model"):
-        lsc.compress_weights(Head(backbone))  # saving only the backbone would silently drop the head
+    for outer in (Head(backbone), Holder(backbone)):
+        with pytest.raises(lsc.LscError, match="not a spectral model"):
+            lsc.compress_weights(outer)  # saving only the backbone would silently drop the head
 
 
 def test_save_on_rank0_without_process_group(tmp_path):

@@ -97,7 +97,9 @@ def _wrapped(module: nn.Module) -> nn.Module | None:
     children = module.__dict__.get("_modules", {})
     if isinstance(children.get("q_net"), QuantizationNetwork) and isinstance(children.get("model"), nn.Module):
         return children["model"]
-    for attr in ("module", "_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"):
+    if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):  # not any child named "module"
+        return children.get("module")
+    for attr in ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"):  # names only wrappers use
         if isinstance(children.get(attr), nn.Module):
             return children[attr]
     return None
