@@ -59,3 +59,22 @@ def cases():
         ("tied", Tied, lambda: torch.randint(0, 50, (2, 6))),
         ("rank10_and_scalar", HighRank, lambda: torch.randn(3)),
     ]
+
+
+def first_output(out):
+    """The tensor a model returned (RNNs and attention return tuples)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+def fine_tune(model, q_net, x, steps=3, lr=1e-2):
+    """A few Adam steps of a spectral model on ``mean(output^2) + quantization_loss``: the coefficients,
+    statistics and q_net all move, as in real training."""
+    import lsc
+    opt = torch.optim.Adam(list(model.parameters()) + list(q_net.parameters()), lr=lr)
+    model.train()
+    for _ in range(steps):
+        loss = first_output(model(x)).float().pow(2).mean() + lsc.quantization_loss(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model

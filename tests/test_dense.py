@@ -6,26 +6,13 @@ import torch
 from torch import nn
 
 import lsc
-from model_zoo import Tied, cases
+from model_zoo import Tied, cases, fine_tune, first_output
 
 
-def _trained(factory, x, steps=3, **opts):
+def _trained(factory, x):
     torch.manual_seed(0)
     model = factory()
-    q_net = lsc.spectral(model, init_bits=4, **opts)
-    opt = torch.optim.Adam(list(model.parameters()) + list(q_net.parameters()), lr=1e-2)
-    for _ in range(steps):
-        out = model(x)
-        out = out[0] if isinstance(out, tuple) else out
-        loss = out.float().pow(2).mean() + lsc.quantization_loss(model)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    return model
-
-
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
+    return fine_tune(model, lsc.spectral(model, init_bits=4), x)
 
 
 @pytest.mark.parametrize("name,factory,make_input", cases(), ids=[c[0] for c in cases()])
@@ -34,7 +21,7 @@ def test_weights_are_the_decoded_weights_and_the_model_is_plain(name, factory, m
     model = _trained(factory, x)
     model.eval()
     with torch.no_grad():
-        expected_out = _first(model(x))
+        expected_out = first_output(model(x))
     decoded = lsc.load(lsc.compress_weights(model), factory())
     returned = lsc.to_dense(model)
     assert returned is model
@@ -46,7 +33,7 @@ def test_weights_are_the_decoded_weights_and_the_model_is_plain(name, factory, m
     for k in ref:
         assert torch.equal(sd[k], ref[k]), k
     with torch.no_grad():
-        assert torch.equal(_first(model(x)), expected_out)
+        assert torch.equal(first_output(model(x)), expected_out)
     buf = io.BytesIO()
     torch.save(model, buf)  # parametrized modules cannot be pickled; a plain one can
     with pytest.raises(lsc.LscError, match="not a spectral model"):

@@ -19,17 +19,9 @@ from .lazy import LazyParametrization
 from .lowrank import LowRankMatrix, Tucker2
 from .precision import full_precision
 from .reconstruct import reconstruct
-from .state import check_attached, spectral_root
+from .state import check_attached, resolve, spectral_root
 
 __all__ = ["to_dense"]
-
-
-def _locations(holder: nn.Module, names: list[str]) -> list[tuple[nn.Module, str]]:
-    out = []
-    for name in names:
-        path, _, attr = name.rpartition(".")
-        out.append((holder.get_submodule(path) if path else holder, attr))
-    return out
 
 
 def _unparametrize(module: nn.Module, attr: str, dense: nn.Parameter) -> None:
@@ -75,7 +67,7 @@ def to_dense(model: nn.Module, *, keep_factors: bool = False) -> nn.Module:
     st = check_attached(holder)
     plan = []
     for entry in st.entries:  # decode everything first: an error must leave the model as it was
-        locations = _locations(holder, [entry.name, *entry.tied_names])
+        locations = [resolve(holder, name) for name in (entry.name, *entry.tied_names)]  # all there: checked above
         for module, attr in locations:
             plist = module.parametrizations[attr]
             if len(plist) != 1:

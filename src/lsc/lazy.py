@@ -60,7 +60,8 @@ from .packing import PackedCoefficients, int_dtype_for
 from .precision import full_precision
 from .reconstruct import compute_dtype_for, reconstruct
 from .rowclasses import row_units
-from .wrappers import unwrap_for_conversion
+from .state import parametrization_key, resolve
+from .wrappers import inner_module, unwrap_for_conversion
 
 __all__ = ["load_lazy", "lazy_info", "LazyParametrization", "DecodeMemoryTracker", "MODES"]
 
@@ -368,15 +369,6 @@ def _post_hook(runtime):
 
 # --------------------------------------------------------------------------- loading
 
-def _resolve(model: nn.Module, name: str):
-    mod_name, _, attr = name.rpartition(".")
-    try:
-        module = model.get_submodule(mod_name) if mod_name else model
-    except AttributeError:
-        return None, attr
-    return module, attr
-
-
 def _target_device(model: nn.Module) -> torch.device:
     for t in list(model.parameters()) + list(model.buffers()):
         if not t.is_meta:
@@ -445,7 +437,7 @@ def load_lazy(src, model: nn.Module, *, mode: str = "packed", cache: int = 0, st
         store.to(device)
         runtime.stores.append(store)
         for n in names:
-            module, attr = _resolve(model, n)
+            module, attr = resolve(model, n)
             if module is None or n not in own:
                 continue
             old = module._parameters.get(attr)
@@ -487,8 +479,7 @@ def _dense_state_dict_hook(runtime: _Runtime, plan):
         for store, names in plan:
             weight = None
             for n in names:
-                path, _, attr = n.rpartition(".")
-                placeholder = f"{prefix}{path + '.' if path else ''}parametrizations.{attr}.original"
+                placeholder = parametrization_key(prefix, n) + "original"
                 if placeholder in state_dict:
                     device = state_dict.pop(placeholder).device
                     weight = runtime.get(store, device) if weight is None else weight
@@ -498,10 +489,12 @@ def _dense_state_dict_hook(runtime: _Runtime, plan):
 
 
 def _runtime(model) -> _Runtime:
-    for m in (model, getattr(model, "module", None), getattr(model, "_orig_mod", None)):
-        rt = m.__dict__.get("_lsc_lazy") if m is not None else None
+    m = model
+    while m is not None:
+        rt = m.__dict__.get("_lsc_lazy")
         if rt is not None:
             return rt
+        m = inner_module(m)
     raise LscError("model was not loaded with lsc.load(..., lazy=True)")
 
 

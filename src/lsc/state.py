@@ -15,10 +15,27 @@ from torch import nn
 from .errors import LscError
 from .parametrization import SpectralParametrization
 from .qnet import QuantizationNetwork
+from .wrappers import inner_module
 
-__all__ = ["SpectralEntry", "LscState", "spectral_root", "get_state", "check_attached", "QNET_PREFIX"]
+__all__ = ["SpectralEntry", "LscState", "spectral_root", "get_state", "check_attached", "resolve", "parametrization_key",
+           "QNET_PREFIX"]
 
 QNET_PREFIX = "_lsc_qnet."
+
+
+def resolve(model: nn.Module, name: str) -> tuple[nn.Module | None, str]:
+    """(module holding the tensor ``name``, its attribute); the module is None when its path no longer exists."""
+    path, _, attr = name.rpartition(".")
+    try:
+        return (model.get_submodule(path) if path else model), attr
+    except AttributeError:
+        return None, attr
+
+
+def parametrization_key(prefix: str, name: str) -> str:
+    """Where a parametrized tensor's state lives in a state dict: ``fc.weight`` -> ``fc.parametrizations.weight.``."""
+    path, _, attr = name.rpartition(".")
+    return f"{prefix}{path + '.' if path else ''}parametrizations.{attr}."
 
 
 @dataclass
@@ -49,6 +66,11 @@ class SpectralEntry:
         own = plist._parameters
         coeffs = own.get("original", own.get("original0"))
         return plist[0], (coeffs if coeffs is not None else self.coefficients)
+
+    @property
+    def original_attr(self) -> str:
+        """``original``, or ``original0`` when the coefficients are wider than the weight (fp16 models)."""
+        return next(k for k in self._plist()._parameters if k.startswith("original"))
 
     @property
     def coefficients(self) -> torch.Tensor:
@@ -97,12 +119,7 @@ def _wrapped(module: nn.Module) -> nn.Module | None:
     children = module.__dict__.get("_modules", {})
     if isinstance(children.get("q_net"), QuantizationNetwork) and isinstance(children.get("model"), nn.Module):
         return children["model"]
-    if isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel)):  # not any child named "module"
-        return children.get("module")
-    for attr in ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module"):  # names only wrappers use
-        if isinstance(children.get(attr), nn.Module):
-            return children[attr]
-    return None
+    return inner_module(module)
 
 
 def get_state(model: nn.Module) -> LscState:
@@ -122,11 +139,7 @@ def check_attached(model: nn.Module) -> LscState:
     for entry in st.entries:
         par = entry.parametrization
         for name in (entry.name, *entry.tied_names):
-            path, _, attr = name.rpartition(".")
-            try:
-                module = holder.get_submodule(path) if path else holder
-            except AttributeError:
-                module = None
+            module, attr = resolve(holder, name)
             plist = getattr(module, "parametrizations", {})
             if attr not in plist or not any(p is par for p in plist[attr]):
                 now = "gone" if module is None else f"a {type(module).__name__} without it"
@@ -162,10 +175,7 @@ def _explain_layout_mismatches(model: nn.Module, st: LscState, state_dict, prefi
     written by a spectral model with other blocks, so ``lsc.spectral`` needs the options of that run."""
     for entry in st.entries:
         par, coeffs = entry.parts()
-        path, _, attr = entry.name.rpartition(".")
-        key = f"{prefix}{path + '.' if path else ''}parametrizations.{attr}." + next(
-            k for k in entry._plist()._parameters if k.startswith("original"))
-        saved = state_dict.get(key)
+        saved = state_dict.get(parametrization_key(prefix, entry.name) + entry.original_attr)
         if saved is None or tuple(saved.shape) == tuple(coeffs.shape):
             continue
         rank = len(par.layout.shape)
@@ -186,10 +196,10 @@ def _analyze_dense_weights(model: nn.Module, st: LscState, state_dict, prefix: s
         for name in (entry.name, *entry.tied_names):
             if prefix + name not in state_dict:
                 continue
-            path, _, attr = name.rpartition(".")
-            plist = (model.get_submodule(path) if path else model).parametrizations[attr]
-            base = f"{prefix}{path + '.' if path else ''}parametrizations.{attr}."
-            original = base + next(k for k in plist._parameters if k.startswith("original"))
+            module, attr = resolve(model, name)
+            plist = module.parametrizations[attr]
+            base = parametrization_key(prefix, name)
+            original = base + entry.original_attr
             if original in state_dict:
                 continue  # the spectral keys are there too: leave the extra key to load_state_dict's own check
             index = next(i for i, p in enumerate(plist) if isinstance(p, SpectralParametrization))

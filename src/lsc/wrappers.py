@@ -1,4 +1,4 @@
-"""The user's model inside the wrappers PyTorch puts around it (``torch.compile``, DDP, DataParallel).
+"""The user's model inside the wrappers PyTorch puts around it (``torch.compile``, DDP, FSDP, ...).
 
 lsc names every tensor as the user's model names it, so that a file loads into any fresh
 instance of the architecture. A wrapper's own state dict prefixes every key
@@ -6,47 +6,51 @@ instance of the architecture. A wrapper's own state dict prefixes every key
 """
 from __future__ import annotations
 
-import sys
-
 from torch import nn
 
 from .errors import LscError
 
-__all__ = ["unwrap", "unwrap_for_conversion"]
+__all__ = ["inner_module", "unwrap", "unwrap_for_conversion"]
+
+# children only wrappers name so: torch.compile, FSDP1, activation checkpointing
+_WRAPPED_NAMES = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 
-def _compiled_class():
-    """``torch.compile``'s wrapper class, if dynamo was ever imported (a model cannot be compiled otherwise)."""
-    return getattr(sys.modules.get("torch._dynamo.eval_frame"), "OptimizedModule", None)
+def _data_parallel(module: nn.Module) -> bool:
+    return isinstance(module, (nn.DataParallel, nn.parallel.DistributedDataParallel))
 
 
-def _data_parallel(model: nn.Module) -> bool:
-    return isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel))
+def inner_module(module: nn.Module) -> nn.Module | None:
+    """The module a PyTorch wrapper holds, or None when ``module`` is no wrapper.
+
+    A child named ``module`` counts only in DDP / DataParallel: an ordinary model may call
+    its backbone that, and taking the backbone for the whole would drop the model's own layers.
+    """
+    children = module.__dict__.get("_modules", {})
+    if _data_parallel(module):
+        return children.get("module")
+    for name in _WRAPPED_NAMES:
+        if isinstance(children.get(name), nn.Module):
+            return children[name]
+    return None
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside any ``torch.compile`` / DDP / DataParallel wrappers (``model`` itself if none)."""
-    compiled = _compiled_class()
-    while True:
-        if compiled is not None and isinstance(model, compiled):
-            model = model._orig_mod
-        elif _data_parallel(model):
-            model = model.module
-        else:
-            return model
+    """The module inside any wrappers (``model`` itself if none)."""
+    inner = inner_module(model)
+    while inner is not None:
+        model, inner = inner, inner_module(inner)
+    return model
 
 
 def unwrap_for_conversion(model: nn.Module, what: str) -> nn.Module:
-    """The module ``what`` (``"lsc.spectral"``, ...) should convert: through ``torch.compile``, never through DDP.
-
-    DDP registers the parameters when it wraps a model, so replacing them underneath it would leave
-    DDP synchronizing tensors the model no longer uses.
-    """
-    inner = unwrap(model)
+    """The module ``what`` (``"lsc.spectral"``, ...) should convert: through ``torch.compile``, never through
+    a wrapper that has registered the parameters (DDP, DataParallel, FSDP), which would go on synchronizing
+    tensors the model no longer uses."""
     m = model
-    while m is not inner:
-        if _data_parallel(m):
+    while (inner := inner_module(m)) is not None:
+        if _data_parallel(m) or "_fsdp_wrapped_module" in m.__dict__.get("_modules", {}):
             raise LscError(f"{what}: the model is wrapped in {type(m).__name__}, which has already registered its "
                            f"parameters; call {what} on the bare model first, then wrap it (see docs/DISTRIBUTED.md)")
-        m = m._orig_mod
-    return inner
+        m = inner
+    return m

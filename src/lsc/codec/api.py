@@ -33,7 +33,7 @@ from ..precision import full_precision
 from ..quantizer import dequantize
 from ..reconstruct import compute_dtype_for, reconstruct
 from ..rowclasses import MAX_CLASSES, propose_row_classes, row_units
-from ..state import QNET_PREFIX, check_attached, get_state, spectral_root
+from ..state import QNET_PREFIX, check_attached, get_state, resolve, spectral_root
 from ..transforms import TRANSFORMS
 from ..wrappers import unwrap
 from .entropy import encode_symbols, group_bounds
@@ -581,8 +581,7 @@ def _load_into_plain(model: nn.Module, header: dict, plain: dict, strict: bool) 
     for m in header["tensors"]:  # assign gave each tied name a Parameter of its own: tie them again
         names = [n for n in (m["name"], *m.get("tied", [])) if n in own]
         for name in names[1:]:
-            path, _, attr = name.rpartition(".")
-            owner = model.get_submodule(path) if path else model
+            owner, attr = resolve(model, name)
             if attr in owner._parameters:
                 owner._parameters[attr] = model.get_parameter(names[0])
     left = [k for k, t in model.state_dict().items() if t.is_meta]
