@@ -338,14 +338,24 @@ class LazyParametrization(nn.Module):
     # writes through out= views and keeps Python-side caches, which tracing cannot follow.
     @torch.compiler.disable
     def forward(self, placeholder: torch.Tensor) -> torch.Tensor:
+        _refuse_tracing(self.store.name)
         return self.__dict__["runtime"].get(self.store, placeholder.device)
 
     def extra_repr(self) -> str:
         return f"{self.store.name}: {self.__dict__['runtime'].mode}, {self.store.compact_nbytes} bytes"
 
 
+def _refuse_tracing(name: str) -> None:
+    """A lazy weight is entropy-decoded at each call, which torch.export and torch.jit.trace cannot record."""
+    if torch.compiler.is_exporting() or torch.jit.is_tracing():
+        raise LscError(f"{name}: a model loaded with lazy=... decodes its weights at each call, which torch.export "
+                       "and torch.jit.trace cannot record; load the file with lsc.load(path, model) (dense weights) "
+                       "to export or trace it")
+
+
 def _embedding_forward(self, input):
     par = self.parametrizations.weight[0]
+    _refuse_tracing(par.store.name)
     return par.runtime.embedding(self, par.store, self.parametrizations.weight.original.device, input)
 
 

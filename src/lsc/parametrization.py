@@ -117,12 +117,38 @@ class SpectralParametrization(nn.Module):
             step = step_size(self.exponent())
         return step.to(self.mean.dtype).reshape(-1)
 
+    def forward(self, *originals: torch.Tensor) -> torch.Tensor:
+        """The weight (see :meth:`_weight`); traced by ``torch.export`` and ``torch.jit.trace`` as below.
+
+        ``torch.export`` records the decoding itself (integer coefficients, inverse transform),
+        so the exported program computes the same weights, bit for bit, from the same
+        parameters; a program holding dense weights instead comes from :func:`lsc.to_dense`
+        first. ``torch.jit.trace`` records the decoded weight as a constant.
+        """
+        if torch.compiler.is_exporting():
+            return self._exported_weight(originals[0])
+        if torch.jit.is_tracing():
+            return _untraced(self._kept, originals[0])
+        return self._weight(*originals)
+
+    @full_precision
+    def _exported_weight(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """The weight as ``torch.export`` records it: no cache (its tensors are fake), no custom kernels."""
+        if torch.compiler.is_dynamo_compiling():  # strict mode: dynamo cannot follow q_net, which is no submodule
+            raise LscError(f"{self.name}: torch.export(strict=True) cannot trace a spectral model; use strict=False "
+                           "(the default), or export the dense model that lsc.to_dense(model) gives")
+        if self.training:
+            raise LscError(f"{self.name}: torch.export of a spectral model in train mode is not supported; "
+                           "call model.eval() first (the exported weights are then the decoded ones)")
+        with torch.no_grad():
+            return self._compute(coeffs)
+
     # Under torch.compile the weight is computed eagerly (a graph break at each weight access): its
     # kernels write through out= views and reuse buffers, which tracing cannot follow, and the
     # cached q_net / rate state is Python-side. The user's layers around it still compile.
     @torch.compiler.disable
     @full_precision
-    def forward(self, *originals: torch.Tensor) -> torch.Tensor:
+    def _weight(self, *originals: torch.Tensor) -> torch.Tensor:
         """The weight: the training synthesis in train mode, the decoded (file) weight in eval mode.
 
         Gradients follow PyTorch's rules, not the mode: whenever autograd is on and the
@@ -219,6 +245,20 @@ class SpectralParametrization(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.name}: shape={self.layout.shape}, block={self.layout.block_shape}, {self.transform}, groups={self.num_groups}"
+
+
+def _untraced(fn, *args):
+    """``fn(*args)`` with ``torch.jit.trace``'s recording paused: its result enters the trace as a constant.
+
+    The decoded weight reads q_net's parameters, which are no input of the traced module, so
+    recording its computation would fail; PyTorch's own tracer exposes no public switch for this.
+    """
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        return fn(*args)
+    finally:
+        torch._C._set_tracing_state(state)
 
 
 class _DecodedWithGradient(torch.autograd.Function):
