@@ -54,6 +54,31 @@ def test_qnet_is_not_in_model_parameters_and_optimizer_line_does_not_warn():
     assert lsc.rate_estimate(model) is not None  # the model keeps its reference to q_net
 
 
+def test_a_deep_copy_has_its_own_q_net_found_by_quantization_network():
+    """An EMA or teacher copy trains apart from the original: its tensors share the copy's q_net, which
+    lsc.quantization_network returns for the copy's optimizer."""
+    import copy
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
+    q_net = lsc.spectral(model)
+    assert lsc.quantization_network(model) is q_net
+    twin = copy.deepcopy(model)
+    twin_q = lsc.quantization_network(twin)
+    assert twin_q is not q_net
+    assert all(p.q_net is twin_q for m in twin for p in m.parametrizations.weight)
+    before = [p.detach().clone() for p in q_net.parameters()]
+    opt = torch.optim.Adam(list(twin.parameters()) + list(twin_q.parameters()), lr=1e-2)
+    for _ in range(3):
+        loss = twin(torch.randn(4, 8)).pow(2).mean() + lsc.quantization_loss(twin)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert all(torch.equal(a, b) for a, b in zip(before, q_net.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(before, twin_q.parameters()))
+    with pytest.raises(lsc.LscError, match="not a spectral model"):
+        lsc.quantization_network(nn.Linear(2, 2))
+
+
 def test_seed_snippet_from_readme_runs():
     my_model = nn.Sequential(nn.Linear(10, 10), nn.ReLU(), nn.Linear(10, 2))
     from lsc import quantization_loss, spectral

@@ -7,7 +7,7 @@
 from . import wavelets  # noqa: F401  registers transform="wavelet" (CDF 9/7) and "wavelet53" (LeGall 5/3)
 from .buffers import choose_buffer_tolerance, decode_buffers, encode_buffers, quantize_buffers_
 from .codec import compress_weights, decompress_weights, file_info, load, recode, save
-from .convert import spectral
+from .convert import quantization_network, spectral
 from .dense import to_dense
 from .distributed import SpectralTrainingModule, save_on_rank0, unwrap_spectral
 from .errors import LscError, LscFormatError
@@ -24,7 +24,7 @@ from .target import RateController
 __version__ = "0.3.0"
 __all__ = [
     # training
-    "spectral", "quantization_loss", "bits_per_weight", "rate_estimate", "report", "QuantizationNetwork",
+    "spectral", "quantization_network", "quantization_loss", "bits_per_weight", "rate_estimate", "report", "QuantizationNetwork",
     "RateController", "factorize", "release_buffers", "to_dense",
     # files
     "compress_weights", "decompress_weights", "save", "load", "file_info", "recode", "fold_factored_state_dict",

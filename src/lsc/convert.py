@@ -18,7 +18,7 @@ from .parametrization import SpectralParametrization
 from .precision import full_precision
 from .qnet import QuantizationNetwork
 from .quantizer import MAX_BITS, MIN_BITS
-from .state import LscState, SpectralEntry, attach_state
+from .state import LscState, SpectralEntry, attach_state, get_state
 from .wrappers import unwrap_for_conversion
 
 __all__ = ["spectral", "selected_parameters"]
@@ -186,3 +186,12 @@ def spectral(model: nn.Module, *, block_size=8, init_bits: float = 10.0, include
                   transform=transform if isinstance(transform, str) else repr(transform))
     attach_state(model, LscState(q_net, entries, config, float(rate_weight)))
     return q_net
+
+
+def quantization_network(model: nn.Module) -> QuantizationNetwork:
+    """The shared ``q_net`` of a spectral model: what :func:`spectral` returned, for code that did not keep it.
+
+    A copy of the model (``copy.deepcopy``: an EMA or teacher copy, say) has its own, used by all
+    of its tensors; build the copy's optimizer from this one. Looks through DDP / compile wrappers.
+    """
+    return get_state(model).q_net
