@@ -36,6 +36,9 @@ def files(tmp_path_factory):
     torch.save(sd, d / "cnn.pt")
     from safetensors.torch import save_file
     save_file(sd, str(d / "cnn.safetensors"))
+    (d / "empty-dir").mkdir()
+    (d / "hf-model").mkdir()
+    save_file(sd, str(d / "hf-model" / "model.safetensors"))  # a Hugging Face model directory
     compress_posttraining(sd, max_error=0.05, path=d / "cnn.lsc", progress=False)
     data = (d / "cnn.lsc").read_bytes()
     (d / "corrupt.lsc").write_bytes(data[:-40] + bytes(b ^ 0x5A for b in data[-40:]))
@@ -52,6 +55,7 @@ RUNS = {
     # name: (args, uses console script)
     "compress_pt": (["compress", "{d}/cnn.pt", "-o", "{d}/out_pt.lsc", "--max-error", "0.05"], True),
     "compress_st": (["compress", "{d}/cnn.safetensors", "-o", "{d}/out_st.lsc", "--bits", "4", "-q"], False),
+    "compress_dir": (["compress", "{d}/hf-model", "--bits", "4", "-q"], False),
     "info": (["info", "{d}/cnn.lsc"], True),
     "decompress_st": (["decompress", "{d}/cnn.lsc", "-o", "{d}/dense.safetensors"], False),
     "decompress_pt": (["decompress", "{d}/cnn.lsc", "-o", "{d}/dense.pt"], True),
@@ -63,6 +67,7 @@ RUNS = {
     # error paths
     "err_missing": (["compress", "{d}/nope.pt", "-o", "{d}/x.lsc"], False),
     "err_not_ckpt": (["compress", "{d}/notes.pt", "-o", "{d}/x.lsc"], True),
+    "err_empty_dir": (["compress", "{d}/empty-dir", "-o", "{d}/x.lsc"], False),
     "err_dtype": (["compress", "{d}/fp8.pt", "-o", "{d}/x.lsc"], False),
     "err_corrupt": (["info", "{d}/corrupt.lsc"], False),
     "err_truncated": (["decompress", "{d}/truncated.lsc", "-o", "{d}/y.pt"], True),
@@ -104,6 +109,9 @@ def test_compress_checkpoint(runs, files):
         assert torch.linalg.vector_norm(dec[k] - v) <= 0.05 * torch.linalg.vector_norm(v) + 1e-12
     assert _ok(runs["compress_st"]) == ""  # --quiet
     assert set(lsc.load(d / "out_st.lsc")) == set(sd)
+    _ok(runs["compress_dir"])  # a model directory: its model.safetensors, written beside it as hf-model.lsc
+    from_dir, from_file = lsc.load(d / "hf-model.lsc"), lsc.load(d / "out_st.lsc")
+    assert set(from_dir) == set(sd) and all(torch.equal(from_dir[k], from_file[k]) for k in sd)
 
 
 def test_info_table(runs, files, capsys):
@@ -179,6 +187,7 @@ def test_help_lists_every_subcommand(capsys):
 @pytest.mark.parametrize("name, needle", [
     ("err_missing", "nope.pt: no such"),
     ("err_not_ckpt", "notes.pt: not a PyTorch checkpoint"),
+    ("err_empty_dir", "empty-dir: is a directory without a checkpoint (looked for model.safetensors"),
     ("err_dtype", "w: unsupported dtype"),
     ("err_corrupt", "corrupt.lsc"),
     ("err_truncated", "truncated.lsc: truncated"),

@@ -202,7 +202,7 @@ def test_load_checkpoint_formats_and_wrappers(tmp_path):
 def test_load_checkpoint_errors(tmp_path):
     with pytest.raises(lsc.LscError, match="no such file"):
         load_checkpoint(tmp_path / "missing.pt")
-    with pytest.raises(lsc.LscError, match="directory"):
+    with pytest.raises(lsc.LscError, match="is a directory without a checkpoint .looked for model.safetensors"):
         load_checkpoint(tmp_path)
     (tmp_path / "text.pt").write_text("hello")
     with pytest.raises(lsc.LscError, match="not a PyTorch checkpoint .neither"):
@@ -216,6 +216,50 @@ def test_load_checkpoint_errors(tmp_path):
     torch.save(nn.Linear(2, 2), tmp_path / "pickled_module.pt")  # needs full unpickling: refused
     with pytest.raises(lsc.LscError, match="state_dict"):
         load_checkpoint(tmp_path / "pickled_module.pt")
+
+
+def _same(got, want):
+    return set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "pytorch_model.bin"])
+def test_load_checkpoint_reads_hugging_face_directories_single_and_sharded(tmp_path, safe):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg)
+    model.save_pretrained(tmp_path / "single", safe_serialization=safe)
+    model.save_pretrained(tmp_path / "sharded", safe_serialization=safe, max_shard_size="20KB")
+    index = next((tmp_path / "sharded").glob("*.index.json"))
+    want = load_checkpoint(tmp_path / "single")
+    assert len(list((tmp_path / "sharded").glob("*-of-*"))) > 2
+    assert _same(load_checkpoint(tmp_path / "sharded"), want)
+    assert _same(load_checkpoint(index), want)
+    assert _same(want, {k: v for k, v in model.state_dict().items() if k in want})
+
+
+def test_sharded_checkpoint_errors_name_the_problem(tmp_path):
+    import json
+    from safetensors.torch import save_file
+    save_file({"a": torch.zeros(2)}, str(tmp_path / "s1.safetensors"))
+    save_file({"a": torch.ones(2), "b": torch.ones(3)}, str(tmp_path / "s2.safetensors"))
+
+    def index(weight_map):
+        (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        return tmp_path / "model.safetensors.index.json"
+    with pytest.raises(lsc.LscError, match="'a' is in more than one shard"):
+        load_checkpoint(index({"a": "s1.safetensors", "b": "s2.safetensors"}))
+    with pytest.raises(lsc.LscError, match="in no shard: c"):
+        load_checkpoint(index({"a": "s1.safetensors", "c": "s1.safetensors"}))
+    with pytest.raises(lsc.LscError, match="outside the checkpoint's directory"):
+        load_checkpoint(index({"a": "../s1.safetensors"}))
+    with pytest.raises(lsc.LscError, match="s3.safetensors: no such file"):
+        load_checkpoint(index({"a": "s3.safetensors"}))
+    (tmp_path / "model.safetensors.index.json").write_text("{}")
+    with pytest.raises(lsc.LscError, match="not a sharded-checkpoint index"):
+        load_checkpoint(tmp_path)  # the directory finds the index
+    assert _same(load_checkpoint(index({"a": "s1.safetensors"})), {"a": torch.zeros(2)})
 
 
 def test_result_summary_properties(tmp_path):

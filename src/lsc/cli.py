@@ -94,7 +94,9 @@ def cmd_demo(args) -> int:
 
 def cmd_compress(args) -> int:
     from .posttraining import _check_dtypes, compress_posttraining, load_checkpoint
-    src = _check_input(args.checkpoint, "checkpoint file")
+    src = Path(args.checkpoint)  # a file, or a Hugging Face model directory (load_checkpoint names what is missing)
+    if not src.exists():
+        raise CliError(f"{src}: no such checkpoint file or directory")
     if args.bits is not None and args.max_error:
         raise CliError("give either --bits or --max-error, not both")
     if args.bounds:
@@ -104,7 +106,7 @@ def cmd_compress(args) -> int:
     hessians = _read_hessians(_check_input(args.hessians, "Hessians file")) if args.hessians else None
     if not (0 < args.row_prior < math.inf):
         raise CliError(f"--row-prior {args.row_prior:g}: must be a finite number > 0")
-    out = _check_output(args.output or str(src.with_suffix(".lsc")), [src])
+    out = _check_output(args.output or str(_default_lsc_name(src)), [src])
     t0 = time.perf_counter()
     sd = load_checkpoint(src)
     _check_dtypes(sd)
@@ -145,6 +147,16 @@ def cmd_compress(args) -> int:
     _out(args, f"wrote {out}: {fmt_bytes(size)} ({8 * size / max(n_float, 1):.3f} bits/weight), "
                f"{fp32 / size:.1f}x smaller than fp32, in {secs:.1f} s")
     return 0
+
+
+def _default_lsc_name(src: Path) -> Path:
+    """model.pt -> model.lsc; a model directory my-model/ -> my-model.lsc beside it; model.safetensors.index.json -> model.lsc."""
+    if src.is_dir():
+        return src.parent / (src.resolve().name + ".lsc")
+    name = src.name
+    if name.endswith(".index.json"):
+        return src.with_name(name[: -len(".index.json")]).with_suffix(".lsc")
+    return src.with_suffix(".lsc")
 
 
 def _parse_max_error(values: list[str]):
@@ -347,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", parents=[common], help="post-training (data-free) compression of a checkpoint",
                        description="Compress a .pt/.pth state_dict or .safetensors file without data or fine-tuning: "
                                    "block DCT, per-tensor quantization step, entropy coding.")
-    c.add_argument("checkpoint", help=".pt / .pth (torch.save'd state_dict) or .safetensors")
+    c.add_argument("checkpoint", help=".pt / .pth (torch.save'd state_dict), .safetensors, or a Hugging Face model directory (or the .index.json of a sharded checkpoint)")
     c.add_argument("-o", "--output", help="output .lsc file (default: CHECKPOINT with suffix .lsc)")
     g = c.add_mutually_exclusive_group()
     g.add_argument("--bits", type=float, help="bits per frequency for every tensor (quarter-bit steps)")

@@ -62,7 +62,8 @@ def _is_tensor_dict(obj) -> bool:
 
 
 def load_checkpoint(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
-    """Read a state_dict from ``.safetensors`` or a ``torch.save`` file (``weights_only=True``).
+    """Read a state_dict from ``.safetensors`` or a ``torch.save`` file (``weights_only=True``), or from a
+    Hugging Face checkpoint: its directory, or the ``*.index.json`` of a sharded one.
 
     Common wrappers (``{"state_dict": {...}}``, ``{"model": {...}}``) are unwrapped.
     Raises :class:`LscError` with a one-line reason for a missing or unreadable
@@ -72,7 +73,53 @@ def load_checkpoint(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
     if not p.exists():
         raise LscError(f"{p}: no such file")
     if p.is_dir():
-        raise LscError(f"{p}: is a directory, expected a checkpoint file (.pt, .pth, .safetensors)")
+        p = _checkpoint_in_directory(p)
+    if p.name.endswith(".index.json"):
+        return _load_sharded(p)
+    return _load_one(p)
+
+
+# What Hugging Face's save_pretrained writes, in the order from_pretrained prefers them.
+_HF_CHECKPOINT_NAMES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                        "pytorch_model.bin.index.json")
+
+
+def _checkpoint_in_directory(d: Path) -> Path:
+    """The checkpoint file of a Hugging Face model directory."""
+    for name in _HF_CHECKPOINT_NAMES:
+        if (d / name).is_file():
+            return d / name
+    raise LscError(f"{d}: is a directory without a checkpoint (looked for {', '.join(_HF_CHECKPOINT_NAMES)}); "
+                   "give the checkpoint file (.pt, .pth, .safetensors)")
+
+
+def _load_sharded(index: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a sharded checkpoint, merged: every shard its index names, each name found once."""
+    import json
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise ValueError("weight_map is not an object of shard file names")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise LscError(f"{index}: not a sharded-checkpoint index ({_one_line(e)})") from None
+    merged: dict[str, torch.Tensor] = {}
+    for shard in dict.fromkeys(weight_map.values()):  # file order of first appearance, each once
+        if Path(shard).is_absolute() or ".." in Path(shard).parts:
+            raise LscError(f"{index}: shard {shard!r} lies outside the checkpoint's directory")
+        for name, t in _load_one(index.parent / shard).items():
+            if name in merged:
+                raise LscError(f"{index}: tensor {name!r} is in more than one shard")
+            merged[name] = t
+    missing = [n for n in weight_map if n not in merged]
+    if missing:
+        raise LscError(f"{index}: {len(missing)} tensor(s) the index lists are in no shard: {', '.join(missing[:3])}")
+    return merged
+
+
+def _load_one(p: Path) -> dict[str, torch.Tensor]:
+    """The state_dict in one checkpoint file."""
+    if not p.exists():
+        raise LscError(f"{p}: no such file")
     if p.suffix == ".safetensors":
         try:
             from safetensors.torch import load_file
