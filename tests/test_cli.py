@@ -150,6 +150,9 @@ def test_decompress_both_formats(runs, files):
         for k in sd:
             assert got[k].dtype == sd[k].dtype and torch.equal(got[k], ref[k])
     DigitsCNN().load_state_dict(torch.load(d / "dense.pt", weights_only=True))
+    from safetensors import safe_open
+    with safe_open(str(d / "dense.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}  # as save_pretrained writes it, for Hugging Face loaders
 
 
 def test_plot_png(runs, files):

@@ -293,7 +293,7 @@ def write_checkpoint(sd: dict, out: Path) -> None:
                 seen.add(key)
             dense[k] = t
         with atomic_path(out) as tmp:
-            save_file(dense, tmp)
+            save_file(dense, tmp, metadata={"format": "pt"})  # what Hugging Face loaders check for
     else:
         with atomic_path(out) as tmp:
             torch.save({k: t.detach().cpu() for k, t in sd.items()}, tmp)
