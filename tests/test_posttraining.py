@@ -239,6 +239,48 @@ def test_load_checkpoint_reads_hugging_face_directories_single_and_sharded(tmp_p
     assert _same(want, {k: v for k, v in model.state_dict().items() if k in want})
 
 
+def test_a_checkpoint_holding_a_tied_tensor_once_loads_into_every_kind_of_model(tmp_path):
+    """safetensors stores a tied tensor under one name (save_model drops the others), so the file lacks
+    the head's name: plain, meta, lazy and spectral loading take it from the name it has, and keep the tie."""
+    from safetensors.torch import save_model
+    from model_zoo import Tied
+    torch.manual_seed(0)
+    save_model(Tied(), str(tmp_path / "tied.safetensors"))
+    sd = load_checkpoint(tmp_path / "tied.safetensors")
+    assert ("emb.weight" in sd) != ("head.weight" in sd)
+    compress_posttraining(sd, max_error=0.05, path=tmp_path / "tied.lsc", progress=False)
+    idx = torch.randint(0, 50, (2, 6))
+    plain = lsc.load(tmp_path / "tied.lsc", Tied())
+    assert plain.head.weight is plain.emb.weight
+    with torch.no_grad():
+        want = plain(idx)
+    with torch.device("meta"):
+        on_meta = Tied()
+    spectral = Tied()
+    lsc.spectral(spectral)
+    models = [lsc.load(tmp_path / "tied.lsc", on_meta), lsc.load(tmp_path / "tied.lsc", spectral).eval()]
+    models += [lsc.load(tmp_path / "tied.lsc", Tied(), lazy=mode) for mode in ("packed", "entropy")]
+    for model in models:
+        with torch.no_grad():
+            assert torch.equal(model(idx), want)
+    assert on_meta.head.weight is on_meta.emb.weight
+
+
+def test_hugging_face_masked_lm_with_its_tied_head_round_trips(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32)
+    torch.manual_seed(0)
+    transformers.BertForMaskedLM(cfg).save_pretrained(tmp_path / "mlm")
+    compress_posttraining(load_checkpoint(tmp_path / "mlm"), max_error=0.05, path=tmp_path / "mlm.lsc", progress=False)
+    model = lsc.load(tmp_path / "mlm.lsc", transformers.BertForMaskedLM(cfg)).eval()
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    lazy = lsc.load(tmp_path / "mlm.lsc", transformers.BertForMaskedLM(cfg), lazy=True)
+    ids = torch.randint(0, 200, (2, 7))
+    with torch.no_grad():
+        assert torch.equal(lazy(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
 def test_sharded_checkpoint_errors_name_the_problem(tmp_path):
     import json
     from safetensors.torch import save_file

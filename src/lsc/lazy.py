@@ -436,6 +436,10 @@ def load_lazy(src, model: nn.Module, *, mode: str = "packed", cache: int = 0, st
             raise LscFormatError(f"{m['name']}: cannot decode ({type(exc).__name__}: {exc})") from None
         for n in names:
             raw[n] = t
+    groups = _api.tie_groups(model)  # a checkpoint may hold a tied tensor under one of its names only
+    plan = [(store, names + [n for g in groups if set(g) & set(names) for n in g if n not in names])
+            for store, names in plan]
+    raw = _api.fill_tied_names(raw, groups)
     spectral_names = {n for _, names in plan for n in names}
     own = set(model.state_dict())
     missing = sorted(own - set(raw) - spectral_names)

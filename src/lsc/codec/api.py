@@ -573,13 +573,14 @@ def _load_into_plain(model: nn.Module, header: dict, plain: dict, strict: bool) 
     own = model.state_dict()
     if any(FACTOR_KEY.match(k) and k not in own for k in plain):  # a factored file into an unfactored model
         plain = fold_factored_state_dict(plain, model)
+    groups = tie_groups(model)
+    plain = fill_tied_names(plain, groups)
     meta = any(t.is_meta for t in own.values())
     # copying into a meta tensor is a no-op: such a model takes the decoded tensors themselves
     model.load_state_dict(plain, strict=strict, assign=meta)
     if not meta:
         return
-    for m in header["tensors"]:  # assign gave each tied name a Parameter of its own: tie them again
-        names = [n for n in (m["name"], *m.get("tied", [])) if n in own]
+    for names in groups:  # assign gave each tied name a Parameter of its own: tie them again
         for name in names[1:]:
             owner, attr = resolve(model, name)
             if attr in owner._parameters:
@@ -587,6 +588,28 @@ def _load_into_plain(model: nn.Module, header: dict, plain: dict, strict: bool) 
     left = [k for k, t in model.state_dict().items() if t.is_meta]
     if left:
         raise LscError(f"tensors still on the meta device after loading (not in the file): {left[:5]}")
+
+
+def tie_groups(model: nn.Module) -> list[list[str]]:
+    """State-dict names that hold one tensor (tied weights), in state_dict order: the groups of two or more."""
+    by_tensor: dict[int, list[str]] = {}
+    for name, t in model.state_dict(keep_vars=True).items():
+        by_tensor.setdefault(id(t), []).append(name)
+    return [names for names in by_tensor.values() if len(names) > 1]
+
+
+def fill_tied_names(state: dict, groups: list[list[str]]) -> dict:
+    """``state`` with every name of a tied group that it lacks taken from one it has.
+
+    Checkpoints store a tied tensor once (safetensors must; Hugging Face's ``save_pretrained`` drops a
+    language-model head tied to the embeddings), so a file compressed from one lacks the other names.
+    """
+    out = dict(state)
+    for names in groups:
+        have = next((n for n in names if n in state), None)
+        if have is not None:
+            out.update({n: state[have] for n in names if n not in state})
+    return out
 
 
 def _unwrap(model):
