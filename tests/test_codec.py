@@ -3,6 +3,7 @@ import copy
 import io
 import os
 import struct
+import warnings
 import zlib
 
 import pytest
@@ -452,6 +453,37 @@ def test_a_module_replaced_after_spectral_is_caught_before_a_wrong_file_is_writt
         with pytest.raises(lsc.LscError, match=r"2\.weight: the module holding this spectral tensor was replaced"):
             call()
     assert (tmp_path / "m.lsc").read_bytes() == before  # the old file is left as it was
+
+
+def test_an_embedding_resized_after_spectral_is_caught():
+    """Resizing code sets the module's sizes and assigns ``weight.data``, which a computed (parametrized)
+    weight drops: the model would train and save the old table while it declares the new one."""
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3))
+    lsc.spectral(model)
+    model[0].num_embeddings = 12
+    for call in (lambda: lsc.save(model, io.BytesIO()), lambda: lsc.quantization_loss(model)):
+        with pytest.raises(lsc.LscError, match=r"0\.weight: the Embedding was resized after lsc.spectral "
+                                               r"\(it declares shape \(12, 4\), its spectral tensor has \(10, 4\)"):
+            call()
+
+
+def test_hugging_face_resize_token_embeddings_after_spectral_is_caught():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=32)
+    model = transformers.BertModel(cfg)
+    lsc.spectral(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.resize_token_embeddings(120)
+    with pytest.raises(lsc.LscError, match="word_embeddings.weight: the Embedding was resized after lsc.spectral"):
+        lsc.quantization_loss(model)
+    resized_first = transformers.BertModel(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        resized_first.resize_token_embeddings(120)
+    lsc.spectral(resized_first)
+    assert torch.isfinite(lsc.quantization_loss(resized_first))
 
 
 @pytest.mark.parametrize("name,factory,make_input", cases(), ids=[c[0] for c in cases()])

@@ -146,7 +146,23 @@ def check_attached(model: nn.Module) -> LscState:
                 raise LscError(f"{name}: the module holding this spectral tensor was replaced after lsc.spectral "
                                f"(it is now {now}), so lsc would go on training and saving the old tensor; change the "
                                "model first, then call lsc.spectral")
+            declared = _declared_shape(module, attr)
+            if declared is not None and declared != par.layout.shape:
+                kind = type(module).__bases__[0].__name__  # parametrize's subclass -> the user's class
+                raise LscError(f"{name}: the {kind} was resized after lsc.spectral (it declares shape "
+                               f"{declared}, its spectral tensor has {par.layout.shape}; the new rows were lost): "
+                               "resize first (e.g. resize_token_embeddings), then call lsc.spectral")
     return st
+
+
+def _declared_shape(module: nn.Module, attr: str) -> tuple[int, ...] | None:
+    """The shape an Embedding's or Linear's own size attributes give its ``attr``; resizing code (Hugging Face's
+    ``resize_token_embeddings``) sets them and assigns ``.weight.data``, which a parametrized weight drops."""
+    if isinstance(module, nn.Embedding) and attr == "weight":
+        return (module.num_embeddings, module.embedding_dim)
+    if isinstance(module, nn.Linear):
+        return {"weight": (module.out_features, module.in_features), "bias": (module.out_features,)}.get(attr)
+    return None
 
 
 def _state_dict_hook(module, state_dict, prefix, local_metadata):
