@@ -357,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("compress", parents=[common], help="post-training (data-free) compression of a checkpoint",
-                       description="Compress a .pt/.pth state_dict or .safetensors file without data or fine-tuning: "
+                       description="Compress a .pt/.pth state_dict, a .safetensors file or a Hugging Face model directory "
+                                   "without data or fine-tuning: "
                                    "block DCT, per-tensor quantization step, entropy coding.")
     c.add_argument("checkpoint", help=".pt / .pth (torch.save'd state_dict), .safetensors, or a Hugging Face model directory (or the .index.json of a sharded checkpoint)")
     c.add_argument("-o", "--output", help="output .lsc file (default: CHECKPOINT with suffix .lsc)")

@@ -253,12 +253,15 @@ def _untraced(fn, *args):
     The decoded weight reads q_net's parameters, which are no input of the traced module, so
     recording its computation would fail; PyTorch's own tracer exposes no public switch for this.
     """
-    state = torch._C._get_tracing_state()
-    torch._C._set_tracing_state(None)
+    get, set_ = getattr(torch._C, "_get_tracing_state", None), getattr(torch._C, "_set_tracing_state", None)
+    if get is None or set_ is None:  # a PyTorch without them: the trace then fails as it did before
+        return fn(*args)
+    state = get()
+    set_(None)
     try:
         return fn(*args)
     finally:
-        torch._C._set_tracing_state(state)
+        set_(state)
 
 
 class _DecodedWithGradient(torch.autograd.Function):
