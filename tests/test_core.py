@@ -174,6 +174,22 @@ def test_options_include_exclude_block_size():
     assert not hasattr(model[1], "parametrizations")
 
 
+@pytest.mark.parametrize("options,spectral", [
+    (dict(exclude="head.weight"), False), (dict(exclude="emb.weight"), False),
+    (dict(include="head.*"), True), (dict(include="emb.*"), True), (dict(include=nn.Linear), True),
+    (dict(include="head.*", exclude="emb.*"), False)])
+def test_a_tied_weight_is_selected_by_any_of_its_names(options, spectral):
+    """One tensor under two names: included when any name is, excluded when any name is, whichever comes first."""
+    model = Tied()
+    if spectral or "include" not in options:
+        lsc.spectral(model, **options)
+    else:
+        with pytest.raises(lsc.LscError, match="no floating-point parameters selected"):
+            lsc.spectral(model, **options)
+    assert hasattr(model.emb, "parametrizations") == spectral
+    assert model.head.weight is model.emb.weight or torch.equal(model.head.weight, model.emb.weight)
+
+
 def test_init_bits_sets_the_starting_step():
     model = nn.Linear(8, 8)
     lsc.spectral(model, init_bits=7)

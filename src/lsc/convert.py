@@ -46,7 +46,9 @@ def selected_parameters(model: nn.Module, include=None, exclude=None):
     A parameter is taken when it is floating point, non-empty, matches ``include``
     (default: everything) and matches nothing in ``exclude``. Selectors are glob
     patterns on the parameter name (``"encoder.*.weight"``, ``"bias"``), module
-    types (``nn.LayerNorm``), or callables ``(name, tensor) -> bool``.
+    types (``nn.LayerNorm``), or callables ``(name, tensor) -> bool``. A tied parameter
+    is one tensor under several names (and modules): it is taken when any of them is
+    included and none is excluded, whichever name comes first in the model.
     """
     include, exclude = _as_list(include), _as_list(exclude)
     owners: dict[int, list] = {}
@@ -66,9 +68,10 @@ def selected_parameters(model: nn.Module, include=None, exclude=None):
         (name, module, attr, p), *ties = owners[pid]
         if not p.is_floating_point() or p.numel() == 0:
             continue
-        if include and not any(_matches(s, name, module, p) for s in include):
+        names = [(n, m) for n, m, _, _ in owners[pid]]
+        if include and not any(_matches(s, n, m, p) for s in include for n, m in names):
             continue
-        if any(_matches(s, name, module, p) for s in exclude):
+        if any(_matches(s, n, m, p) for s in exclude for n, m in names):
             continue
         chosen.append((name, module, attr, p, [(n, m, a) for n, m, a, _ in ties]))
     return chosen
