@@ -1,5 +1,6 @@
 """torch.export and torch.jit.trace of spectral models: the traced program computes the decoded weights."""
 import copy
+import io
 import traceback
 import warnings
 
@@ -38,6 +39,10 @@ def test_exported_program_equals_the_exported_dense_model(name, factory, make_in
     torch.testing.assert_close(got, eager, rtol=1e-5, atol=1e-6)
     # the coefficients stay the program's parameters: a fine-tuned model exported again gives new weights
     assert any("parametrizations" in spec.target for spec in program.graph_signature.input_specs if spec.target)
+    buf = io.BytesIO()
+    torch.export.save(program, buf)  # the saved program (.pt2) loads back and computes the same
+    buf.seek(0)
+    assert torch.equal(first_output(torch.export.load(buf).module()(x)), got)
 
 
 def test_export_of_a_model_loaded_from_a_file(tmp_path):

@@ -97,18 +97,19 @@ class SpectralParametrization(nn.Module):
         exponents raise LscError naming the tensor instead of casting garbage to int64;
         the eval forward passes ``check=False`` (no host sync) and NaN-fills instead.
         """
-        with torch.no_grad():
-            ef = self.exponent()
-            c = coeffs.to(self.mean.dtype)
-            if check:
-                if not bool(torch.isfinite(ef).all()):
-                    raise LscError(f"{self.name}: the quantization network produced NaN/Inf step sizes (training diverged?)")
-                if not bool(torch.isfinite(c).all()):
-                    raise LscError(f"{self.name}: spectral coefficients contain NaN or Inf (training diverged?)")
-            e = ef.to(torch.int64)
-            if check and c.numel() and float((c.abs() / self.step(e)).max()) >= 2.0 ** 52:
-                raise LscError(f"{self.name}: a spectral coefficient is too large to store as an integer at this step size")
-            return integer_coefficients(c, self.step(e)), e
+        # detached inputs rather than a no_grad region: torch.export records such a region as a
+        # set-grad wrapper that torch.export.save cannot serialize (see _exported_weight)
+        ef = self.exponent().detach()
+        c = coeffs.detach().to(self.mean.dtype)
+        if check:
+            if not bool(torch.isfinite(ef).all()):
+                raise LscError(f"{self.name}: the quantization network produced NaN/Inf step sizes (training diverged?)")
+            if not bool(torch.isfinite(c).all()):
+                raise LscError(f"{self.name}: spectral coefficients contain NaN or Inf (training diverged?)")
+        e = ef.to(torch.int64)
+        if check and c.numel() and float((c.abs() / self.step(e)).max()) >= 2.0 ** 52:
+            raise LscError(f"{self.name}: a spectral coefficient is too large to store as an integer at this step size")
+        return integer_coefficients(c, self.step(e)), e
 
     def _training_step(self) -> torch.Tensor:
         """Steps (P,) of the training forward: from q_net's one batched evaluation per step when it has one."""
@@ -140,8 +141,7 @@ class SpectralParametrization(nn.Module):
         if self.training:
             raise LscError(f"{self.name}: torch.export of a spectral model in train mode is not supported; "
                            "call model.eval() first (the exported weights are then the decoded ones)")
-        with torch.no_grad():
-            return self._compute(coeffs)
+        return self._decoded(coeffs)  # no no_grad region: export records one as a wrapper export.save cannot write
 
     # Under torch.compile the weight is computed eagerly (a graph break at each weight access): its
     # kernels write through out= views and reuse buffers, which tracing cannot follow, and the
@@ -206,6 +206,10 @@ class SpectralParametrization(nn.Module):
     def _compute(self, coeffs: torch.Tensor) -> torch.Tensor:
         if self.training:
             return self._training_weight(coeffs, self._training_step())
+        return self._decoded(coeffs)
+
+    def _decoded(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """The eval weight: the file's integers through :func:`reconstruct` (no graph to the coefficients)."""
         q, e = self.integer_state(coeffs, check=False)
         w = reconstruct(q, e, self.layout, self.mean, self.std, self.orig_dtype, self.transform)
         # NaN/Inf coefficients would cast to garbage integers: give NaN weights, never silently wrong ones
