@@ -78,3 +78,23 @@ def fine_tune(model, q_net, x, steps=3, lr=1e-2):
         loss.backward()
         opt.step()
     return model
+
+
+def tiny_bert_config(vocab_size=120, layers=1):
+    """A Hugging Face BertConfig small enough for a unit test (hidden 32, 2 heads); skips without transformers."""
+    import pytest
+    transformers = pytest.importorskip("transformers")
+    return transformers.BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=layers,
+                                   num_attention_heads=2, intermediate_size=64, max_position_embeddings=32)
+
+
+def spectral_tiny_bert(init_bits=5):
+    """(a spectral BertModel of :func:`tiny_bert_config` in eval mode, a batch of its input ids)."""
+    cfg = tiny_bert_config()  # skips without transformers
+    import transformers
+
+    import lsc
+    torch.manual_seed(0)
+    model = transformers.BertModel(cfg)
+    lsc.spectral(model, init_bits=init_bits)
+    return model.eval(), torch.randint(0, cfg.vocab_size, (2, 9))

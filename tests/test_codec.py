@@ -14,7 +14,7 @@ import lsc
 from lsc.codec import from_bytes, to_bytes
 from lsc.codec.format import MAGIC, PREFIX_SIZE
 from lsc.state import get_state
-from model_zoo import cases
+from model_zoo import cases, tiny_bert_config
 
 
 def _spectral_weights(model):
@@ -469,8 +469,7 @@ def test_an_embedding_resized_after_spectral_is_caught():
 
 def test_hugging_face_resize_token_embeddings_after_spectral_is_caught():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=32)
+    cfg = tiny_bert_config(100)
     model = transformers.BertModel(cfg)
     lsc.spectral(model)
     with warnings.catch_warnings():

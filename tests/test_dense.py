@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import lsc
-from model_zoo import Tied, cases, fine_tune, first_output
+from model_zoo import Tied, cases, fine_tune, first_output, spectral_tiny_bert
 
 
 def _trained(factory, x):
@@ -120,13 +120,7 @@ def test_refuses_plain_and_lazily_loaded_models(tmp_path):
 
 def test_hugging_face_round_trip_through_save_pretrained(tmp_path):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=32)
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg)
-    lsc.spectral(model, init_bits=5)
-    model.eval()
-    ids = torch.randint(0, 120, (2, 9))
+    model, ids = spectral_tiny_bert()
     with torch.no_grad():
         expected = model(input_ids=ids).last_hidden_state
     lsc.to_dense(model)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lsc
-from model_zoo import cases, fine_tune, first_output
+from model_zoo import cases, fine_tune, first_output, spectral_tiny_bert
 
 
 def _trained(factory, x):
@@ -61,14 +61,7 @@ def test_export_of_a_model_loaded_from_a_file(tmp_path):
 
 
 def test_hugging_face_bert_exports():
-    transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=32)
-    torch.manual_seed(0)
-    model = transformers.BertModel(cfg)
-    lsc.spectral(model, init_bits=5)
-    model.eval()
-    ids = torch.randint(0, 120, (2, 9))
+    model, ids = spectral_tiny_bert()
     got = torch.export.export(model, (ids,)).module()(ids).last_hidden_state
     want = torch.export.export(_dense_copy(model), (ids,)).module()(ids).last_hidden_state
     assert torch.equal(got, want)

@@ -11,6 +11,7 @@ import lsc
 from lsc.posttraining import (_search_exponent, compress_posttraining, load_checkpoint, module_from_state_dict,
                               relative_error)
 from lsc.quantizer import EXPONENT_RESOLUTION
+from model_zoo import Tied, tiny_bert_config
 
 
 @pytest.fixture(autouse=True)
@@ -225,8 +226,7 @@ def _same(got, want):
 @pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "pytorch_model.bin"])
 def test_load_checkpoint_reads_hugging_face_directories_single_and_sharded(tmp_path, safe):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=32)
+    cfg = tiny_bert_config(200, layers=2)
     torch.manual_seed(0)
     model = transformers.BertModel(cfg)
     model.save_pretrained(tmp_path / "single", safe_serialization=safe)
@@ -243,7 +243,6 @@ def test_a_checkpoint_holding_a_tied_tensor_once_loads_into_every_kind_of_model(
     """safetensors stores a tied tensor under one name (save_model drops the others), so the file lacks
     the head's name: plain, meta, lazy and spectral loading take it from the name it has, and keep the tie."""
     from safetensors.torch import save_model
-    from model_zoo import Tied
     torch.manual_seed(0)
     save_model(Tied(), str(tmp_path / "tied.safetensors"))
     sd = load_checkpoint(tmp_path / "tied.safetensors")
@@ -268,8 +267,7 @@ def test_a_checkpoint_holding_a_tied_tensor_once_loads_into_every_kind_of_model(
 
 def test_hugging_face_masked_lm_with_its_tied_head_round_trips(tmp_path):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.BertConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                  intermediate_size=64, max_position_embeddings=32)
+    cfg = tiny_bert_config(200)
     torch.manual_seed(0)
     transformers.BertForMaskedLM(cfg).save_pretrained(tmp_path / "mlm")
     compress_posttraining(load_checkpoint(tmp_path / "mlm"), max_error=0.05, path=tmp_path / "mlm.lsc", progress=False)
