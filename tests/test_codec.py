@@ -455,6 +455,39 @@ def test_a_module_replaced_after_spectral_is_caught_before_a_wrong_file_is_writt
     assert (tmp_path / "m.lsc").read_bytes() == before  # the old file is left as it was
 
 
+def _two_layers(out=30, extra=False, spectral=False):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, out), *([nn.Linear(out, 2)] if extra else []))
+    if spectral:
+        lsc.spectral(model)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["plain", "spectral", "lazy", "meta"])
+@pytest.mark.parametrize("mismatch,error", [
+    (dict(out=40), r"1\.weight: file has shape \(30, 8\).*model has \(40, 8\)"),
+    (dict(extra=True), r"missing \['2\.weight', '2\.bias'\]|2\.weight: not in the file"),
+])
+def test_a_file_that_does_not_fit_leaves_the_model_as_it_was(kind, mismatch, error):
+    """PyTorch's load_state_dict copies every tensor that fits and raises afterwards; lsc.load checks first,
+    so a failed load neither half-loads the model nor half-converts it to lazy weights."""
+    source = _two_layers(spectral=True)
+    data = io.BytesIO()
+    lsc.save(source, data)
+    if kind == "meta":
+        with torch.device("meta"):
+            model = _two_layers(**mismatch)
+    else:
+        model = _two_layers(**mismatch, spectral=kind == "spectral")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lsc.LscError, match=error):
+        lsc.load(data.getvalue(), model, lazy=kind == "lazy")
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before if not before[k].is_meta)
+    assert hasattr(model[0], "parametrizations") == (kind == "spectral")
+
+
 def test_an_embedding_resized_after_spectral_is_caught():
     """Resizing code sets the module's sizes and assigns ``weight.data``, which a computed (parametrized)
     weight drops: the model would train and save the old table while it declares the new one."""

@@ -440,16 +440,15 @@ def load_lazy(src, model: nn.Module, *, mode: str = "packed", cache: int = 0, st
     plan = [(store, names + [n for g in groups if set(g) & set(names) for n in g if n not in names])
             for store, names in plan]
     raw = _api.fill_tied_names(raw, groups)
-    spectral_names = {n for _, names in plan for n in names}
-    own = set(model.state_dict())
-    missing = sorted(own - set(raw) - spectral_names)
-    unexpected = sorted((set(raw) | spectral_names) - own)
+    in_file = list(raw) + [n for _, names in plan for n in names if n not in raw]
+    order = list(model.state_dict())  # reported in the model's order, as lsc.load does
+    own, found = set(order), set(in_file)
+    missing = [k for k in order if k not in found]
+    unexpected = [k for k in in_file if k not in own]
     if strict and (missing or unexpected):
         raise LscError(f"file does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    owners: dict[int, nn.Module] = {}
+    targets = []  # everything is checked before the model is touched: a file that does not fit leaves it as it was
     for store, names in plan:
-        store.to(device)
-        runtime.stores.append(store)
         for n in names:
             module, attr = resolve(model, n)
             if module is None or n not in own:
@@ -461,10 +460,17 @@ def load_lazy(src, model: nn.Module, *, mode: str = "packed", cache: int = 0, st
                 raise LscError(f"{n}: file has shape {store.layout.shape}, model has {tuple(old.shape)}")
             if parametrize.is_parametrized(module, attr):
                 raise LscError(f"{n}: is already parametrized")
-            dev = device if old.is_meta else old.device
-            module._parameters[attr] = nn.Parameter(torch.empty(0, dtype=store.dtype, device=dev), requires_grad=False)
-            parametrize.register_parametrization(module, attr, LazyParametrization(store, runtime), unsafe=True)
-            owners[id(module)] = module
+            targets.append((store, module, attr, old))
+    _api.check_fits(model.state_dict(), raw, strict=False)
+    owners: dict[int, nn.Module] = {}
+    for store, _ in plan:
+        store.to(device)
+        runtime.stores.append(store)
+    for store, module, attr, old in targets:
+        dev = device if old.is_meta else old.device
+        module._parameters[attr] = nn.Parameter(torch.empty(0, dtype=store.dtype, device=dev), requires_grad=False)
+        parametrize.register_parametrization(module, attr, LazyParametrization(store, runtime), unsafe=True)
+        owners[id(module)] = module
     if raw:
         meta = any(t.is_meta for t in list(model.parameters()) + list(model.buffers()))
         keep = {k: v.to(device) for k, v in raw.items() if k in own}

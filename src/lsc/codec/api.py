@@ -30,7 +30,7 @@ from ..errors import LscError, LscFormatError, format_errors
 from ..grouping import position_groups
 from ..morton import morton_order, rowmajor_order
 from ..precision import full_precision
-from ..quantizer import dequantize
+from ..quantizer import dequantize, integer_coefficients
 from ..reconstruct import compute_dtype_for, reconstruct
 from ..rowclasses import MAX_CLASSES, propose_row_classes, row_units
 from ..state import QNET_PREFIX, check_attached, get_state, resolve, spectral_root
@@ -575,6 +575,7 @@ def _load_into_plain(model: nn.Module, header: dict, plain: dict, strict: bool) 
         plain = fold_factored_state_dict(plain, model)
     groups = tie_groups(model)
     plain = fill_tied_names(plain, groups)
+    check_fits(own, plain, strict)
     meta = any(t.is_meta for t in own.values())
     # copying into a meta tensor is a no-op: such a model takes the decoded tensors themselves
     model.load_state_dict(plain, strict=strict, assign=meta)
@@ -588,6 +589,19 @@ def _load_into_plain(model: nn.Module, header: dict, plain: dict, strict: bool) 
     left = [k for k, t in model.state_dict().items() if t.is_meta]
     if left:
         raise LscError(f"tensors still on the meta device after loading (not in the file): {left[:5]}")
+
+
+def check_fits(own: dict, state: dict, strict: bool) -> None:
+    """Refuse a file that does not fit the model before anything is copied into it (PyTorch's
+    ``load_state_dict`` copies every tensor that fits and raises afterwards, leaving a half-loaded model)."""
+    for k, t in state.items():
+        if k in own and tuple(own[k].shape) != tuple(t.shape):
+            raise LscError(f"{k}: file has shape {tuple(t.shape)}, model has {tuple(own[k].shape)}")
+    if strict:
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        if missing or unexpected:
+            raise LscError(f"file does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
 def tie_groups(model: nn.Module) -> list[list[str]]:
@@ -622,9 +636,10 @@ def _unwrap(model):
 
 @torch.no_grad()
 def _load_into_spectral(model, header, plain, spec, strict):
+    """Everything is checked and computed first, then assigned: a file that does not fit leaves the model as it was."""
     root = _unwrap(model)
     st = get_state(root)
-    consumed = set()
+    consumed, coded, dense = set(), [], []
     for entry in st.entries:
         par = entry.parametrization
         names = [entry.name, *entry.tied_names]
@@ -633,32 +648,44 @@ def _load_into_spectral(model, header, plain, spec, strict):
             if d["layout"] != par.layout:
                 raise LscError(f"{entry.name}: file has shape {d['layout'].shape} block {d['layout'].block_shape}, "
                                f"model has {par.layout.shape} block {par.layout.block_shape}")
-            coeffs = entry.coefficients
-            dev = coeffs.device
-            e = d["exponent"].to(dev)
-            par.mean.copy_(d["mean"])
-            par.std.copy_(d["std"])
-            step = par.step(e)
-            coeffs.copy_(dequantize(d["q"].to(dev).reshape(par.layout.coeff_shape), step).to(coeffs.dtype))
-            par.frozen_exponent = e.to(torch.float32)
-            q2, _ = par.integer_state(coeffs)
-            if not torch.equal(q2.cpu(), d["q"].reshape(par.layout.coeff_shape)):
-                raise LscError(f"{entry.name}: integer coefficients too large to hold exactly in {coeffs.dtype}")
+            coded.append((entry, d, _coefficients_for(entry, d)))
             consumed.update(names)
         elif entry.name in plain:
-            setattr(entry.module, entry.attr, plain[entry.name].to(entry.coefficients.device))  # right_inverse
+            if tuple(plain[entry.name].shape) != par.layout.shape:
+                raise LscError(f"{entry.name}: file has shape {tuple(plain[entry.name].shape)}, model has {par.layout.shape}")
+            dense.append((entry, plain[entry.name]))
             consumed.update(n for n in names if n in plain)
         elif strict:
             raise LscError(f"{entry.name}: not in the file")
     raw = {k: v for k, v in plain.items() if k not in consumed}
-    own = [k for k in root.state_dict() if not k.startswith(QNET_PREFIX) and _orig_key(k) is not None]
-    own = [k for k in own if k not in consumed]
-    missing = sorted(set(own) - set(raw))
-    unexpected = sorted(set(raw) - set(own))
-    if strict and (missing or unexpected):
-        raise LscError(f"file does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    own_state = root.state_dict()
+    own = {k: t for k, t in own_state.items() if not k.startswith(QNET_PREFIX) and _orig_key(k) is not None
+           and k not in consumed}
+    check_fits(own, raw, strict)
+    for entry, d, (coeffs, e) in coded:
+        par = entry.parametrization
+        par.mean.copy_(d["mean"])
+        par.std.copy_(d["std"])
+        entry.coefficients.copy_(coeffs)
+        par.frozen_exponent = e.to(torch.float32)
+    for entry, weight in dense:
+        setattr(entry.module, entry.attr, weight.to(entry.coefficients.device))  # right_inverse
     if raw:
         root.load_state_dict({k: v for k, v in raw.items() if k in own}, strict=False)
+
+
+def _coefficients_for(entry, d: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(coefficients, exponents) that make ``entry``'s eval weight the file's decoded weight, checked to
+    round back to the file's integers in the coefficients' dtype; the model is not touched."""
+    par, coeffs = entry.parametrization, entry.coefficients
+    dev = coeffs.device
+    e = d["exponent"].to(dev)
+    step = par.step(e)
+    q = d["q"].to(dev).reshape(par.layout.coeff_shape)
+    new = dequantize(q, step).to(coeffs.dtype)
+    if not torch.equal(integer_coefficients(new.to(step.dtype), step), q):
+        raise LscError(f"{entry.name}: integer coefficients too large to hold exactly in {coeffs.dtype}")
+    return new, e
 
 
 # --------------------------------------------------------------------------- inspection
