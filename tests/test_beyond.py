@@ -376,3 +376,18 @@ def test_factorize_refuses_bad_options_before_touching_the_model(options, messag
     with pytest.raises(ValueError, match=message):
         lsc.factorize(model, **options)
     assert type(model[0]) is nn.Linear
+
+
+def test_factorize_refuses_a_non_finite_weight_by_name_before_touching_the_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[2].weight[3, 5] = float("nan")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(lsc.LscError, match=r"2\.weight: contains NaN or Inf"):
+        lsc.factorize(model, rank=4)
+    assert type(model[0]) is nn.Linear  # the first weight, which comes before the bad one, is not factored either
+    after = model.state_dict()
+    assert list(after) == list(before)
+    for k, v in before.items():
+        torch.testing.assert_close(after[k], v, rtol=0, atol=0, equal_nan=True)

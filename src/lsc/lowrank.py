@@ -183,12 +183,15 @@ def factorize(model: nn.Module, max_error: float = 0.05, *, rank=None, include=N
 
 
 def _factorize(model, max_error, rank, include, exclude, min_saving, min_numel, tucker) -> list[FactorInfo]:
-    out = []
+    """Every weight's factors are chosen first, then all are registered: an error leaves the model as it was."""
+    chosen = []
     for name, module, attr, p, ties in selected_parameters(model, include, exclude):
         if p.dim() < 2 or p.numel() < min_numel or ties:
             continue
         if parametrize.is_parametrized(module, attr):
             continue
+        if not bool(torch.isfinite(p).all()):
+            raise LscError(f"{name}: contains NaN or Inf; lsc cannot factorize non-finite weights")
         w = p.detach().double()
         shape = tuple(p.shape)
         if p.dim() >= 3 and tucker:
@@ -210,9 +213,10 @@ def _factorize(model, max_error, rank, include, exclude, min_saving, min_numel, 
             err = float(s[r:].pow(2).sum().sqrt() / s.pow(2).sum().sqrt().clamp_min(1e-300))
         if fnum > (1.0 - min_saving) * p.numel():
             continue
-        parametrize.register_parametrization(module, attr, par.to(p.device), unsafe=True)
-        out.append(FactorInfo(name, kind, shape, tuple(ranks), p.numel(), fnum, err))
-    return out
+        chosen.append((module, attr, par.to(p.device), FactorInfo(name, kind, shape, tuple(ranks), p.numel(), fnum, err)))
+    for module, attr, par, _ in chosen:
+        parametrize.register_parametrization(module, attr, par, unsafe=True)
+    return [info for *_, info in chosen]
 
 
 def _fixed_rank(rank, full: int) -> int:
