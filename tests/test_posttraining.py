@@ -138,6 +138,16 @@ def test_model_in_place_and_reload_into_fresh_model(tmp_path):
         assert torch.equal(model.enc[0].weight, fresh.enc[0].weight)
 
 
+@pytest.mark.parametrize("where", ["missing-dir/m.lsc", "."])
+def test_an_unwritable_path_is_refused_before_the_model_is_converted(tmp_path, where):
+    model = Small()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises((FileNotFoundError, IsADirectoryError), match="cannot write"):
+        compress_posttraining(model, max_error=0.05, path=tmp_path / where, progress=False)
+    assert not hasattr(model, "_lsc")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+
+
 def test_exclude_keeps_tensors_raw(tmp_path):
     sd = _state()
     compress_posttraining(sd, max_error=0.05, exclude=["bn.*"], path=tmp_path / "m.lsc", progress=False)

@@ -13,20 +13,27 @@ import tempfile
 __all__ = ["atomic_path", "atomic_write_bytes"]
 
 
+def check_writable(path) -> str:
+    """``path`` as a string, after checking that a file can be written there (its directory exists and it is no
+    directory): callers that work long before they write check first, so a typo costs no work."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):  # name what is missing, not the temporary file
+        raise FileNotFoundError(f"cannot write {path}: the directory {folder} does not exist")
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"cannot write {path}: it is a directory; give a file name")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path):
     """Yield a temporary path next to ``path``; on success it replaces ``path``, on error it is removed.
 
     The temporary name keeps ``path``'s suffix, so writers that pick a format by suffix still work.
     """
-    path = os.fspath(path)
-    base = os.path.basename(path)
-    stem, suffix = os.path.splitext(base)
+    path = check_writable(path)
+    stem, suffix = os.path.splitext(os.path.basename(path))
     folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):  # name what is missing, not the temporary file
-        raise FileNotFoundError(f"cannot write {path}: the directory {folder} does not exist")
-    if os.path.isdir(path):
-        raise IsADirectoryError(f"cannot write {path}: it is a directory; give a file name")
     fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{suffix}", dir=folder)
     os.close(fd)
     try:

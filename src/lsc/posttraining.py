@@ -38,6 +38,7 @@ from typing import Optional, Union
 import torch
 from torch import nn
 
+from .atomic import check_writable
 from .convert import _per_tensor, selected_parameters, spectral
 from .errors import LscError
 from .feedback import feedback_quantize, output_error, supports_feedback
@@ -557,6 +558,8 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
         raise LscError(f"row_prior={row_prior!r} must be a number > 0 (lookups credited to every row of an embedding table)")
     if not (MIN_BITS <= min_bits <= max_bits <= MAX_BITS):
         raise LscError(f"need {MIN_BITS:g} <= min_bits <= max_bits <= {MAX_BITS:g}, got {min_bits}, {max_bits}")
+    if isinstance(path, (str, os.PathLike)):
+        check_writable(path)  # before the model is converted in place, not after the work
 
     if isinstance(model_or_state_dict, nn.Module):
         model = unwrap_for_conversion(model_or_state_dict, "lsc.compress_posttraining")

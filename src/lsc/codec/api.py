@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import buffers as buffers_mod
-from ..atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes, check_writable
 from ..blocking import BlockLayout
 from ..errors import LscError, LscFormatError, format_errors
 from ..grouping import position_groups
@@ -483,10 +483,13 @@ def save(model: nn.Module, path, *, buffer_tolerance: float | None = None) -> in
     written at its position, and closing it is the caller's business.
     ``buffer_tolerance``: quantize float buffers too (see :func:`compress_weights`).
     """
-    data = to_bytes(compress_weights(model, buffer_tolerance=buffer_tolerance))
     if hasattr(path, "write"):
         if isinstance(path, io.TextIOBase):
             raise LscError(f"{path!r} is a text stream; open the file in binary mode ('wb')")
+    else:
+        check_writable(path)  # before the encoding work (seconds on a large model), not after
+    data = to_bytes(compress_weights(model, buffer_tolerance=buffer_tolerance))
+    if hasattr(path, "write"):
         path.write(data)
     else:
         atomic_write_bytes(path, data)
