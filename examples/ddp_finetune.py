@@ -63,7 +63,7 @@ def main() -> None:
         opt.step()
         if rank == 0 and (step % 20 == 0 or step == args.steps - 1):
             with torch.no_grad():
-                bpw = float(lsc.bits_per_weight(model))
+                bpw = lsc.bits_per_weight(model).item()
             print(f"step {step:4d}  task {float((loss - rate).detach()):.4f}  bits/weight {bpw:.3f}")
 
     # 4. rank 0 writes the file; the call is a barrier, so every rank can read it afterwards
