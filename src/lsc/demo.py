@@ -131,6 +131,10 @@ def run_demo(out: str = "demo.lsc", steps: Optional[int] = None, rate_weight: Op
     epochs = DEMO_EPOCHS if epochs is None else int(epochs)
     if steps < 1 or epochs < 1:
         raise lsc.LscError("--steps and --epochs must be at least 1")
+    if target_bytes is not None and not (0 < float(target_bytes) < math.inf):
+        raise lsc.LscError(f"--target-bytes {target_bytes:g}: must be a number of bytes > 0")  # before the training
+    if not (0 <= rate_weight < math.inf):
+        raise lsc.LscError(f"--rate-weight {rate_weight:g}: must be a finite number >= 0")
     say = (lambda *a: None) if quiet else print
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: one thread is fastest and bit-reproducible
