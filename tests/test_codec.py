@@ -201,6 +201,27 @@ def test_load_into_spectral_model_is_exact(tmp_path):
         assert torch.equal(again[n], plain[n])
 
 
+def test_training_after_loading_a_file_keeps_its_steps_and_moves_its_integers(tmp_path):
+    """The README's promise for lsc.load into a spectral model: training continues at the file's steps."""
+    from model_zoo import fine_tune
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 5))
+    lsc.spectral(src, init_bits=6)
+    lsc.save(src, tmp_path / "m.lsc")
+    dst = nn.Sequential(nn.Linear(24, 16), nn.Tanh(), nn.Linear(16, 5))
+    q_net = lsc.spectral(dst)
+    lsc.load(tmp_path / "m.lsc", dst)
+    fine_tune(dst, q_net, torch.randn(8, 24), steps=5, lr=0.05)
+    lsc.save(dst, tmp_path / "tuned.lsc")
+    from lsc.codec.api import _decode_all, _parts_from_bytes
+    spec_before, spec_after = (_decode_all(*_parts_from_bytes((tmp_path / n).read_bytes())[:2], keep_integers=True)[1]
+                               for n in ("m.lsc", "tuned.lsc"))
+    assert list(spec_before) == list(spec_after) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+    for name in spec_before:
+        assert torch.equal(spec_before[name]["exponent"], spec_after[name]["exponent"]), name
+    assert any(not torch.equal(spec_before[n]["q"], spec_after[n]["q"]) for n in spec_before)
+
+
 def test_atomic_save_keeps_old_file(tmp_path, monkeypatch):
     model = nn.Linear(8, 4)
     lsc.spectral(model)
