@@ -8,7 +8,7 @@ from torch import nn
 import lsc
 from lsc.codec import to_bytes
 from lsc.lazy import lazy_info, load_lazy, set_cache, track_decode_memory
-from model_zoo import Tied, cases
+from model_zoo import Tied, cases, spectral_tiny_bert, tiny_bert_config
 
 MODES = ("packed", "entropy")
 
@@ -199,3 +199,29 @@ def test_spectral_refuses_a_lazily_loaded_model():
     with pytest.raises(lsc.LscError, match="loaded lazily"):
         lsc.spectral(lazy)
     assert type(lazy[1]) is nn.LayerNorm  # untouched
+
+
+@pytest.mark.parametrize("mode", ["packed", "entropy"])
+@pytest.mark.parametrize("cache", [0, 2])
+def test_a_lazy_model_serves_many_threads_at_once(mode, cache):
+    """A served model runs in a thread pool: every thread gets the serial outputs, and the cache survives
+    (its LRU bookkeeping once raised KeyError when two threads evicted and refreshed at the same time)."""
+    from concurrent.futures import ThreadPoolExecutor
+    import io
+    transformers = pytest.importorskip("transformers")
+    model, _ = spectral_tiny_bert()
+    buf = io.BytesIO()
+    lsc.save(model, buf)
+    lazy = lsc.load(buf.getvalue(), transformers.BertModel(tiny_bert_config()), lazy=mode, cache=cache)
+    inputs = [torch.randint(0, 120, (2, 9)) for _ in range(8)]
+
+    def run(k):
+        with torch.no_grad():
+            return lazy(input_ids=inputs[k % len(inputs)]).last_hidden_state
+    serial = [run(k) for k in range(len(inputs))]
+    with ThreadPoolExecutor(8) as pool:
+        for _ in range(3):
+            for k, out in enumerate(pool.map(run, range(64))):
+                assert torch.equal(out, serial[k % len(inputs)])
+    assert not lazy._lsc_lazy.scopes  # this thread's scopes all closed
+    assert len(lazy._lsc_lazy.cache) <= cache

@@ -40,6 +40,7 @@ Lazy models are for inference (the decoded weights carry no gradient);
 from __future__ import annotations
 
 import contextlib
+import threading
 import tracemalloc
 import types
 import weakref
@@ -264,39 +265,62 @@ class _PackedStore(_Store):
 # --------------------------------------------------------------------------- runtime: scopes, cache, hooks
 
 class _Runtime:
-    """Per-model state: open decode scopes (one memo per running module), the LRU cache, counters."""
+    """Per-model state: open decode scopes (one memo per running module), the LRU cache, counters.
+
+    A served model may run in several threads at once: each thread has its own scopes, and the
+    cache is changed under a lock (decoding itself runs outside it, in parallel).
+    """
 
     def __init__(self, mode: str, cache: int):
         self.mode, self.capacity = mode, int(cache)
-        self.scopes: list[dict] = []
+        self._local = threading.local()
+        self._lock = threading.Lock()
         self.cache: OrderedDict = OrderedDict()
         self.decodes = 0
         self.stores: list[_Store] = []
         self.tracker: DecodeMemoryTracker | None = None
 
+    @property
+    def scopes(self) -> list[dict]:
+        """This thread's open scopes, innermost last."""
+        scopes = getattr(self._local, "scopes", None)
+        if scopes is None:
+            scopes = self._local.scopes = []
+        return scopes
+
+    def _cached(self, ckey) -> torch.Tensor | None:
+        if not self.capacity:
+            return None
+        with self._lock:
+            w = self.cache.get(ckey)
+            if w is not None:
+                self.cache.move_to_end(ckey)
+            return w
+
     @full_precision
     def get(self, store: _Store, device) -> torch.Tensor:
         key = id(store)
-        for memo in reversed(self.scopes):
+        scopes = self.scopes
+        for memo in reversed(scopes):
             if key in memo:
                 return memo[key]
         ckey = (key, torch.device(device))
-        if self.capacity and ckey in self.cache:
-            self.cache.move_to_end(ckey)
-            w = self.cache[ckey]
-        else:
+        w = self._cached(ckey)
+        if w is None:
             ctx = (self.tracker.tracking(numpy=isinstance(store, _EntropyStore)) if self.tracker is not None
                    else contextlib.nullcontext())
             with ctx, torch.no_grad():
                 w = store.decode(device)
-            self.decodes += 1
             store.last = weakref.ref(w)
-            if self.capacity:
-                self.cache[ckey] = w
-                while len(self.cache) > self.capacity:
-                    self.cache.popitem(last=False)
-        if self.scopes:
-            self.scopes[-1][key] = w
+            with self._lock:
+                self.decodes += 1
+                if self.capacity:
+                    self.cache[ckey] = w
+                    self.cache.move_to_end(ckey)
+                    while len(self.cache) > self.capacity:
+                        self.cache.popitem(last=False)
+        if scopes:
+            scopes[-1][key] = w
         return w
 
     @full_precision
@@ -305,21 +329,29 @@ class _Runtime:
         bitwise equal to the dense lookup); falls back to the whole weight when that is not possible."""
         key = id(store)
         full = next((memo[key] for memo in reversed(self.scopes) if key in memo), None)
-        if full is None and self.capacity:
-            full = self.cache.get((key, torch.device(device)))
+        if full is None:
+            full = self._cached((key, torch.device(device)))
         if full is None and module.max_norm is None and not idx.is_floating_point():
             ctx = (self.tracker.tracking(numpy=isinstance(store, _EntropyStore)) if self.tracker is not None
                    else contextlib.nullcontext())
             with ctx, torch.no_grad():
                 out = store.gather_rows(idx, device)
             if out is not None:
-                self.decodes += 1
+                with self._lock:
+                    self.decodes += 1
                 return out
         return nn.functional.embedding(idx, module.weight, module.padding_idx, module.max_norm, module.norm_type,
                                        module.scale_grad_by_freq, module.sparse)
 
     def clear_cache(self) -> None:
-        self.cache.clear()
+        with self._lock:
+            self.cache.clear()
+
+    def resize_cache(self, n: int) -> None:
+        with self._lock:
+            self.capacity = n
+            while len(self.cache) > n:
+                self.cache.popitem(last=False)
 
 
 class LazyParametrization(nn.Module):
@@ -538,10 +570,7 @@ def lazy_info(model: nn.Module) -> dict[str, Any]:
 
 def set_cache(model: nn.Module, n: int) -> None:
     """Change the number of decoded tensors a lazy model keeps (0 disables the cache and frees it)."""
-    rt = _runtime(model)
-    rt.capacity = int(n)
-    while len(rt.cache) > rt.capacity:
-        rt.cache.popitem(last=False)
+    _runtime(model).resize_cache(int(n))
 
 
 __all__ += ["set_cache"]
