@@ -634,3 +634,27 @@ def test_no_warning_when_q_net_trains_or_is_frozen_on_purpose(zero_grad_first):
         q.requires_grad_(False)
         return torch.optim.Adam(m.parameters(), lr=1e-2)
     assert _steps_with(frozen, zero_grad_first=zero_grad_first) == []
+
+
+def test_create_graph_gives_first_order_gradients_and_a_gradient_penalty_trains():
+    """create_graph=True (gradient penalties, some meta-learning code) needs no second derivative through
+    lsc itself: it gives the ordinary gradients; a real second derivative through lsc is refused by PyTorch."""
+    import copy
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 2))
+    q_net = lsc.spectral(model)
+    twin = copy.deepcopy(model)
+    x = torch.randn(8, 16, requires_grad=True)
+    (model(x).pow(2).mean() + lsc.quantization_loss(model)).backward()
+    (twin(x).pow(2).mean() + lsc.quantization_loss(twin)).backward(create_graph=True)
+    for a, b in zip(list(model.parameters()) + list(q_net.parameters()),
+                    list(twin.parameters()) + list(lsc.quantization_network(twin).parameters())):
+        assert torch.equal(a.grad, b.grad)
+    model.zero_grad()
+    grad_x, = torch.autograd.grad(model(x).sum(), x, create_graph=True)  # WGAN-GP style penalty
+    grad_x.pow(2).sum().backward()
+    assert model[0].parametrizations.weight.original.grad.abs().sum() > 0
+    coeffs = model[0].parametrizations.weight.original
+    g, = torch.autograd.grad(model(x).pow(2).mean(), coeffs, create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        g.pow(2).sum().backward()

@@ -16,6 +16,7 @@ import sys
 import threading
 
 import torch
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "EXPONENT_RESOLUTION", "MIN_BITS", "MAX_BITS", "bits_to_exponent", "step_size",
@@ -139,6 +140,7 @@ class _FakeQuantize(torch.autograd.Function):
         return out.mul_(step)
 
     @staticmethod
+    @once_differentiable  # no graph through these in-place kernels: create_graph=True gives first-order grads
     def backward(ctx, grad):
         coeffs, step = ctx.saved_tensors
         grad_step = None

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .precision import full_precision
 from .quantizer import fresh, scratch
@@ -284,6 +285,7 @@ class _LogisticBits(torch.autograd.Function):
         return bits
 
     @staticmethod
+    @once_differentiable  # no graph through these in-place kernels: create_graph=True gives first-order grads
     @full_precision
     def backward(ctx, grad):
         coeffs, step, scale = ctx.saved_tensors
@@ -308,6 +310,7 @@ class _LogisticBitsTotal(torch.autograd.Function):
         return bits
 
     @staticmethod
+    @once_differentiable  # no graph through these in-place kernels: create_graph=True gives first-order grads
     @full_precision
     def backward(ctx, grad):
         tensors, count = ctx.saved_tensors, ctx.count

@@ -22,6 +22,7 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from .blocking import BlockLayout
 from .precision import full_precision
@@ -275,6 +276,7 @@ class _QuantizedSynthesis(torch.autograd.Function):
         return w
 
     @staticmethod
+    @once_differentiable  # no graph through these in-place kernels: create_graph=True gives first-order grads
     @full_precision
     def backward(ctx, grad_w):
         coeffs, step, std, residual = ctx.saved_tensors
