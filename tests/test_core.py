@@ -190,6 +190,19 @@ def test_a_tied_weight_is_selected_by_any_of_its_names(options, spectral):
     assert model.head.weight is model.emb.weight or torch.equal(model.head.weight, model.emb.weight)
 
 
+def test_a_pattern_that_matches_no_parameter_is_named():
+    """A typo in include/exclude would silently compress what was meant to stay (or the reverse)."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match=r"no parameter name matches exclude='1\.wieght'") as caught:
+        lsc.spectral(model, exclude=["1.wieght", "*.bias"])
+    assert caught[0].filename == __file__  # points at the caller's line
+    with pytest.raises(lsc.LscError, match=r"no parameter name matches include='wieght'"):
+        lsc.spectral(nn.Linear(4, 4), include="wieght")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lsc.spectral(nn.Linear(4, 4), include=["weight", nn.Linear], exclude="bias")  # all match: silent
+
+
 def test_init_bits_sets_the_starting_step():
     model = nn.Linear(8, 8)
     lsc.spectral(model, init_bits=7)

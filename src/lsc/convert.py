@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import operator
+import warnings
 from fnmatch import fnmatch
 from typing import Callable, Union
 
@@ -12,7 +13,7 @@ from torch.nn.utils import parametrize
 
 from .blocking import choose_block_shape
 from .checks import as_number, is_integer
-from .errors import LscError
+from .errors import LscError, outside_stacklevel
 from .grouping import DEFAULT_MIN_GROUP_SYMBOLS
 from .parametrization import SpectralParametrization
 from .precision import full_precision
@@ -75,6 +76,14 @@ def selected_parameters(model: nn.Module, include=None, exclude=None):
             continue
         chosen.append((name, module, attr, p, [(n, m, a) for n, m, a, _ in ties]))
     return chosen
+
+
+def _unmatched_patterns(model: nn.Module, include, exclude) -> list[str]:
+    """The glob patterns of ``include`` / ``exclude`` that match no parameter name, as ``include='...'``."""
+    names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
+    return [f"{kind}={s!r}" for kind, selectors in (("include", include), ("exclude", exclude))
+            for s in _as_list(selectors)
+            if isinstance(s, str) and not any(fnmatch(n, s) or fnmatch(n.rsplit(".", 1)[-1], s) for n in names)]
 
 
 def _block_for(name: str, shape: tuple[int, ...], block_size) -> tuple[int, ...]:
@@ -156,8 +165,12 @@ def spectral(model: nn.Module, *, block_size=8, init_bits: float = 10.0, include
         raise LscError("model was loaded lazily (inference only, its weights are not parameters); to fine-tune a "
                        "file, call lsc.spectral on a fresh model and then lsc.load(path, model)")
     chosen = selected_parameters(model, include, exclude)
+    unmatched = _unmatched_patterns(model, include, exclude)
     if not chosen:
-        raise LscError("no floating-point parameters selected: nothing to compress (check include/exclude)")
+        raise LscError("no floating-point parameters selected: nothing to compress (check include/exclude"
+                       + (f"; no parameter name matches {', '.join(unmatched)})" if unmatched else ")"))
+    if unmatched:  # a typo in a pattern would otherwise silently compress what was meant to stay, or the reverse
+        warnings.warn(f"lsc.spectral: no parameter name matches {', '.join(unmatched)}", stacklevel=outside_stacklevel())
     for name, _, _, p, _ in chosen:
         if p.is_meta:
             raise LscError(f"{name}: is on the meta device; materialize the model (e.g. to_empty + load weights) before lsc.spectral")

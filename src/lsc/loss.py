@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import math
-import os
-import sys
 import warnings
 
 import torch
@@ -14,6 +12,7 @@ from .quantizer import bits_to_exponent, step_size
 from .precision import full_precision
 from .rowclasses import row_units
 from .state import check_attached, get_state, spectral_root
+from .errors import outside_stacklevel
 
 __all__ = ["rate_estimate", "bits_per_weight", "quantization_loss", "report", "compressed_numel"]
 
@@ -119,16 +118,7 @@ def _warn_if_q_net_is_not_trained(st, cache, sur: torch.Tensor) -> None:
                       f"over the last {st.rate_refresh} steps while the model's have, so the bit allocation is not "
                       "learning; pass its parameters to the optimizer: torch.optim.Adam(list(model.parameters()) + "
                       "list(q_net.parameters()), ...) (or, to keep the allocation fixed on purpose, "
-                      "q_net.requires_grad_(False))", stacklevel=_outside_stacklevel())
-
-
-def _outside_stacklevel() -> int:
-    """``warnings.warn``'s stacklevel of the first caller outside lsc and torch (their decorators vary the depth)."""
-    inner = (os.path.dirname(__file__), os.path.dirname(torch.__file__))
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(inner):
-        frame, level = frame.f_back, level + 1
-    return level
+                      "q_net.requires_grad_(False))", stacklevel=outside_stacklevel())
 
 
 def _fmt_bytes(n: float) -> str:
