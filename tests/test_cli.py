@@ -56,6 +56,7 @@ RUNS = {
     "compress_pt": (["compress", "{d}/cnn.pt", "-o", "{d}/out_pt.lsc", "--max-error", "0.05"], True),
     "compress_st": (["compress", "{d}/cnn.safetensors", "-o", "{d}/out_st.lsc", "--bits", "4", "-q"], False),
     "compress_dir": (["compress", "{d}/hf-model", "--bits", "4", "-q"], False),
+    "compress_typo": (["compress", "{d}/cnn.pt", "-o", "{d}/typo.lsc", "--bits", "4", "--exclude", "fc9.*", "-q"], False),
     "info": (["info", "{d}/cnn.lsc"], True),
     "decompress_st": (["decompress", "{d}/cnn.lsc", "-o", "{d}/dense.safetensors"], False),
     "decompress_pt": (["decompress", "{d}/cnn.lsc", "-o", "{d}/dense.pt"], True),
@@ -113,6 +114,12 @@ def test_compress_checkpoint(runs, files):
     _ok(runs["compress_dir"])  # a model directory: its model.safetensors, written beside it as hf-model.lsc
     from_dir, from_file = lsc.load(d / "hf-model.lsc"), lsc.load(d / "out_st.lsc")
     assert set(from_dir) == set(sd) and all(torch.equal(from_dir[k], from_file[k]) for k in sd)
+
+
+def test_a_warning_is_one_line_in_the_cli_voice(runs, files):
+    p = runs["compress_typo"]
+    assert p.returncode == 0, p.stderr
+    assert p.stderr.strip().splitlines() == ["lsc: warning: lsc.spectral: no parameter name matches exclude='fc9.*'"]
 
 
 def test_info_table(runs, files, capsys):

@@ -19,6 +19,7 @@ import os
 import sys
 import time
 import traceback
+import warnings
 from pathlib import Path
 
 from .atomic import atomic_path
@@ -427,6 +428,7 @@ def main(argv=None) -> int:
         ap.print_help(sys.stderr)
         return EXIT_USAGE
     from .errors import LscError
+    shown, warnings.showwarning = warnings.showwarning, _show_warning
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -451,6 +453,13 @@ def main(argv=None) -> int:
     except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
         msg = str(e).strip().splitlines()
         return _fail(args, e, f"unexpected {type(e).__name__}: {msg[0] if msg else ''} (run with --verbose for details)")
+    finally:
+        warnings.showwarning = shown
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """Warnings as one line in the CLI's own voice (not a source location inside lsc or runpy)."""
+    print(f"lsc: warning: {message}", file=sys.stderr if file is None else file)
 
 
 def _fail(args, exc: BaseException, message: str) -> int:
