@@ -270,3 +270,10 @@ def test_collect_hessians_on_a_spectral_model_says_to_use_the_plain_one():
     lsc.spectral(model)
     with pytest.raises(lsc.LscError, match="collect_hessians takes the plain model"):
         lsc.collect_hessians(model, lambda m: m(torch.randn(4, 8)))
+
+
+def test_collect_hessians_wants_a_function_not_the_batches():
+    model = nn.Sequential(nn.Linear(8, 4))
+    with pytest.raises(lsc.LscError, match=r"run must be a function run\(model\).*got list"):
+        lsc.collect_hessians(model, [torch.randn(2, 8)])
+    assert not model[0]._forward_pre_hooks

@@ -208,3 +208,8 @@ def test_finalize_with_sensitivity_cuts_where_the_output_cares_least():
         got[mode] = kl(model.eval())
     # the same size, a much smaller divergence from the original predictions
     assert got["sensitivity"] < 0.5 * got["uniform"]
+
+
+def test_measure_sensitivity_wants_a_distortion_function():
+    with pytest.raises(lsc.LscError, match=r"distortion must be a function distortion\(model\) -> float.*got float"):
+        lsc.measure_sensitivity(nn.Sequential(nn.Linear(8, 4)), 0.1)

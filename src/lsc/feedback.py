@@ -48,6 +48,9 @@ def collect_hessians(model: nn.Module, run: Callable[[nn.Module], object]) -> di
     string (``"same"``), are skipped. Names are those of
     ``model.named_parameters()``, as :func:`lsc.compress_posttraining` expects them.
     """
+    if not callable(run):
+        raise LscError(f"run must be a function run(model) that feeds the calibration data through the model, got "
+                       f"{type(run).__name__}: e.g. lambda m: [m(x) for x in batches]")
     hessians: dict[str, torch.Tensor] = {}
     names = {id(p): n for n, p in unwrap(model).named_parameters()}  # the bare model's names, also through torch.compile
     layers = [mod for mod in model.modules() if id(getattr(mod, "weight", None)) in names and (

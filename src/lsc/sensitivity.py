@@ -75,6 +75,9 @@ def measure_sensitivity(model: nn.Module, distortion: Callable[[nn.Module], floa
     ``e**2`` at large errors, so a second pass, ``measure_sensitivity(model, distortion,
     probe=bounds)`` then ``allocate_error_bounds`` again, corrects over-generous bounds.
     """
+    if not callable(distortion):
+        raise LscError(f"distortion must be a function distortion(model) -> float (how far the model's output is from "
+                       f"the original's on calibration data), got {type(distortion).__name__}")
     if getattr(model, "_lsc", None) is not None:
         raise LscError("model is already a spectral model: measure the sensitivity of the original model, "
                        "then compress it with compress_posttraining(model, max_error=bounds)")
