@@ -150,7 +150,7 @@ def check_attached(model: nn.Module) -> LscState:
             if declared is not None and declared != par.layout.shape:
                 kind = type(module).__bases__[0].__name__  # parametrize's subclass -> the user's class
                 raise LscError(f"{name}: the {kind} was resized after lsc.spectral (it declares shape "
-                               f"{declared}, its spectral tensor has {par.layout.shape}; the new rows were lost): "
+                               f"{declared}, its spectral tensor has {par.layout.shape}; the new size was lost): "
                                "resize first (e.g. resize_token_embeddings), then call lsc.spectral")
     return st
 
