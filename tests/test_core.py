@@ -236,7 +236,11 @@ def test_non_float_params_are_untouched_and_reported(capsys):
     assert kinds["counter"] == "raw param"
     assert kinds["1.num_batches_tracked"] == "raw buffer"
     assert kinds["0.weight"] == "spectral"
-    assert "0.weight" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "0.weight" in out
+    import re
+    total = re.search(r"total: ([\d,]+) bytes \(= the \.lsc file\)", out).group(1)
+    assert int(total.replace(",", "")) == len(to_bytes(lsc.compress_weights(model)))
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])

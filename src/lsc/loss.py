@@ -159,6 +159,6 @@ def report(model: nn.Module, print_table: bool = True) -> list[dict]:
             e = _fmt_bytes(r["est_bytes"]) if r["est_bytes"] is not None else "-"
             print(f"{r['name']:<{w}}  {r['kind']:<10}  {shp:<18}  {blk:<14}  {r['bits_per_weight']:7.3f}  "
                   f"{_fmt_bytes(r['bytes']):>10}  {_fmt_bytes(r['side_bytes']):>9}  {e:>10}")
-        print(f"total: {tot['file_bytes']} bytes (= the .lsc file) for {tot['numel']} values "
-              f"({tot['bits_per_weight']:.3f} bits/value); training estimate {float(est.total) / 8:.0f} bytes")
+        print(f"total: {tot['file_bytes']:,} bytes (= the .lsc file) for {tot['numel']:,} values "
+              f"({tot['bits_per_weight']:.3f} bits/value); training estimate {float(est.total) / 8:,.0f} bytes")
     return rows
