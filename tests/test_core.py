@@ -653,6 +653,7 @@ def test_no_warning_when_q_net_trains_or_is_frozen_on_purpose(zero_grad_first):
     assert _steps_with(frozen, zero_grad_first=zero_grad_first) == []
 
 
+@pytest.mark.filterwarnings("ignore:Using backward\\(\\) with create_graph=True")  # PyTorch's note on .grad cycles
 def test_create_graph_gives_first_order_gradients_and_a_gradient_penalty_trains():
     """create_graph=True (gradient penalties, some meta-learning code) needs no second derivative through
     lsc itself: it gives the ordinary gradients; a real second derivative through lsc is refused by PyTorch."""

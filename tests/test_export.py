@@ -23,6 +23,7 @@ def _dense_copy(model):
     return lsc.to_dense(copy.deepcopy(model))
 
 
+@pytest.mark.filterwarnings("ignore:The tensor attributes .*_flat_weights")  # export's note on RNNs, plain ones too
 @pytest.mark.parametrize("name,factory,make_input", cases(), ids=[c[0] for c in cases()])
 def test_exported_program_equals_the_exported_dense_model(name, factory, make_input):
     """The exported program decodes the weights itself; its outputs are those of the decoded model, bit for bit
@@ -106,5 +107,6 @@ def test_a_lazy_model_refuses_export_and_trace_by_name(tmp_path, mode):
     idx = torch.randint(0, 20, (2, 5))
     with pytest.raises(lsc.LscError, match=r"0\.weight: a model loaded with lazy=.*lsc.load\(path, model\)"):
         torch.export.export(lazy, (idx,))
-    with pytest.raises(lsc.LscError, match=r"0\.weight: a model loaded with lazy="):
+    with pytest.raises(lsc.LscError, match=r"0\.weight: a model loaded with lazy="), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit.trace is deprecated, not gone
         torch.jit.trace(lazy, idx)
