@@ -1,5 +1,6 @@
 """The fast training step (lsc.training, the shared q_net call, the fused rate surrogate) against
 the straightforward formulation it replaces: same values, same gradients, same autograd semantics."""
+import contextlib
 import copy
 
 import pytest
@@ -393,3 +394,40 @@ def test_calibration_of_a_compiled_model_uses_its_own_names(tmp_path):
     lsc.compress_posttraining(wrapped, max_error=bounds, hessians=hessians)
     lsc.save(wrapped, tmp_path / "c.lsc")
     assert sorted(lsc.load(tmp_path / "c.lsc")) == sorted(_bn_mlp().state_dict())
+
+
+def test_parametrize_cached_synthesizes_a_looped_weight_once_with_the_same_gradients():
+    """The README's advice for weights read many times per forward (an LSTMCell in a Python loop)."""
+    from torch.nn.utils import parametrize
+
+    class Loop(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.cell, self.out = nn.LSTMCell(8, 16), nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = c = torch.zeros(x.shape[0], 16)
+            for t in range(x.shape[1]):
+                h, c = self.cell(x[:, t], (h, c))
+            return self.out(h)
+
+    torch.manual_seed(0)
+    base, x = Loop(), torch.randn(4, 6, 8)
+    calls = []
+
+    def run(cached):
+        model = copy.deepcopy(base)
+        torch.manual_seed(1)
+        q_net = lsc.spectral(model)
+        par = model.cell.parametrizations.weight_ih[0]
+        hook = par.register_forward_hook(lambda *_: calls.append(cached))
+        for _ in range(2):  # two accumulated steps: the cache must not outlive a forward
+            with parametrize.cached() if cached else contextlib.nullcontext():
+                loss = model(x).pow(2).mean() + lsc.quantization_loss(model)
+            loss.backward()
+        hook.remove()
+        return [p.grad for p in list(model.parameters()) + list(q_net.parameters())]
+    plain, cached = run(False), run(True)
+    assert calls.count(False) == 2 * 6 and calls.count(True) == 2
+    for a, b in zip(plain, cached):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
