@@ -452,3 +452,21 @@ def test_same_model_same_bytes_across_runs_and_processes(tmp_path):
     data = [p.read_bytes() for p in paths]
     assert data[0][:PREFIX_SIZE].startswith(MAGIC)
     assert data[0] == data[1] == data[2]
+
+
+_WRONG_MODELS = [("model.pt", "lsc.load_checkpoint"), ({"w": torch.zeros(2)}, "state dict"),
+                 (nn.Linear, "pass an instance"), (None, "NoneType")]
+
+
+# every call with every wrong model, except lsc.load(path, None): no model is valid there (it returns the state dict)
+@pytest.mark.parametrize("call,wrong,hint", [(c, w, h) for c in ("spectral", "factorize", "to_dense", "quantization_loss",
+                                                                 "save", "load")
+                                             for w, h in _WRONG_MODELS if not (c == "load" and w is None)])
+def test_anything_but_a_model_is_refused_by_name(call, wrong, hint):
+    """A path, a state dict or the class where the model belongs: one LscError saying what was passed."""
+    import io
+    run = {"spectral": lambda: lsc.spectral(wrong), "factorize": lambda: lsc.factorize(wrong),
+           "to_dense": lambda: lsc.to_dense(wrong), "quantization_loss": lambda: lsc.quantization_loss(wrong),
+           "save": lambda: lsc.save(wrong, io.BytesIO()), "load": lambda: lsc.load(b"LSC?", wrong)}[call]
+    with pytest.raises(lsc.LscError, match=r"takes the model \(an nn\.Module\), got .*" + hint):
+        run()

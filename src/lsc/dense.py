@@ -20,6 +20,7 @@ from .lowrank import LowRankMatrix, Tucker2
 from .precision import full_precision
 from .reconstruct import reconstruct
 from .state import check_attached, resolve, spectral_root
+from .wrappers import require_module
 
 __all__ = ["to_dense"]
 
@@ -60,6 +61,7 @@ def to_dense(model: nn.Module, *, keep_factors: bool = False) -> nn.Module:
     factors under the low-rank parametrization). Nothing is changed if any weight fails
     to decode (NaN coefficients, say): the error names it.
     """
+    require_module(model, "lsc.to_dense")
     if any(isinstance(m, LazyParametrization) for m in model.modules()):
         raise LscError("model was loaded lazily; for plain weights load the file without lazy=: "
                        "lsc.load(path, plain_model)")

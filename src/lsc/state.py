@@ -15,7 +15,7 @@ from torch import nn
 from .errors import LscError
 from .parametrization import SpectralParametrization
 from .qnet import QuantizationNetwork
-from .wrappers import inner_module
+from .wrappers import inner_module, require_module
 
 __all__ = ["SpectralEntry", "LscState", "spectral_root", "get_state", "check_attached", "resolve", "parametrization_key",
            "QNET_PREFIX"]
@@ -103,6 +103,7 @@ def spectral_root(model: nn.Module) -> nn.Module:
 
     Own attributes only: ``torch.compile``'s wrapper forwards attribute reads to the model inside,
     so ``getattr(wrapper, "_lsc")`` would find the state and take the wrapper for the model."""
+    require_module(model, "lsc")
     seen, m = set(), model
     while m is not None and id(m) not in seen:
         seen.add(id(m))

@@ -10,7 +10,7 @@ from torch import nn
 
 from .errors import LscError
 
-__all__ = ["inner_module", "unwrap", "unwrap_for_conversion"]
+__all__ = ["inner_module", "require_module", "unwrap", "unwrap_for_conversion"]
 
 # children only wrappers name so: torch.compile, FSDP1, activation checkpointing
 _WRAPPED_NAMES = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
@@ -43,10 +43,25 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model
 
 
+def require_module(model, what: str) -> None:
+    """Refuse anything but a model object by name (a path, a state dict, the class itself)."""
+    if isinstance(model, nn.Module):
+        return
+    hint = ""
+    if isinstance(model, (str, bytes)) or hasattr(model, "__fspath__"):
+        hint = "; for a checkpoint file use lsc.compress_posttraining(lsc.load_checkpoint(path)), for a .lsc file lsc.load"
+    elif isinstance(model, dict):
+        hint = "; for a state dict use lsc.compress_posttraining(state_dict)"
+    elif isinstance(model, type):
+        hint = "; pass an instance, e.g. MyModel()"
+    raise LscError(f"{what} takes the model (an nn.Module), got {type(model).__name__}{hint}")
+
+
 def unwrap_for_conversion(model: nn.Module, what: str) -> nn.Module:
     """The module ``what`` (``"lsc.spectral"``, ...) should convert: through ``torch.compile``, never through
     a wrapper that has registered the parameters (DDP, DataParallel, FSDP), which would go on synchronizing
     tensors the model no longer uses."""
+    require_module(model, what)
     m = model
     while (inner := inner_module(m)) is not None:
         if _data_parallel(m) or "_fsdp_wrapped_module" in m.__dict__.get("_modules", {}):

@@ -35,7 +35,7 @@ from ..reconstruct import compute_dtype_for, reconstruct
 from ..rowclasses import MAX_CLASSES, propose_row_classes, row_units
 from ..state import QNET_PREFIX, check_attached, get_state, resolve, spectral_root
 from ..transforms import TRANSFORMS
-from ..wrappers import unwrap
+from ..wrappers import require_module, unwrap
 from .entropy import encode_symbols, group_bounds
 from .format import (check_stream, pack_prefix_header, parse_prefix_header, split_streams,
                      zlib_decompress_exact)
@@ -548,6 +548,8 @@ def load(path, model: nn.Module | None = None, *, strict: bool = True, lazy=Fals
     ``workers``: entropy-decoding processes for large files (default: the usable CPUs on
     Linux; 1 decodes in this process). The decoded weights do not depend on it.
     """
+    if model is not None:
+        require_module(model, "lsc.load(path, model)")
     if lazy:  # issue 5: per-layer decompression on the fly
         from ..lazy import load_lazy
         if model is None:
