@@ -83,7 +83,7 @@ def _unmatched_patterns(model: nn.Module, include, exclude) -> list[str]:
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
     return [f"{kind}={s!r}" for kind, selectors in (("include", include), ("exclude", exclude))
             for s in _as_list(selectors)
-            if isinstance(s, str) and not any(fnmatch(n, s) or fnmatch(n.rsplit(".", 1)[-1], s) for n in names)]
+            if isinstance(s, str) and not any(_matches(s, n, None, None) for n in names)]
 
 
 def _block_for(name: str, shape: tuple[int, ...], block_size) -> tuple[int, ...]:

@@ -18,7 +18,6 @@ from .errors import LscError
 from .lazy import LazyParametrization
 from .lowrank import LowRankMatrix, Tucker2
 from .precision import full_precision
-from .reconstruct import reconstruct
 from .state import check_attached, resolve, spectral_root
 from .wrappers import require_module
 
@@ -76,8 +75,7 @@ def to_dense(model: nn.Module, *, keep_factors: bool = False) -> nn.Module:
                 raise LscError(f"{entry.name}: has other parametrizations stacked with lsc's "
                                f"({', '.join(type(p).__name__ for p in plist)}); remove them first")
         par, coeffs = entry.parts()
-        q, e = par.integer_state(coeffs)
-        w = reconstruct(q, e, par.layout, par.mean, par.std, par.orig_dtype, par.transform)
+        w = par.decoded_weight(coeffs, check=True)
         plan.append((locations, nn.Parameter(w, requires_grad=coeffs.requires_grad)))
     for locations, dense in plan:
         for module, attr in locations:

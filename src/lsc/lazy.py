@@ -468,18 +468,17 @@ def load_lazy(src, model: nn.Module, *, mode: str = "packed", cache: int = 0, st
             raise LscFormatError(f"{m['name']}: cannot decode ({type(exc).__name__}: {exc})") from None
         for n in names:
             raw[n] = t
-    groups = _api.tie_groups(model)  # a checkpoint may hold a tied tensor under one of its names only
+    own_state = model.state_dict(keep_vars=True)
+    groups = _api.tie_groups(own_state)  # a checkpoint may hold a tied tensor under one of its names only
     plan = [(store, names + [n for g in groups if set(g) & set(names) for n in g if n not in names])
             for store, names in plan]
     raw = _api.fill_tied_names(raw, groups)
-    in_file = list(raw) + [n for _, names in plan for n in names if n not in raw]
-    order = list(model.state_dict())  # reported in the model's order, as lsc.load does
-    own, found = set(order), set(in_file)
-    missing = [k for k in order if k not in found]
-    unexpected = [k for k in in_file if k not in own]
-    if strict and (missing or unexpected):
-        raise LscError(f"file does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    targets = []  # everything is checked before the model is touched: a file that does not fit leaves it as it was
+    # everything is checked before the model is touched: a file that does not fit leaves it as it was
+    # (a spectral tensor's shape stands in as an empty meta tensor)
+    in_file = {**{n: torch.empty(store.layout.shape, device="meta") for store, names in plan for n in names}, **raw}
+    _api.check_fits(own_state, in_file, strict)
+    own = set(own_state)
+    targets = []
     for store, names in plan:
         for n in names:
             module, attr = resolve(model, n)
@@ -488,12 +487,9 @@ def load_lazy(src, model: nn.Module, *, mode: str = "packed", cache: int = 0, st
             old = module._parameters.get(attr)
             if old is None:
                 raise LscError(f"{n}: lazy loading replaces parameters only, and this is not a parameter of the model")
-            if tuple(old.shape) != store.layout.shape:
-                raise LscError(f"{n}: file has shape {store.layout.shape}, model has {tuple(old.shape)}")
             if parametrize.is_parametrized(module, attr):
                 raise LscError(f"{n}: is already parametrized")
             targets.append((store, module, attr, old))
-    _api.check_fits(model.state_dict(), raw, strict=False)
     owners: dict[int, nn.Module] = {}
     for store, _ in plan:
         store.to(device)

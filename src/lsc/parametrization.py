@@ -141,7 +141,7 @@ class SpectralParametrization(nn.Module):
         if self.training:
             raise LscError(f"{self.name}: torch.export of a spectral model in train mode is not supported; "
                            "call model.eval() first (the exported weights are then the decoded ones)")
-        return self._decoded(coeffs)  # no no_grad region: export records one as a wrapper export.save cannot write
+        return self.decoded_weight(coeffs)  # no no_grad region: export records one as a wrapper export.save cannot write
 
     # Under torch.compile the weight is computed eagerly (a graph break at each weight access): its
     # kernels write through out= views and reuse buffers, which tracing cannot follow, and the
@@ -206,12 +206,18 @@ class SpectralParametrization(nn.Module):
     def _compute(self, coeffs: torch.Tensor) -> torch.Tensor:
         if self.training:
             return self._training_weight(coeffs, self._training_step())
-        return self._decoded(coeffs)
+        return self.decoded_weight(coeffs)
 
-    def _decoded(self, coeffs: torch.Tensor) -> torch.Tensor:
-        """The eval weight: the file's integers through :func:`reconstruct` (no graph to the coefficients)."""
-        q, e = self.integer_state(coeffs, check=False)
+    def decoded_weight(self, coeffs: torch.Tensor, check: bool = False) -> torch.Tensor:
+        """The eval weight: the file's integers through :func:`reconstruct` (no graph to the coefficients).
+
+        ``check``: raise LscError naming the tensor on non-finite coefficients or steps (see
+        :meth:`integer_state`) instead of giving NaN weights, as the eval forward does (no host sync).
+        """
+        q, e = self.integer_state(coeffs, check=check)
         w = reconstruct(q, e, self.layout, self.mean, self.std, self.orig_dtype, self.transform)
+        if check:
+            return w
         # NaN/Inf coefficients would cast to garbage integers: give NaN weights, never silently wrong ones
         # (NaN exponents already yield infinite steps, hence NaN weights).
         return w.masked_fill(~torch.isfinite(coeffs).all(), float("nan"))

@@ -483,16 +483,13 @@ def save(model: nn.Module, path, *, buffer_tolerance: float | None = None) -> in
     written at its position, and closing it is the caller's business.
     ``buffer_tolerance``: quantize float buffers too (see :func:`compress_weights`).
     """
-    if hasattr(path, "write"):
-        if isinstance(path, io.TextIOBase):
-            raise LscError(f"{path!r} is a text stream; open the file in binary mode ('wb')")
-    else:
+    stream = hasattr(path, "write")
+    if stream and isinstance(path, io.TextIOBase):
+        raise LscError(f"{path!r} is a text stream; open the file in binary mode ('wb')")
+    if not stream:
         check_writable(path)  # before the encoding work (seconds on a large model), not after
     data = to_bytes(compress_weights(model, buffer_tolerance=buffer_tolerance))
-    if hasattr(path, "write"):
-        path.write(data)
-    else:
-        atomic_write_bytes(path, data)
+    path.write(data) if stream else atomic_write_bytes(path, data)
     return len(data)
 
 
@@ -575,10 +572,10 @@ def load(path, model: nn.Module | None = None, *, strict: bool = True, lazy=Fals
 
 def _load_into_plain(model: nn.Module, header: dict, plain: dict, strict: bool) -> None:
     from ..lowrank import FACTOR_KEY, fold_factored_state_dict
-    own = model.state_dict()
+    own = model.state_dict(keep_vars=True)  # the tensors themselves: ties show as one object under two names
     if any(FACTOR_KEY.match(k) and k not in own for k in plain):  # a factored file into an unfactored model
         plain = fold_factored_state_dict(plain, model)
-    groups = tie_groups(model)
+    groups = tie_groups(own)
     plain = fill_tied_names(plain, groups)
     check_fits(own, plain, strict)
     meta = any(t.is_meta for t in own.values())
@@ -609,10 +606,11 @@ def check_fits(own: dict, state: dict, strict: bool) -> None:
             raise LscError(f"file does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
-def tie_groups(model: nn.Module) -> list[list[str]]:
-    """State-dict names that hold one tensor (tied weights), in state_dict order: the groups of two or more."""
+def tie_groups(state: dict) -> list[list[str]]:
+    """Names of ``model.state_dict(keep_vars=True)`` that hold one tensor (tied weights), in its order:
+    the groups of two or more."""
     by_tensor: dict[int, list[str]] = {}
-    for name, t in model.state_dict(keep_vars=True).items():
+    for name, t in state.items():
         by_tensor.setdefault(id(t), []).append(name)
     return [names for names in by_tensor.values() if len(names) > 1]
 
@@ -663,8 +661,7 @@ def _load_into_spectral(model, header, plain, spec, strict):
         elif strict:
             raise LscError(f"{entry.name}: not in the file")
     raw = {k: v for k, v in plain.items() if k not in consumed}
-    own_state = root.state_dict()
-    own = {k: t for k, t in own_state.items() if not k.startswith(QNET_PREFIX) and _orig_key(k) is not None
+    own = {k: t for k, t in root.state_dict().items() if not k.startswith(QNET_PREFIX) and _orig_key(k) is not None
            and k not in consumed}
     check_fits(own, raw, strict)
     for entry, d, (coeffs, e) in coded:
