@@ -105,12 +105,14 @@ def test_non_finite_excluded_tensor_is_stored_exactly(tmp_path):
     roundtrip(model, tmp_path, include="w")
 
 
-def test_non_finite_state_after_training_never_decodes_silently():
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_state_after_training_never_decodes_silently(bad):
     model = nn.Linear(6, 4)
     q_net = lsc.spectral(model)
     with torch.no_grad():
-        model.parametrizations.weight.original.view(-1)[3] = float("nan")
+        model.parametrizations.weight.original.view(-1)[3] = bad
     assert torch.isnan(model.eval().weight).all()  # NaN, not garbage integers
+    assert torch.isfinite(model.bias).all()  # the other tensors decode as before
     with pytest.raises(lsc.LscError, match=r"^weight: .*NaN or Inf"):
         lsc.compress_weights(model)
     with torch.no_grad():
@@ -124,6 +126,50 @@ def test_non_finite_state_after_training_never_decodes_silently():
     with pytest.raises(lsc.LscError, match=r"^weight: .*quantization network"):
         lsc.compress_weights(model2)
     assert not torch.isfinite(model2.eval().weight).any()
+
+
+def _with_exponents(model: nn.Module, name: str, exponents: torch.Tensor):
+    """The parametrization of ``name``, its steps fixed to 2^(-exponents / 4) (as a file loaded into it would)."""
+    par = getattr(model.parametrizations, name)[0]
+    par.frozen_exponent = exponents.to(torch.float32)
+    return par
+
+
+def test_out_of_range_check_is_per_position():
+    """A coefficient the integers cannot hold at its own step is named; one far larger at a coarse step
+    is stored (the check bounds |c| by the finest step first and only then looks per position)."""
+    model = nn.Linear(8, 8)
+    lsc.spectral(model, block_size=8)
+    coeffs = model.parametrizations.weight.original
+    P = coeffs[0, 0].numel()
+    exponents = torch.full((P,), 96.0)  # step 2^-24
+    exponents[0] = -48.0                # step 2^12 at the first position (the DC coefficient of each block)
+    _with_exponents(model, "weight", exponents)
+    with torch.no_grad():
+        coeffs.zero_()
+        coeffs.view(-1, P)[:, 0] = 2.0 ** 62  # 2^50 steps of 2^12: storable
+    q = lsc.decompress_weights(lsc.compress_weights(model))["weight"]
+    assert torch.equal(q, model.eval().weight)
+    with torch.no_grad():
+        coeffs.view(-1, P)[0, 1] = 2.0 ** 29  # 2^53 steps of 2^-24: not
+    with pytest.raises(lsc.LscError, match=r"^weight: .*too large"):
+        lsc.compress_weights(model)
+
+
+def test_eval_weights_equal_the_file_beyond_float_integer_precision():
+    """The eval forward holds the integers as floats, the file as int64: above 2^24, where float32 no
+    longer holds every integer, both still decode to the same bits."""
+    torch.manual_seed(0)
+    model = nn.Linear(16, 8)
+    lsc.spectral(model)
+    coeffs = model.parametrizations.weight.original
+    _with_exponents(model, "weight", torch.full((coeffs[0, 0].numel(),), 96.0))  # step 2^-24
+    with torch.no_grad():
+        coeffs.mul_(64.0)  # |c| up to ~200: integers up to ~2^31
+    ints, _ = model.parametrizations.weight[0].integer_state(coeffs)
+    assert int(ints.abs().max()) > 2 ** 28
+    decoded = lsc.decompress_weights(lsc.compress_weights(model))["weight"]
+    assert torch.equal(model.eval().weight, decoded)
 
 
 def test_zero_size_tensors_are_stored_raw(tmp_path):

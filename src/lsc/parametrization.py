@@ -20,9 +20,9 @@ from .grouping import position_groups
 from .morton import morton_order
 from .precision import full_precision
 from .qnet import QuantizationNetwork, position_features
-from .quantizer import bits_to_exponent, integer_coefficients, step_size
+from .quantizer import bits_to_exponent, integer_coefficients, scratch, step_size
 from .reconstruct import compute_dtype_for, reconstruct
-from .training import quantized_synthesis
+from .training import quantized_synthesis, synthesis_gradients
 from .transforms import block_transform, get_transform
 
 __all__ = ["SpectralParametrization"]
@@ -90,26 +90,38 @@ class SpectralParametrization(nn.Module):
         return step_size(exponent).to(self.mean.dtype).reshape(self.layout.block_shape)
 
     @full_precision
-    def integer_state(self, coeffs: torch.Tensor, check: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    def integer_state(self, coeffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(integer coefficients, int64 exponents): exactly what the file stores.
 
-        With ``check`` (the encoder's path) non-finite or out-of-range coefficients or
-        exponents raise LscError naming the tensor instead of casting garbage to int64;
-        the eval forward passes ``check=False`` (no host sync) and NaN-fills instead.
+        Non-finite or out-of-range coefficients or exponents raise LscError naming the
+        tensor instead of casting garbage to int64 (the eval forward, which must not
+        synchronize with the device, NaN-fills instead: see :meth:`decoded_weight`).
         """
+        c, ef = self._quantization_inputs(coeffs)
+        self._check_storable(c, ef)
+        e = ef.to(torch.int64)
+        return integer_coefficients(c, self.step(e)), e
+
+    def _quantization_inputs(self, coeffs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(coefficients in the compute dtype, exponents as integer-valued floats), both without a graph."""
         # detached inputs rather than a no_grad region: torch.export records such a region as a
         # set-grad wrapper that torch.export.save cannot serialize (see _exported_weight)
-        ef = self.exponent().detach()
-        c = coeffs.detach().to(self.mean.dtype)
-        if check:
-            if not bool(torch.isfinite(ef).all()):
-                raise LscError(f"{self.name}: the quantization network produced NaN/Inf step sizes (training diverged?)")
-            if not bool(torch.isfinite(c).all()):
-                raise LscError(f"{self.name}: spectral coefficients contain NaN or Inf (training diverged?)")
-        e = ef.to(torch.int64)
-        if check and c.numel() and float((c.abs() / self.step(e)).max()) >= 2.0 ** 52:
+        return coeffs.detach().to(self.mean.dtype), self.exponent().detach()
+
+    def _check_storable(self, c: torch.Tensor, ef: torch.Tensor) -> None:
+        """LscError naming this tensor unless every coefficient is finite and fits an integer at its step."""
+        if not bool(torch.isfinite(ef).all()):
+            raise LscError(f"{self.name}: the quantization network produced NaN/Inf step sizes (training diverged?)")
+        if not c.numel():
+            return
+        lo, hi = torch.aminmax(c)  # one reduction pass (NaN propagates); isfinite(c).all() costs several
+        largest = torch.maximum(-lo, hi)
+        if not bool(torch.isfinite(largest)):
+            raise LscError(f"{self.name}: spectral coefficients contain NaN or Inf (training diverged?)")
+        step = self.step(ef.to(torch.int64))
+        # a bound first (largest |c| over the finest step); the exact per-position test only when it trips
+        if float(largest / step.min()) >= 2.0 ** 52 and float((c.abs() / step).max()) >= 2.0 ** 52:
             raise LscError(f"{self.name}: a spectral coefficient is too large to store as an integer at this step size")
-        return integer_coefficients(c, self.step(e)), e
 
     def _training_step(self) -> torch.Tensor:
         """Steps (P,) of the training forward: from q_net's one batched evaluation per step when it has one."""
@@ -214,13 +226,25 @@ class SpectralParametrization(nn.Module):
         ``check``: raise LscError naming the tensor on non-finite coefficients or steps (see
         :meth:`integer_state`) instead of giving NaN weights, as the eval forward does (no host sync).
         """
-        q, e = self.integer_state(coeffs, check=check)
-        w = reconstruct(q, e, self.layout, self.mean, self.std, self.orig_dtype, self.transform)
         if check:
-            return w
-        # NaN/Inf coefficients would cast to garbage integers: give NaN weights, never silently wrong ones
-        # (NaN exponents already yield infinite steps, hence NaN weights).
-        return w.masked_fill(~torch.isfinite(coeffs).all(), float("nan"))
+            q, e = self.integer_state(coeffs)
+            return reconstruct(q, e, self.layout, self.mean, self.std, self.orig_dtype, self.transform)
+        c, ef = self._quantization_inputs(coeffs)
+        e = ef.to(torch.int64)
+        # The same integers as integer_state's, held in floats: reconstruct reads either (a float
+        # holds round(x) exactly, and converting int64(round(x)) back gives that float), and the
+        # int64 copy would cost two more passes over the tensor. They only feed reconstruct, so a
+        # reused buffer saves a fresh allocation's page faults (export traces fake tensors: no buffer).
+        buf = None if torch.compiler.is_exporting() else scratch(0, c.numel(), c.dtype, c.device).view(c.shape)
+        q = torch.div(c, self.step(e), out=buf).round_()
+        # NaN/Inf coefficients would round to garbage integers: a NaN mean makes every weight NaN, never
+        # silently wrong (NaN exponents already yield infinite steps, hence NaN weights). A where() keeps the
+        # mean's bits, and one reduction is far cheaper than isfinite() and a masked copy of the weight.
+        mean = self.mean
+        if c.numel():
+            lo, hi = torch.aminmax(c)  # NaN propagates
+            mean = torch.where(torch.isfinite(lo) & torch.isfinite(hi), mean, float("nan"))
+        return reconstruct(q, e, self.layout, mean, self.std, self.orig_dtype, self.transform)
 
     @torch.no_grad()
     @full_precision
@@ -277,8 +301,9 @@ def _untraced(fn, *args):
 class _DecodedWithGradient(torch.autograd.Function):
     """``weight`` (the decoded weight) as the value, the training synthesis's gradient for ``coeffs`` and ``step``.
 
-    The forward costs nothing beyond the decoded weight (kept between calls); the training
-    synthesis is redone in the backward, only when a backward runs.
+    The forward costs nothing beyond the decoded weight (kept between calls); the backward
+    runs the training synthesis's backward kernels (:func:`lsc.training.synthesis_gradients`),
+    or differentiates the synthesis redone where those do not apply.
     """
 
     @staticmethod
@@ -293,6 +318,11 @@ class _DecodedWithGradient(torch.autograd.Function):
     def backward(ctx, grad):
         coeffs, step = ctx.saved_tensors
         need = ctx.needs_input_grad[1:3]
+        par = ctx.par
+        got = synthesis_gradients(grad, coeffs.to(step.dtype), step, par.layout, par.std, par.orig_dtype,
+                                  par.transform, par.leak, need[1])
+        if got is not None:  # the training synthesis's own backward kernels, without its forward
+            return None, got[0].to(coeffs.dtype) if need[0] else None, got[1], None
         with torch.enable_grad():
             c, s = (t.detach().requires_grad_(n) for t, n in zip((coeffs, step), need))
             w = ctx.par._training_weight(c, s)

@@ -30,7 +30,7 @@ from .quantizer import fake_quantize, fresh, scratch
 from .reconstruct import synthesize
 from .transforms import KRON_MAX_POSITIONS, inverse_matrix
 
-__all__ = ["quantized_synthesis"]
+__all__ = ["quantized_synthesis", "synthesis_gradients"]
 
 
 class _Plan(NamedTuple):
@@ -326,6 +326,29 @@ def _whole_backward(grad_w, job: _Job, std, residual, need_step: bool):
     if need_step:
         grad_step = _step_gradient(residual, grad_c, None if n * p < _SMALL else scratch(0, n * p, g.dtype, g.device).view(n, p))
     return grad_coeffs, grad_step
+
+
+def synthesis_gradients(grad_w: torch.Tensor, coeffs: torch.Tensor, step: torch.Tensor, layout: BlockLayout,
+                        std: torch.Tensor, dtype: torch.dtype, transform: str, leak: float, need_step: bool):
+    """(coefficient gradient, step gradient or None) of :func:`quantized_synthesis` for the weight gradient
+    ``grad_w``, without its forward: the straight-through synthesis is linear in the coefficients, so only the
+    rounding residual is recomputed (for the step's gradient). The same kernels as its backward, hence the same
+    values. None where the generic path applies (then differentiate :func:`quantized_synthesis` instead).
+    """
+    job = _job(layout, transform, coeffs.dtype, coeffs.device, dtype, float(leak))
+    if job is None or not coeffs.is_contiguous():
+        return None
+    plan = job.plan
+    grad_w = dense(grad_w).to(coeffs.dtype)
+    residual = None
+    if need_step:
+        c = coeffs.view(plan.n, plan.p)
+        x, q = _rounded(c, step, job.leak, fresh((plan.n, plan.p), c.dtype, c.device),
+                        scratch(0, plan.n * plan.p, c.dtype, c.device).view(plan.n, plan.p))
+        residual = torch.sub(q, x, out=x)
+    if job.rows and coeffs.device.type == "cpu":
+        return _chunked_backward(grad_w, job, std, residual, need_step)
+    return _whole_backward(grad_w, job, std, residual, need_step)
 
 
 def quantized_synthesis(coeffs: torch.Tensor, step: torch.Tensor, layout: BlockLayout, mean: torch.Tensor,
