@@ -20,7 +20,7 @@ from .grouping import position_groups
 from .morton import morton_order
 from .precision import full_precision
 from .qnet import QuantizationNetwork, position_features
-from .quantizer import bits_to_exponent, integer_coefficients, scratch, step_size
+from .quantizer import bits_to_exponent, integer_coefficients, step_size
 from .reconstruct import compute_dtype_for, reconstruct
 from .training import quantized_synthesis, synthesis_gradients
 from .transforms import block_transform, get_transform
@@ -233,10 +233,9 @@ class SpectralParametrization(nn.Module):
         e = ef.to(torch.int64)
         # The same integers as integer_state's, held in floats: reconstruct reads either (a float
         # holds round(x) exactly, and converting int64(round(x)) back gives that float), and the
-        # int64 copy would cost two more passes over the tensor. They only feed reconstruct, so a
-        # reused buffer saves a fresh allocation's page faults (export traces fake tensors: no buffer).
-        buf = None if torch.compiler.is_exporting() else scratch(0, c.numel(), c.dtype, c.device).view(c.shape)
-        q = torch.div(c, self.step(e), out=buf).round_()
+        # int64 copy would cost two more passes over the tensor. (No reused buffer here: serving
+        # threads would each keep one as large as the largest tensor.)
+        q = torch.div(c, self.step(e)).round_()
         # NaN/Inf coefficients would round to garbage integers: a NaN mean makes every weight NaN, never
         # silently wrong (NaN exponents already yield infinite steps, hence NaN weights). A where() keeps the
         # mean's bits, and one reduction is far cheaper than isfinite() and a masked copy of the weight.
