@@ -455,6 +455,26 @@ def test_eval_mode_weights_are_the_decoded_ones_and_still_learn():
     assert losses[-1] < 0.5 * losses[0]
 
 
+def test_eval_mode_backward_does_not_redo_the_synthesis(monkeypatch):
+    """The eval-mode backward runs only the synthesis's backward kernels: the forward of the
+    training synthesis (a GEMM and a copy per weight) never runs in an eval-mode step."""
+    from lsc import training
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 4))
+    q_net = lsc.spectral(model, init_bits=6)
+    model.eval()
+    calls = []
+    real = training._QuantizedSynthesis.forward
+    monkeypatch.setattr(training._QuantizedSynthesis, "forward",
+                        staticmethod(lambda *args: calls.append(1) or real(*args)))
+    (model(torch.randn(5, 16)).square().sum() + lsc.quantization_loss(model)).backward()
+    assert not calls
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    assert q_net.mlp[-1].weight.grad.abs().sum() > 0
+    model.train()
+    model(torch.randn(5, 16)).sum().backward()
+    assert len(calls) == 4  # the probe sees train mode's four synthesis forwards
+
+
 def _no_grad(model, x):
     with torch.no_grad():
         return model(x)
