@@ -230,12 +230,6 @@ class SpectralParametrization(nn.Module):
             q, e = self.integer_state(coeffs)
             return reconstruct(q, e, self.layout, self.mean, self.std, self.orig_dtype, self.transform)
         c, ef = self._quantization_inputs(coeffs)
-        e = ef.to(torch.int64)
-        # The same integers as integer_state's, held in floats: reconstruct reads either (a float
-        # holds round(x) exactly, and converting int64(round(x)) back gives that float), and the
-        # int64 copy would cost two more passes over the tensor. (No reused buffer here: serving
-        # threads would each keep one as large as the largest tensor.)
-        q = torch.div(c, self.step(e)).round_()
         # NaN/Inf coefficients would round to garbage integers: a NaN mean makes every weight NaN, never
         # silently wrong (NaN exponents already yield infinite steps, hence NaN weights). A where() keeps the
         # mean's bits, and one reduction is far cheaper than isfinite() and a masked copy of the weight.
@@ -243,7 +237,10 @@ class SpectralParametrization(nn.Module):
         if c.numel():
             lo, hi = torch.aminmax(c)  # NaN propagates
             mean = torch.where(torch.isfinite(lo) & torch.isfinite(hi), mean, float("nan"))
-        return reconstruct(q, e, self.layout, mean, self.std, self.orig_dtype, self.transform)
+        # the file's integers, rounded chunk by chunk inside reconstruct (the same values as integer_state's,
+        # held in floats), rather than an int64 copy of the whole tensor first
+        return reconstruct(c, ef.to(torch.int64), self.layout, mean, self.std, self.orig_dtype, self.transform,
+                           rounding=True)
 
     @torch.no_grad()
     @full_precision

@@ -32,10 +32,21 @@ def synthesize(coeffs: torch.Tensor, layout: BlockLayout, mean: torch.Tensor, st
 _CPU_CHUNK = 1 << 18
 
 
+def _integers_into(out: torch.Tensor, src: torch.Tensor, step: torch.Tensor | None) -> torch.Tensor:
+    """``out`` <- the integers ``src`` holds (``step`` None), or ``round(src / step)`` (float coefficients)."""
+    if step is None:
+        return out.copy_(src)
+    return torch.div(src, step, out=out).round_()
+
+
 def reconstruct(q: torch.Tensor, exponent: torch.Tensor, layout: BlockLayout, mean: torch.Tensor,
-                std: torch.Tensor, dtype: torch.dtype, transform: str = "dct") -> torch.Tensor:
+                std: torch.Tensor, dtype: torch.dtype, transform: str = "dct", *, rounding: bool = False) -> torch.Tensor:
     """Integer coefficients (``layout.coeff_shape`` elements as (num_blocks, P), any strides) and
     per-position exponents -> weight.
+
+    ``rounding``: ``q`` holds the float coefficients instead, and each chunk is rounded to the
+    integers ``round(q / step)`` on its way in: the integers the file stores (as floats, which
+    hold them exactly), hence the same weight, without a full-size integer tensor first.
 
     For the DCT the blocks are rebuilt position-major: the (P, num_blocks) matrix of the
     scaled integers goes through one small (b, b) matrix product per block dimension, each
@@ -51,13 +62,13 @@ def reconstruct(q: torch.Tensor, exponent: torch.Tensor, layout: BlockLayout, me
     step = step_size(exponent).to(cdt).reshape(P)
     mats = synthesis_matrices(layout.block_shape, transform, cdt, q.device)
     if mats is None or not layout.shape:
-        qf = torch.empty((nb, P), dtype=cdt, device=q.device)
-        qf.copy_(q.reshape(nb, P)).mul_(step)
-        return synthesize(qf.reshape(layout.coeff_shape), layout, mean, std, dtype, transform)
+        qf = _integers_into(torch.empty((nb, P), dtype=cdt, device=q.device), q.reshape(nb, P), step if rounding else None)
+        return synthesize(qf.mul_(step).reshape(layout.coeff_shape), layout, mean, std, dtype, transform)
     grid, bs = layout.grid, layout.block_shape
     k = len(bs)
     q_pos = q.reshape(nb, P).T                       # (P, num_blocks) view, block columns in grid order
     scale = (step * std).unsqueeze(1)
+    step_col = step.unsqueeze(1) if rounding else None
     full = torch.empty([n * b for n, b in zip(grid, bs)], dtype=cdt, device=q.device)
     per_row = nb // grid[0] if grid[0] else 1      # blocks per leading grid row
     rows = grid[0] if q.device.type != "cpu" else max(1, _CPU_CHUNK // max(1, P * per_row))
@@ -67,8 +78,8 @@ def reconstruct(q: torch.Tensor, exponent: torch.Tensor, layout: BlockLayout, me
     for r0 in range(0, grid[0], rows):
         r1 = min(grid[0], r0 + rows)
         n = (r1 - r0) * per_row
-        x = bufs[0][: P * n].view(P, n)
-        x.copy_(q_pos[:, r0 * per_row: r1 * per_row]).mul_(scale)
+        x = _integers_into(bufs[0][: P * n].view(P, n), q_pos[:, r0 * per_row: r1 * per_row], step_col)
+        x.mul_(scale)
         src = apply_position_major(bufs[0], bufs[1], mats, bs, n)
         g = (r1 - r0,) + grid[1:]
         rows_out = full[r0 * bs[0]: r1 * bs[0]].view([v for gb in zip(g, bs) for v in gb])
