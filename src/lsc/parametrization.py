@@ -226,15 +226,14 @@ class SpectralParametrization(nn.Module):
         ``check``: raise LscError naming the tensor on non-finite coefficients or steps (see
         :meth:`integer_state`) instead of giving NaN weights, as the eval forward does (no host sync).
         """
-        if check:
-            q, e = self.integer_state(coeffs)
-            return reconstruct(q, e, self.layout, self.mean, self.std, self.orig_dtype, self.transform)
         c, ef = self._quantization_inputs(coeffs)
-        # NaN/Inf coefficients would round to garbage integers: a NaN mean makes every weight NaN, never
-        # silently wrong (NaN exponents already yield infinite steps, hence NaN weights). A where() keeps the
-        # mean's bits, and one reduction is far cheaper than isfinite() and a masked copy of the weight.
         mean = self.mean
-        if c.numel():
+        if check:
+            self._check_storable(c, ef)
+        elif c.numel():
+            # NaN/Inf coefficients would round to garbage integers: a NaN mean makes every weight NaN, never
+            # silently wrong (NaN exponents already yield infinite steps, hence NaN weights). A where() keeps the
+            # mean's bits, and one reduction is far cheaper than isfinite() and a masked copy of the weight.
             lo, hi = torch.aminmax(c)  # NaN propagates
             mean = torch.where(torch.isfinite(lo) & torch.isfinite(hi), mean, float("nan"))
         # the file's integers, rounded chunk by chunk inside reconstruct (the same values as integer_state's,

@@ -280,12 +280,17 @@ class _QuantizedSynthesis(torch.autograd.Function):
     @full_precision
     def backward(ctx, grad_w):
         coeffs, step, std, residual = ctx.saved_tensors
-        job, grad_w = ctx.job, dense(grad_w).to(coeffs.dtype)
-        if job.rows and coeffs.device.type == "cpu":
-            grad_coeffs, grad_step = _chunked_backward(grad_w, job, std, residual, ctx.needs_input_grad[1])
-        else:
-            grad_coeffs, grad_step = _whole_backward(grad_w, job, std, residual, ctx.needs_input_grad[1])
+        grad_coeffs, grad_step = _backward(grad_w, ctx.job, std, residual, ctx.needs_input_grad[1], coeffs)
         return (grad_coeffs if ctx.needs_input_grad[0] else None), grad_step, None, None, None
+
+
+def _backward(grad_w, job: _Job, std, residual, need_step: bool, coeffs: torch.Tensor):
+    """:class:`_QuantizedSynthesis` backward -> (coefficient gradient, step gradient or None): chunk by
+    chunk for big CPU tensors (see ``_CHUNK``), else in one go."""
+    grad_w = dense(grad_w).to(coeffs.dtype)
+    if job.rows and coeffs.device.type == "cpu":
+        return _chunked_backward(grad_w, job, std, residual, need_step)
+    return _whole_backward(grad_w, job, std, residual, need_step)
 
 
 def _whole_forward(c, step, job: _Job, mean, std, need_residual: bool):
@@ -339,16 +344,13 @@ def synthesis_gradients(grad_w: torch.Tensor, coeffs: torch.Tensor, step: torch.
     if job is None or not coeffs.is_contiguous():
         return None
     plan = job.plan
-    grad_w = dense(grad_w).to(coeffs.dtype)
     residual = None
     if need_step:
         c = coeffs.view(plan.n, plan.p)
         x, q = _rounded(c, step, job.leak, fresh((plan.n, plan.p), c.dtype, c.device),
                         scratch(0, plan.n * plan.p, c.dtype, c.device).view(plan.n, plan.p))
         residual = torch.sub(q, x, out=x)
-    if job.rows and coeffs.device.type == "cpu":
-        return _chunked_backward(grad_w, job, std, residual, need_step)
-    return _whole_backward(grad_w, job, std, residual, need_step)
+    return _backward(grad_w, job, std, residual, need_step, coeffs)
 
 
 def quantized_synthesis(coeffs: torch.Tensor, step: torch.Tensor, layout: BlockLayout, mean: torch.Tensor,
