@@ -225,3 +225,154 @@ def test_a_lazy_model_serves_many_threads_at_once(mode, cache):
                 assert torch.equal(out, serial[k % len(inputs)])
     assert not lazy._lsc_lazy.scopes  # this thread's scopes all closed
     assert len(lazy._lsc_lazy.cache) <= cache
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_rnn_with_a_cache_runs_again(mode):
+    """Cached weights keep the RNN's weakrefs alive: the released _flat_weights must still be rebuilt."""
+    from model_zoo import RNNs
+    torch.manual_seed(0)
+    data = _file(RNNs())
+    dense = lsc.load(data, RNNs().eval())
+    lazy = load_lazy(data, RNNs(), mode=mode, cache=16)
+    x = torch.randn(2, 5, 6)
+    with torch.no_grad():
+        ref = dense(x)
+        for _ in range(3):
+            assert torch.equal(lazy(x), ref)
+    assert all(w is None for w in lazy.lstm._flat_weights)
+
+
+def test_rnn_forward_of_one_thread_survives_another_thread():
+    """One thread's post-hook released the _flat_weights another thread's RNN forward was about to read."""
+    import threading
+    torch.manual_seed(0)
+    make = lambda: nn.LSTM(6, 8, num_layers=2, batch_first=True)  # noqa: E731
+    data = _file(make())
+    dense = lsc.load(data, make().eval())
+    lazy = load_lazy(data, make())
+    x = torch.randn(2, 5, 6)
+    inside, done, first = threading.Event(), threading.Event(), threading.current_thread()
+    check_input = lazy.check_input
+
+    def paused_check_input(*args):  # the first thread stops here, its flat weights set, until the other is done
+        if threading.current_thread() is first:
+            inside.set()
+            assert done.wait(10)
+        return check_input(*args)
+
+    lazy.check_input = paused_check_input
+    other = []
+
+    def second():
+        inside.wait(10)
+        with torch.no_grad():
+            other.append(lazy(x)[0])
+        done.set()
+    t = threading.Thread(target=second)
+    t.start()
+    with torch.no_grad():
+        out = lazy(x)[0]
+        ref = dense(x)[0]
+    t.join()
+    assert torch.equal(out, ref) and torch.equal(other[0], ref)
+    assert all(w is None for w in lazy._flat_weights)
+
+
+@pytest.mark.parametrize("cache", [0, 16])
+def test_rnn_serves_many_threads_and_survives_errors(cache):
+    from concurrent.futures import ThreadPoolExecutor
+    torch.manual_seed(0)
+    make = lambda: nn.LSTM(6, 8, num_layers=2, batch_first=True)  # noqa: E731
+    data = _file(make())
+    dense = lsc.load(data, make().eval())
+    lazy = load_lazy(data, make(), cache=cache)
+    xs = [torch.randn(2, 5, 6) for _ in range(4)]
+    with torch.no_grad():
+        refs = [dense(x)[0] for x in xs]
+        with pytest.raises(RuntimeError):
+            lazy(torch.randn(2, 5, 7))  # wrong input size: raised inside the forward, weights already set
+
+        def run(k):
+            with torch.no_grad():
+                return lazy(xs[k % 4])[0]
+        with ThreadPoolExecutor(8) as pool:
+            assert all(torch.equal(out, refs[k % 4]) for k, out in enumerate(pool.map(run, range(64))))
+    assert all(w is None for w in lazy._flat_weights)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_embedding_index_out_of_range_raises(mode):
+    """The chunked lookup filled rows it never decoded with uninitialised memory; a dense one raises."""
+    make = lambda: nn.Embedding(4000, 64)  # noqa: E731
+    torch.manual_seed(0)
+    data = _file(make())
+    dense = lsc.load(data, make())
+    lazy = load_lazy(data, make(), mode=mode, chunk_numel=16384)
+    ok = torch.tensor([[3, 3999]])
+    with torch.inference_mode():
+        for _ in range(2):  # the first use decodes whole, the second the chunks
+            for bad in ([[4000]], [[-1]], [[5, 9000]], [[-4001, 3]]):
+                with pytest.raises(IndexError):
+                    dense(torch.tensor(bad))
+                with pytest.raises(IndexError):
+                    lazy(torch.tensor(bad))
+            assert torch.equal(lazy(ok), dense(ok))
+    assert lazy.parametrizations.weight[0].store.chunk_ok[torch.device("cpu")]
+
+
+def _cast_model():
+    return nn.Sequential(nn.Embedding(300, 64), nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 8))
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double"])
+def test_cast_lazy_model_equals_cast_dense_model(mode, cast):
+    """model.half() on a lazy model: the decoder still runs at the file's precision, only the weight is cast."""
+    torch.manual_seed(0)
+    data = _file(_cast_model(), init_bits=12)
+    dense = getattr(lsc.load(data, _cast_model()), cast)()
+    lazy = getattr(load_lazy(data, _cast_model(), mode=mode, chunk_numel=2048, cache=1), cast)()
+    idx = torch.randint(0, 300, (3, 7))
+    with torch.no_grad():
+        for _ in range(2):  # whole, then chunked decoding (and the embedding's chunked row lookup)
+            assert torch.equal(lazy(idx), dense(idx))
+        for n, p in dense.named_parameters():
+            assert torch.equal(lazy.get_parameter(n) if "." not in n else
+                               getattr(lazy.get_submodule(n.rpartition(".")[0]), n.rpartition(".")[2]), p), n
+        sd = lazy.state_dict()
+        assert all(torch.equal(sd[k], v) for k, v in dense.state_dict().items())
+        lazy.float()  # and back: the file's weights, bit for bit
+        assert torch.equal(lazy[1].weight, lsc.load(data, _cast_model())[1].weight)
+    assert lazy_info(lazy)["dense_bytes"] == sum(p.numel() * 4 for p in dense.parameters())
+
+
+def test_deepcopy_gives_a_copy_with_its_own_runtime():
+    import copy
+    torch.manual_seed(0)
+    data = _file(Tied())
+    lazy = load_lazy(data, Tied(), cache=2)
+    dense = lsc.load(data, Tied())
+    idx = torch.randint(0, 50, (2, 6))
+    with torch.no_grad():
+        lazy(idx)
+        twin = copy.deepcopy(lazy)
+        rt, rt2 = lazy._lsc_lazy, twin._lsc_lazy
+        assert rt2 is not rt and not rt2.cache and rt2.decodes == 0
+        assert twin.emb.parametrizations.weight[0].store is twin.head.parametrizations.weight[0].store
+        assert twin.emb.parametrizations.weight[0].store is not lazy.emb.parametrizations.weight[0].store
+        set_cache(twin, 0)
+        assert torch.equal(twin(idx), dense(idx))
+        assert rt2.decodes == 4 and rt.decodes == 4  # the copy's own scopes: the tied weight once per use
+        twin.half()
+        assert lazy.emb.weight.dtype == torch.float32 and torch.equal(lazy(idx), dense(idx))
+        assert torch.equal(twin.state_dict()["body.weight"], dense.body.weight.half())
+
+
+def test_load_state_dict_into_a_lazy_model_says_what_to_do():
+    data = _file(_stack(1))
+    lazy = load_lazy(data, _stack(1))
+    with pytest.raises(lsc.LscError, match="lazily"):
+        lazy.load_state_dict(lazy.state_dict())
+    with pytest.raises(lsc.LscError, match="lazily"):
+        lazy[0][0].load_state_dict(_stack(1)[0][0].state_dict(), strict=False)

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
+import stat
 
 __all__ = ["atomic_path", "atomic_write_bytes"]
 
@@ -32,19 +33,38 @@ def atomic_path(path):
     The temporary name keeps ``path``'s suffix, so writers that pick a format by suffix still work.
     """
     path = check_writable(path)
-    stem, suffix = os.path.splitext(os.path.basename(path))
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{suffix}", dir=folder)
-    os.close(fd)
+    tmp = _create_temporary(path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        with contextlib.suppress(FileNotFoundError):  # replacing a file keeps its permissions
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _create_temporary(path: str) -> str:
+    """Create an empty temporary file beside ``path`` and return its name.
+
+    Created with mode 0o666 less the umask, as ``open()`` would create ``path`` itself (``mkstemp``'s
+    0o600 would make a model saved in a shared folder unreadable to others); the name is kept well
+    under the 255-byte file name limit whatever the length of ``path``'s own name.
+    """
+    stem, suffix = os.path.splitext(os.path.basename(path))
+    folder = os.path.dirname(os.path.abspath(path))
+    suffix = suffix if len(suffix) <= 32 else ""
+    for _ in range(100):
+        tmp = os.path.join(folder, f".{stem[:64]}.{secrets.token_hex(6)}.tmp{suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary file beside {path}")
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

@@ -15,7 +15,7 @@ import torch
 
 from .checks import is_integer
 
-__all__ = ["BlockLayout", "choose_block_shape", "to_blocks", "from_blocks"]
+__all__ = ["BlockLayout", "choose_block_shape", "to_blocks", "from_blocks", "MAX_BLOCK_DIM", "MAX_BLOCK_NUMEL"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,12 @@ class BlockLayout:
         return math.prod(self.shape)
 
 
+# Limits of the file format (docs/FORMAT.md): a reader builds a (b, b) transform matrix per block
+# dim and a scan order per block shape, so these bound what a crafted file can make it allocate.
+MAX_BLOCK_DIM = 4096
+MAX_BLOCK_NUMEL = 1 << 20
+
+
 def choose_block_shape(shape: tuple[int, ...], block_size) -> tuple[int, ...]:
     """Block shape for a tensor: ``block_size`` per dim (int or per-dim tuple), never larger than the dim."""
     if is_integer(block_size):
@@ -64,7 +70,11 @@ def choose_block_shape(shape: tuple[int, ...], block_size) -> tuple[int, ...]:
         raise ValueError(f"block_size must be an int or a tuple of ints (one per dim), got {block_size!r}")
     if any(b < 1 for b in sizes):
         raise ValueError(f"block sizes must be >= 1, got {sizes}")
-    return tuple(max(1, min(s, b)) for s, b in zip(shape, sizes))
+    block = tuple(max(1, min(s, b)) for s, b in zip(shape, sizes))
+    if max(block, default=1) > MAX_BLOCK_DIM or math.prod(block) > MAX_BLOCK_NUMEL:
+        raise ValueError(f"block {block} is too large: the file format allows at most {MAX_BLOCK_DIM} per dim and "
+                         f"{MAX_BLOCK_NUMEL} positions per block (docs/FORMAT.md)")
+    return block
 
 
 def to_blocks(x: torch.Tensor, layout: BlockLayout) -> torch.Tensor:

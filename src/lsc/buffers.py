@@ -13,7 +13,8 @@ once, with an error bound stated in units that matter to the model's output:
 
 The integer symbols are stored bit-packed at the width of their range (for a
 few hundred values an entropy coder's table would cost more than it saves).
-Non-float buffers (``num_batches_tracked``) are left to the raw path.
+Non-float buffers (``num_batches_tracked``) are left to the raw path, and so are float buffers
+holding an inf or a NaN (a causal attention mask): they have no quantized form, so they stay exact.
 
     tol = lsc.choose_buffer_tolerance(model, x, max_rel_error=1e-3)   # coarsest tol within budget
     blob = lsc.encode_buffers(dict(model.named_buffers()), tol)        # bytes for the file
@@ -29,10 +30,14 @@ from __future__ import annotations
 import json
 import math
 import struct
+import zlib
+from typing import NamedTuple
 
 import numpy as np
 import torch
 from torch import nn
+
+from .errors import LscError, LscFormatError
 
 __all__ = ["BN_EPS", "buffer_rules", "quantized_values", "encode_buffers", "decode_buffers", "quantize_buffers_",
            "choose_buffer_tolerance", "float_buffers"]
@@ -40,19 +45,40 @@ __all__ = ["BN_EPS", "buffer_rules", "quantized_values", "encode_buffers", "deco
 BN_EPS = 1e-5
 _MAGIC = b"LSCB1"
 MAX_DECODED_VALUES = 1 << 26  # float buffers are statistics (BatchNorm etc.): far smaller in practice
+MAX_JSON_BYTES = 16 << 20     # the blob's JSON inflates to at most this (a zip bomb stops here)
+MAX_DIMS = 64
+_FLOAT_DTYPES = tuple(n for n in ("float16", "bfloat16", "float32", "float64", "float8_e4m3fn", "float8_e5m2")
+                      if isinstance(getattr(torch, n, None), torch.dtype))  # the file format's float dtypes
+_SYMBOL_LIMIT = 2.0 ** 62     # |q| below this: symbols and their spans fit int64
+
+
+def _dtype_name(b: torch.Tensor) -> str:
+    return str(b.dtype).replace("torch.", "")
+
+
+def _quantizable(b: torch.Tensor) -> bool:
+    """Whether the lossy path can take ``b``: a non-finite value has no quantized form (the step
+    would be NaN and every value with it), so masks holding -inf and the like stay raw, exact."""
+    if not b.is_floating_point() or b.numel() == 0 or _dtype_name(b) not in _FLOAT_DTYPES:
+        return False
+    x = b.detach() if b.dtype == torch.float64 else b.detach().float()  # float8 has no isfinite
+    return bool(torch.isfinite(x).all())
 
 
 def float_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Persistent floating-point buffers of a model (what a state dict would carry), by name."""
+    """Persistent float buffers of a model (what a state dict would carry) that the lossy buffer codec
+    takes, by name; the caller stores every other buffer raw (non-finite ones included)."""
+    from .state import spectral_state_prefixes
+    lsc_own = spectral_state_prefixes(model)  # lsc's per-tensor statistics live with the spectral tensor
     out = {}
     for mod_name, module in model.named_modules():
         non_persistent = getattr(module, "_non_persistent_buffers_set", set())
         for attr, b in module._buffers.items():
-            if b is None or attr in non_persistent or not b.is_floating_point() or b.numel() == 0:
+            if b is None or attr in non_persistent or not _quantizable(b):
                 continue
-            if ".parametrizations." in f".{mod_name}." or mod_name.endswith("parametrizations"):
-                continue  # lsc's own per-tensor statistics live with the spectral tensor
-            out[f"{mod_name}.{attr}" if mod_name else attr] = b
+            name = f"{mod_name}.{attr}" if mod_name else attr
+            if not name.startswith(lsc_own):
+                out[name] = b
     return out
 
 
@@ -65,26 +91,48 @@ def _bn_eps(model: nn.Module | None) -> dict[str, float]:
     return eps
 
 
+def _check_tol(tol: float) -> None:
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise LscError(f"buffer tolerance must be a finite number > 0, got {tol!r}")
+
+
+def _log_domain(b: torch.Tensor, e: float) -> bool:
+    """Whether a variance can be coded as ``log2(var + eps)``: that must be finite."""
+    x = b.detach().double()
+    return math.isfinite(e) and e >= 0 and bool((x >= 0).all()) and bool((x + e > 0).all())
+
+
+def _uniform_step(name: str, b: torch.Tensor, tol: float) -> float:
+    x = b.detach().double()
+    scale = float(x.std(unbiased=False)) if b.numel() > 1 else 0.0
+    if not scale > 0:
+        scale = float(x.abs().max()) or 1.0
+    step = float(tol) * scale
+    if not (math.isfinite(step) and step > 0):
+        raise LscError(f"buffer {name!r} cannot be quantized at tolerance {tol} (step {step}); store it exactly")
+    return step
+
+
 def buffer_rules(buffers: dict[str, torch.Tensor], tol: float, eps: dict[str, float] | None = None) -> dict[str, dict]:
-    """The quantization rule of each float buffer: ``{"kind": "logvar"|"mean"|"uniform", ...}``."""
+    """The quantization rule of each float buffer: ``{"kind": "logvar"|"mean"|"uniform", ...}``.
+
+    Buffers the lossy path cannot take (non-finite values, non-float) get no rule: store them raw."""
+    _check_tol(tol)
     eps = eps or {}
+    ok = {n: b for n, b in buffers.items() if _quantizable(b)}
+    logvar = {n for n, b in ok.items()
+              if n.rpartition(".")[2] == "running_var" and _log_domain(b, eps.get(n.rpartition(".")[0], BN_EPS))}
     rules = {}
-    for name, b in buffers.items():
-        if not b.is_floating_point() or b.numel() == 0:
-            continue
+    for name, b in ok.items():
         prefix, _, attr = name.rpartition(".")
         e = eps.get(prefix, BN_EPS)
-        if attr == "running_var" and bool((b >= 0).all()):
+        var = f"{prefix}.running_var"
+        if name in logvar:
             rules[name] = dict(kind="logvar", step=2.0 * tol / math.log(2.0), eps=e)
-        elif attr == "running_mean" and f"{prefix}.running_var" in buffers and \
-                buffers[f"{prefix}.running_var"].shape == b.shape and bool((buffers[f"{prefix}.running_var"] >= 0).all()):
-            rules[name] = dict(kind="mean", tol=float(tol), eps=e, var=f"{prefix}.running_var")
+        elif attr == "running_mean" and var in logvar and ok[var].shape == b.shape:
+            rules[name] = dict(kind="mean", tol=float(tol), eps=e, var=var)
         else:
-            x = b.detach().double()
-            scale = float(x.std(unbiased=False)) if b.numel() > 1 else 0.0
-            if not scale > 0:
-                scale = float(x.abs().max()) or 1.0
-            rules[name] = dict(kind="uniform", step=float(tol) * scale)
+            rules[name] = dict(kind="uniform", step=_uniform_step(name, b, tol))
     return rules
 
 
@@ -113,8 +161,15 @@ def _symbols(buffers: dict[str, torch.Tensor], rules: dict[str, dict]) -> tuple[
         else:
             q = np.round(x / rule["step"])
             vals[name] = q * rule["step"]
-        syms[name] = q.astype(np.int64)
+        syms[name] = _symbols_of(name, q)
     return syms, vals
+
+
+def _symbols_of(name: str, q: np.ndarray) -> np.ndarray:
+    """``q`` as int64; values too large for their step would wrap around silently otherwise."""
+    if q.size and not float(np.abs(q).max()) < _SYMBOL_LIMIT:
+        raise LscError(f"buffer {name!r} cannot be quantized at this tolerance (values too large for their step)")
+    return q.astype(np.int64)
 
 
 def quantized_values(buffers: dict[str, torch.Tensor], tol: float, eps: dict[str, float] | None = None) -> dict[str, torch.Tensor]:
@@ -136,11 +191,23 @@ def _pack(q: np.ndarray) -> tuple[int, int, bytes]:
 
 
 def _unpack(lo: int, width: int, data: bytes, n: int) -> np.ndarray:
+    """Inverse of :func:`_pack`. Each value is gathered from the (at most 9) bytes holding its bits,
+    so memory stays a few words per value at any width (unpacking to one byte per bit took 64x that)."""
     if width == 0:
         return np.full(n, lo, dtype=np.int64)
-    bits = np.unpackbits(np.frombuffer(data, dtype=np.uint8), bitorder="little")[: n * width].reshape(n, width)
-    u = (bits.astype(np.uint64) << np.arange(width, dtype=np.uint64)[None, :]).sum(1)
-    return u.astype(np.int64) + lo
+    buf = np.frombuffer(bytes(data) + bytes(9), dtype=np.uint8)
+    start = np.arange(n, dtype=np.int64) * width
+    at, shift = start >> 3, (start & 7).astype(np.uint64)
+    del start
+    u = np.zeros(n, dtype=np.uint64)
+    for k in range(8):
+        u |= buf[at + k].astype(np.uint64) << np.uint64(8 * k)
+    u >>= shift
+    if width > 56:  # the value may reach into a 9th byte
+        u |= (buf[at + 8].astype(np.uint64) << np.uint64(1)) << (np.uint64(63) - shift)
+    if width < 64:
+        u &= np.uint64((1 << width) - 1)
+    return (u + np.uint64(lo % (1 << 64))).view(np.int64)  # two's complement: lo + u, which fits int64
 
 
 _KINDS = ("logvar", "mean", "uniform")
@@ -155,54 +222,162 @@ def _rule_from(kind: str, extra: float, tol: float, name: str) -> dict:
 
 
 def encode_buffers(buffers: dict[str, torch.Tensor], tol: float = 2.0 ** -8, eps: dict[str, float] | None = None) -> bytes:
-    """Self-describing bytes for every float buffer in ``buffers`` (others are ignored: store them raw)."""
-    import zlib
+    """Self-describing bytes for every float buffer in ``buffers`` that has a rule (see
+    :func:`buffer_rules`; others are ignored: store them raw)."""
     rules = buffer_rules(buffers, tol, eps)
+    total = sum(buffers[n].numel() for n in rules)
+    if total > MAX_DECODED_VALUES:
+        raise LscError(f"{total} float buffer values are more than a reader accepts ({MAX_DECODED_VALUES}); "
+                       "store them raw")
     syms, _ = _symbols(buffers, rules)
     entries, payload = [], []
     for name, rule in rules.items():
         lo, width, data = _pack(syms[name])
         b = buffers[name]
         extra = rule["step"] if rule["kind"] == "uniform" else rule["eps"]
-        entries.append([name, list(b.shape), str(b.dtype).replace("torch.", ""), _KINDS.index(rule["kind"]), extra,
-                        lo, width])
+        entries.append([name, list(b.shape), _dtype_name(b), _KINDS.index(rule["kind"]), extra, lo, width])
         payload.append(data)
-    header = zlib.compress(json.dumps([float(tol), entries], separators=(",", ":")).encode(), 9)
+    js = json.dumps([float(tol), entries], separators=(",", ":")).encode()
+    if len(js) > MAX_JSON_BYTES:
+        raise LscError(f"buffer names and shapes take {len(js)} bytes of JSON, "
+                       f"over the {MAX_JSON_BYTES} a reader accepts")
+    header = zlib.compress(js, 9)
     return _MAGIC + struct.pack("<I", len(header)) + header + b"".join(payload)
 
 
+class _Entry(NamedTuple):
+    name: str
+    shape: tuple
+    dtype: str
+    kind: str
+    extra: float
+    lo: int
+    width: int
+
+    @property
+    def n(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return (self.n * self.width + 7) // 8
+
+
+def _fail(msg: str):
+    raise LscFormatError(f"buffers: {msg}")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _inflate_json(comp: bytes) -> bytes:
+    """The JSON, inflating at most :data:`MAX_JSON_BYTES` (a few KiB can otherwise inflate to GiBs)."""
+    d = zlib.decompressobj()
+    try:
+        out = d.decompress(comp, MAX_JSON_BYTES + 1)
+    except zlib.error as exc:
+        _fail(f"JSON: corrupt zlib data ({exc})")
+    if len(out) > MAX_JSON_BYTES:
+        _fail(f"JSON inflates to more than {MAX_JSON_BYTES} bytes")
+    if not d.eof or d.unused_data or d.unconsumed_tail:
+        _fail("JSON: zlib stream is truncated or followed by other bytes")
+    return out
+
+
+def _read_json(blob: bytes) -> tuple[float, list, int]:
+    """(tol, raw entries, offset of the payload), the framing and the JSON's top level checked."""
+    if len(blob) < 9 or blob[:5] != _MAGIC:
+        _fail("not an lsc buffer blob (bad magic or too short)")
+    (hlen,) = struct.unpack_from("<I", blob, 5)
+    if hlen > len(blob) - 9:
+        _fail(f"JSON length {hlen} runs past the end of the {len(blob)}-byte blob")
+    try:
+        top = json.loads(_inflate_json(blob[9:9 + hlen]))
+    except (ValueError, RecursionError) as exc:
+        _fail(f"JSON: invalid ({type(exc).__name__}: {exc})"[:300])
+    if not (isinstance(top, list) and len(top) == 2 and isinstance(top[1], list)):
+        _fail("JSON must be [tol, entries]")
+    if not (_is_number(top[0]) and top[0] > 0):
+        _fail(f"tol must be a finite number > 0, got {top[0]!r}")
+    return float(top[0]), top[1], 9 + hlen
+
+
+def _check_entry(i: int, e) -> _Entry:
+    """One entry, every field in range, so that nothing sized by it can be absurd."""
+    if not (isinstance(e, list) and len(e) == 7):
+        _fail(f"entry {i} must be [name, shape, dtype, kind, extra, lo, width]")
+    name, shape, dtype, kind, extra, lo, width = e
+    where = f"entry {i} ({str(name)[:80]!r})"
+    if not isinstance(name, str):
+        _fail(f"{where}: name must be a string")
+    if not (isinstance(shape, list) and len(shape) <= MAX_DIMS
+            and all(_is_int(d) and 0 <= d <= MAX_DECODED_VALUES for d in shape)):
+        _fail(f"{where}: shape must be at most {MAX_DIMS} ints in 0..{MAX_DECODED_VALUES}, got {str(shape)[:100]}")
+    if dtype not in _FLOAT_DTYPES:
+        _fail(f"{where}: dtype must be one of {_FLOAT_DTYPES}, got {str(dtype)[:40]!r}")
+    if not (_is_int(kind) and 0 <= kind < len(_KINDS)):
+        _fail(f"{where}: kind must be 0, 1 or 2, got {kind!r}")
+    if not (_is_number(extra) and (extra > 0 if kind == 2 else extra >= 0)):
+        _fail(f"{where}: extra (eps, or the step of kind 2) must be a finite number in range, got {extra!r}")
+    if not (_is_int(width) and 0 <= width <= 64):
+        _fail(f"{where}: width must be an int in 0..64, got {width!r}")
+    if not (_is_int(lo) and -(1 << 63) <= lo and lo + (1 << width) - 1 < (1 << 63)):
+        _fail(f"{where}: lo {lo!r} with width {width} gives symbols outside int64")
+    return _Entry(name, tuple(shape), dtype, _KINDS[kind], float(extra), lo, width)
+
+
+def _check_entries(raw: list, payload: int) -> list[_Entry]:
+    """All entries, and how they fit together: unique names, the value cap, means with their
+    variances, payload sizes adding up to exactly the bytes left in the blob."""
+    entries, seen, total = [], {}, 0
+    for i, e in enumerate(raw):
+        entry = _check_entry(i, e)
+        if entry.name in seen:
+            _fail(f"duplicate name {entry.name!r}")
+        total += entry.n
+        if total > MAX_DECODED_VALUES:
+            _fail(f"entries claim more than {MAX_DECODED_VALUES} values")
+        seen[entry.name] = entry
+        entries.append(entry)
+    for e in entries:
+        var = seen.get(e.name.rpartition(".")[0] + ".running_var")
+        if e.kind == "mean" and (var is None or var.kind != "logvar" or var.shape != e.shape):
+            _fail(f"{e.name!r}: a running_mean entry needs a running_var entry of kind 0 and the same shape")
+    need = sum(e.nbytes for e in entries)
+    if need > payload:
+        _fail(f"truncated: the entries need {need} payload bytes, {payload} left")
+    if need < payload:
+        _fail(f"{payload - need} trailing bytes after the last entry")
+    return entries
+
+
 def decode_buffers(blob: bytes) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`encode_buffers`: ``{name: tensor}`` with the original shapes and dtypes."""
-    import zlib
-    if blob[:5] != _MAGIC:
-        raise ValueError("not an lsc buffer blob")
-    (hlen,) = struct.unpack("<I", blob[5:9])
-    tol, entries = json.loads(zlib.decompress(blob[9:9 + hlen], bufsize=1 << 16))
-    pos = 9 + hlen
-    total = sum(math.prod(int(x) for x in e[1]) for e in entries)
-    if total > MAX_DECODED_VALUES or any(not 0 <= int(e[6]) <= 64 for e in entries):
-        raise ValueError(f"buffer blob claims {total} values or an invalid bit width")  # no giant allocation
-    vals: dict[str, np.ndarray] = {}
+    """Inverse of :func:`encode_buffers`: ``{name: tensor}`` with the original shapes and dtypes.
+
+    Bad data raises :class:`LscFormatError`; everything is validated before anything is allocated."""
+    blob = bytes(blob)
+    tol, raw, pos = _read_json(blob)
+    entries = _check_entries(raw, len(blob) - pos)
     syms = {}
-    meta = {}
-    for name, shape, dtype, kind, extra, lo, width in entries:
-        n = math.prod(shape)
-        nbytes = (n * width + 7) // 8
-        if pos + nbytes > len(blob):
-            raise ValueError(f"buffer blob is truncated inside {name!r}")
-        syms[name] = _unpack(lo, width, blob[pos:pos + nbytes], n)
-        pos += nbytes
-        meta[name] = (shape, dtype, _rule_from(_KINDS[kind], extra, tol, name))
-    for name in sorted(meta, key=lambda n: meta[n][2]["kind"] == "mean"):
-        shape, dtype, rule = meta[name]
-        q = syms[name]
-        if rule["kind"] == "logvar":
-            vals[name] = _decode_var(q, rule)
-        elif rule["kind"] == "mean":
-            vals[name] = q.astype(np.float64) * _mean_step(vals[rule["var"]], rule)
-        else:
-            vals[name] = q.astype(np.float64) * rule["step"]
-    return {n: torch.from_numpy(vals[n]).reshape(meta[n][0]).to(getattr(torch, meta[n][1])) for n in meta}
+    for e in entries:
+        syms[e.name] = _unpack(e.lo, e.width, blob[pos:pos + e.nbytes], e.n)
+        pos += e.nbytes
+    vals: dict[str, np.ndarray] = {}
+    with np.errstate(all="ignore"):  # crafted symbols may overflow to inf: that is what the file says
+        for e in sorted(entries, key=lambda e: e.kind == "mean"):  # variances before the means that need them
+            rule, q = _rule_from(e.kind, e.extra, tol, e.name), syms[e.name]
+            if e.kind == "logvar":
+                vals[e.name] = _decode_var(q, rule)
+            elif e.kind == "mean":
+                vals[e.name] = q.astype(np.float64) * _mean_step(vals[rule["var"]], rule)
+            else:
+                vals[e.name] = q.astype(np.float64) * rule["step"]
+    return {e.name: torch.from_numpy(vals[e.name]).reshape(e.shape).to(getattr(torch, e.dtype)) for e in entries}
 
 
 @torch.no_grad()

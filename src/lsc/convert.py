@@ -86,11 +86,14 @@ def _unmatched_patterns(model: nn.Module, include, exclude) -> list[str]:
             if isinstance(s, str) and not any(_matches(s, n, None, None) for n in names)]
 
 
+def _with_default(option, default):
+    """A per-tensor option dict without a ``"default"`` key applies the documented default elsewhere."""
+    return {**option, "default": default} if isinstance(option, dict) and "default" not in option else option
+
+
 def _block_for(name: str, shape: tuple[int, ...], block_size) -> tuple[int, ...]:
-    if isinstance(block_size, dict) and "default" not in block_size:
-        block_size = {**block_size, "default": 8}
     try:
-        return choose_block_shape(shape, _per_tensor(block_size, name, shape))
+        return choose_block_shape(shape, _per_tensor(_with_default(block_size, 8), name, shape))
     except ValueError as e:
         hint = " (a tuple applies to every tensor: give per-tensor shapes as {pattern: size})" if isinstance(block_size, (tuple, list)) else ""
         raise ValueError(f"{name}: {e}{hint}") from None
@@ -101,8 +104,8 @@ def _per_tensor(option, name: str, shape: tuple[int, ...]):
     if isinstance(option, dict):
         if name in option:  # an exact name wins (names may hold characters that are special to fnmatch)
             return option[name]
-        for pattern, value in option.items():
-            if pattern != "default" and fnmatch(name, pattern):
+        for pattern, value in option.items():  # a glob on the full name or its last part, as include / exclude
+            if pattern != "default" and isinstance(pattern, str) and _matches(pattern, name, None, None):
                 return value
         return option.get("default")
     return option(name, shape) if callable(option) else option
@@ -182,7 +185,7 @@ def spectral(model: nn.Module, *, block_size=8, init_bits: float = 10.0, include
     # a bad option for the last tensor must not leave the first ones converted
     pars = [SpectralParametrization(name, tuple(p.shape), p.dtype, _block_for(name, tuple(p.shape), block_size), tid,
                                     len(chosen), q_net, leak=leak, min_group_symbols=min_group_symbols,
-                                    transform=_per_tensor(transform, name, tuple(p.shape))).to(p.device)
+                                    transform=_per_tensor(_with_default(transform, "dct"), name, tuple(p.shape))).to(p.device)
             for tid, (name, _, _, p, _) in enumerate(chosen)]
     entries = []
     for par, (name, module, attr, p, ties) in zip(pars, chosen):

@@ -34,12 +34,21 @@ def _unparametrize(module: nn.Module, attr: str, dense: nn.Parameter) -> None:
     coefficients, low-rank factors). So the one original is swapped for ``dense`` first and
     then removed as is, which restores the module's own class once nothing else is parametrized.
     """
+    _own_class(module)
     plist = module.parametrizations[attr]
     for key in [k for k in plist._parameters if k.startswith("original")]:
         del plist._parameters[key]
     plist.is_tensor = True
     plist.register_parameter("original", dense)
     parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
+
+
+def _own_class(module: nn.Module) -> None:
+    """Give a parametrized module a class of its own before its properties are removed from it: a deepcopy
+    shares the injected ``Parametrized<Cls>`` class with the original, whose ``weight`` would vanish too."""
+    cls = type(module)
+    module.__class__ = type(cls.__name__, cls.__bases__,
+                            {k: v for k, v in cls.__dict__.items() if k not in ("__dict__", "__weakref__")})
 
 
 @torch.no_grad()

@@ -35,7 +35,9 @@ kernels may differ with the row count) and chunking is turned off for that tenso
 if they differ.
 
 Lazy models are for inference (the decoded weights carry no gradient);
-``model.to(device)`` moves the compact stores too.
+``model.to(device)`` moves the compact stores too, and a cast (``model.half()``) casts
+the decoded weights (decoding still runs at the file's precision). They may run in
+many threads at once, and ``copy.deepcopy`` gives a copy with its own cache.
 """
 from __future__ import annotations
 
@@ -53,6 +55,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .blocking import BlockLayout
+from .buffers import decode_buffers
 from .codec import api as _api
 from .codec.entropy import GroupStream, decode_positions, group_bounds
 from .errors import LscError, LscFormatError
@@ -121,7 +124,8 @@ class _Store(nn.Module):
 
     def __init__(self, m: dict, layout: BlockLayout, dtype, mean, std, exponent: np.ndarray, chunk_numel: int):
         super().__init__()
-        self.name, self.layout, self.dtype, self.transform = m["name"], layout, dtype, m["transform"]
+        self.name, self.layout, self.transform = m["name"], layout, m["transform"]
+        self.file_dtype = self.dtype = dtype  # the file's dtype, and the decoded weight's (model.half() changes it)
         self.register_buffer("mean", mean, persistent=False)
         self.register_buffer("std", std, persistent=False)
         self.register_buffer("exponent", torch.from_numpy(np.ascontiguousarray(exponent)), persistent=False)
@@ -143,6 +147,18 @@ class _Store(nn.Module):
             del cuts[-2]
         return None if len(cuts) <= 2 else list(zip(cuts[:-1], cuts[1:]))
 
+    def _apply(self, fn, *args, **kwargs):
+        """A cast (``model.half()``) changes only the dtype of the decoded weight: the compact form and the
+        statistics keep the file's dtypes, so decoding runs at the file's precision and only its result is cast."""
+        probe = fn(torch.zeros(0, dtype=self.dtype, device=self.mean.device))
+        if probe.is_floating_point():
+            self.dtype = probe.dtype
+
+        def keep_dtype(t):
+            moved = fn(t.new_empty(0))
+            return fn(t) if moved.dtype == t.dtype else t.to(moved.device)
+        return super()._apply(keep_dtype, *args, **kwargs)
+
     @property
     def compact_nbytes(self) -> int:
         raise NotImplementedError
@@ -155,7 +171,7 @@ class _Store(nn.Module):
 
     def _reconstruct(self, q, layout, device):
         return reconstruct(q, self.exponent.to(device), layout, self.mean.to(device), self.std.to(device),
-                           self.dtype, self.transform)
+                           self.file_dtype, self.transform)
 
     def decode_chunk(self, src, g0: int, g1: int, device) -> torch.Tensor:
         """Rows of block rows g0..g1-1 (one entry of ``self.chunks``) of the weight."""
@@ -170,6 +186,11 @@ class _Store(nn.Module):
         if not self.chunks or not self.chunk_ok.get(device) or len(self.layout.shape) != 2:
             return None
         uniq, inv = torch.unique(idx, return_inverse=True)
+        if uniq.numel():
+            lo, hi = uniq[[0, -1]].tolist()
+            if lo < 0 or hi >= self.layout.shape[0]:  # as a dense nn.Embedding (no row here is left undecoded)
+                raise IndexError(f"index out of range in self: {lo if lo < 0 else hi} for the "
+                                 f"{self.layout.shape[0]} rows of {self.name}")
         b0 = self.layout.block_shape[0]
         table = torch.empty((uniq.numel(), self.layout.shape[1]), dtype=self.dtype, device=device)
         bounds = torch.tensor([[g0 * b0, g1 * b0] for g0, g1 in self.chunks], device=uniq.device)
@@ -190,15 +211,15 @@ class _Store(nn.Module):
         if not ok:  # no chunks, chunking found inexact on this device, or first decode here (check below)
             full = self._reconstruct(self._rows(src, 0, L.num_blocks), L, device)
             if ok is False:
-                return full
-        out = torch.empty(L.shape, dtype=self.dtype, device=device)
+                return full.to(self.dtype)
+        # chunks are cast as they are copied in; the first decode here is checked in the file's dtype
+        out = torch.empty(L.shape, dtype=self.dtype if ok else self.file_dtype, device=device)
         for g0, g1 in self.chunks:
             w = self.decode_chunk(src, g0, g1, device)
             out[g0 * L.block_shape[0]: g0 * L.block_shape[0] + w.shape[0]].copy_(w)
         if ok is None:  # first decode on this device: chunked must equal whole, bit for bit
             ok = self.chunk_ok[device] = bool(torch.equal(out, full))
-            if not ok:
-                return full
+            return (out if ok else full).to(self.dtype)
         return out
 
 
@@ -279,6 +300,16 @@ class _Runtime:
         self.decodes = 0
         self.stores: list[_Store] = []
         self.tracker: DecodeMemoryTracker | None = None
+
+    def __getstate__(self):
+        """``copy.deepcopy(model)``: the copy gets its own runtime (stores copied, no cache, scopes or tracker)."""
+        state = self.__dict__.copy()
+        state.update(_local=None, _lock=None, cache=OrderedDict(), decodes=0, tracker=None)
+        return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._local, self._lock = threading.local(), threading.Lock()
 
     @property
     def scopes(self) -> list[dict]:
@@ -366,6 +397,10 @@ class LazyParametrization(nn.Module):
     def runtime(self) -> _Runtime:
         return self.__dict__["runtime"]
 
+    def _apply(self, fn, *args, **kwargs):
+        self.runtime.clear_cache()  # cached weights have the old device or dtype
+        return super()._apply(fn, *args, **kwargs)
+
     # Under torch.compile the weight is decoded eagerly (a graph break), as a spectral weight is: the decoder
     # writes through out= views and keeps Python-side caches, which tracing cannot follow.
     @torch.compiler.disable
@@ -391,22 +426,54 @@ def _embedding_forward(self, input):
     return par.runtime.embedding(self, par.store, self.parametrizations.weight.original.device, input)
 
 
-def _pre_hook(runtime):
-    def hook(module, args):
-        runtime.scopes.append({})
-    return hook
+# Hooks find the runtime on their module (not in a closure), so that a deep copy uses its own.
+def _pre_hook(module, args):
+    module.__dict__["_lsc_lazy_runtime"].scopes.append({})
 
 
-def _post_hook(runtime):
-    def hook(module, args, output):
-        if runtime.scopes:
-            runtime.scopes.pop()
-        if isinstance(module, nn.RNNBase):
-            # RNNs keep strong references to their weights in _flat_weights: drop them (the next
-            # forward sees dead weakrefs, re-reads the weights, i.e. decodes them in its own scope).
-            module.__dict__["_flat_weights"] = [None] * len(module._flat_weights_names)
-        return None
-    return hook
+def _post_hook(module, args, output):
+    scopes = module.__dict__["_lsc_lazy_runtime"].scopes
+    if scopes:
+        scopes.pop()
+    if isinstance(module, nn.RNNBase):
+        _release_flat_weights(module)
+    return None
+
+
+_STALE = torch.empty(0)  # what released RNN weakrefs point to: never a weight, so the next forward re-reads
+
+
+def _release_flat_weights(module: nn.RNNBase) -> None:
+    """RNNs keep strong references to their weights in _flat_weights: drop them, and point the weakrefs
+    at no weight, so that the next forward re-reads (decodes) them in its own scope even when the
+    decoded weights are still alive in the cache."""
+    n = len(module._flat_weights_names)
+    module._flat_weights, module._flat_weight_refs = [None] * n, [weakref.ref(_STALE)] * n
+
+
+class _FlatWeights(threading.local):
+    """An RNN's _flat_weights and _flat_weight_refs, one pair per thread: a thread releasing its weights
+    never touches those another thread's forward is reading. A deep copy starts empty."""
+
+    def __init__(self, n: int):
+        self.n = n
+        self._flat_weights, self._flat_weight_refs = [None] * n, [weakref.ref(_STALE)] * n
+
+    def __deepcopy__(self, memo):
+        return type(self)(self.n)
+
+
+def _thread_attribute(name: str) -> property:
+    return property(lambda self: getattr(self.__dict__["_lsc_flat"], name),
+                    lambda self, value: setattr(self.__dict__["_lsc_flat"], name, value))
+
+
+def _per_thread_flat_weights(module: nn.RNNBase) -> None:
+    module.__dict__["_lsc_flat"] = _FlatWeights(len(module._flat_weights_names))
+    cls = type(module)  # parametrize's own subclass for this module alone
+    for name in ("_flat_weights", "_flat_weight_refs"):
+        module.__dict__.pop(name, None)
+        setattr(cls, name, _thread_attribute(name))
 
 
 # --------------------------------------------------------------------------- loading
@@ -453,6 +520,7 @@ def load_lazy(src, model: nn.Module, *, mode: str = "packed", cache: int = 0, st
     device = _target_device(model)
     runtime = _Runtime(mode, cache)
     raw: dict[str, torch.Tensor] = {}
+    buffers: list[dict] = []
     plan = []
     for m, s in zip(header["tensors"], streams):
         names = [m["name"], *m.get("tied", [])]
@@ -461,6 +529,9 @@ def load_lazy(src, model: nn.Module, *, mode: str = "packed", cache: int = 0, st
                 store = (_PackedStore if mode == "packed" else _EntropyStore)(m, bytes(s), verify, chunk_numel)
                 plan.append((store, names))
                 continue
+            if m["kind"] == "buffers":  # lossy float buffers (saved with buffer_tolerance): small, decoded now
+                buffers.append(decode_buffers(bytes(s)))
+                continue
             t = _api._decode_raw(m, s)
         except (LscError, KeyboardInterrupt, SystemExit, GeneratorExit):
             raise
@@ -468,6 +539,9 @@ def load_lazy(src, model: nn.Module, *, mode: str = "packed", cache: int = 0, st
             raise LscFormatError(f"{m['name']}: cannot decode ({type(exc).__name__}: {exc})") from None
         for n in names:
             raw[n] = t
+    _api._check_buffer_names(header["tensors"], buffers)
+    for decoded in buffers:
+        raw.update(decoded)
     own_state = model.state_dict(keep_vars=True)
     groups = _api.tie_groups(own_state)  # a checkpoint may hold a tied tensor under one of its names only
     plan = [(store, names + [n for g in groups if set(g) & set(names) for n in g if n not in names])
@@ -510,30 +584,50 @@ def load_lazy(src, model: nn.Module, *, mode: str = "packed", cache: int = 0, st
     for module in owners.values():
         if isinstance(module, nn.Embedding) and type(module).forward is nn.Embedding.forward:
             module.forward = types.MethodType(_embedding_forward, module)
-        module.register_forward_pre_hook(_pre_hook(runtime))
-        module.register_forward_hook(_post_hook(runtime), always_call=True)
+        module.__dict__["_lsc_lazy_runtime"] = runtime
+        module.register_forward_pre_hook(_pre_hook)
+        module.register_forward_hook(_post_hook, always_call=True)
+        module._register_load_state_dict_pre_hook(_refuse_load_state_dict, with_module=True)
         if isinstance(module, nn.RNNBase):
-            module.__dict__["_flat_weights"] = [None] * len(module._flat_weights_names)
+            _per_thread_flat_weights(module)
     model.__dict__["_lsc_lazy"] = runtime
-    model._register_state_dict_hook(_dense_state_dict_hook(runtime, [(store, names) for store, names in plan
-                                                                      if any(n in own for n in names)]))
+    model._register_state_dict_hook(_dense_state_dict_hook)
     return outer.eval()
 
 
-def _dense_state_dict_hook(runtime: _Runtime, plan):
+def _lazy_tensors(module: nn.Module):
+    """(attribute name, LazyParametrization) of each lazily decoded tensor of ``module`` itself."""
+    if not parametrize.is_parametrized(module):
+        return []
+    return [(attr, plist[0]) for attr, plist in module.parametrizations.items()
+            if isinstance(plist[0], LazyParametrization)]
+
+
+def _dense_state_dict_hook(model, state_dict, prefix, local_metadata):
     """``model.state_dict()`` of a lazy model holds the decoded weights under the model's own keys, not the
     empty placeholders: saving it gives an ordinary dense checkpoint (each tensor decoded once)."""
-    def hook(module, state_dict, prefix, local_metadata):
-        for store, names in plan:
-            weight = None
-            for n in names:
-                placeholder = parametrization_key(prefix, n) + "original"
-                if placeholder in state_dict:
-                    device = state_dict.pop(placeholder).device
-                    weight = runtime.get(store, device) if weight is None else weight
-                    state_dict[prefix + n] = weight
-        return state_dict
-    return hook
+    decoded = {}
+    for path, module in model.named_modules(remove_duplicate=False):
+        for attr, par in _lazy_tensors(module):
+            name = f"{path}.{attr}" if path else attr
+            placeholder = parametrization_key(prefix, name) + "original"
+            if placeholder in state_dict:
+                device = state_dict.pop(placeholder).device
+                key = id(par.store)
+                if key not in decoded:
+                    decoded[key] = par.runtime.get(par.store, device)
+                state_dict[prefix + name] = decoded[key]
+    return state_dict
+
+
+def _refuse_load_state_dict(module, state_dict, prefix, local_metadata, strict, missing, unexpected, errors):
+    """A lazy model's weights are decoded from its file: a state dict cannot replace them."""
+    attrs = [attr for attr, _ in _lazy_tensors(module)]
+    keys = [k for a in attrs for k in (prefix + a, f"{prefix}parametrizations.{a}.original")]
+    if attrs and (strict or any(k in state_dict for k in keys)):
+        raise LscError(f"{prefix + attrs[0]}: a lazily loaded model decodes its weights from its .lsc file and "
+                       "cannot load a state dict into them; load the file again (lsc.load(path, model, lazy=True)), "
+                       "or load the state dict into a plain model (a lazy model's state_dict() is a dense one)")
 
 
 def _runtime(model) -> _Runtime:

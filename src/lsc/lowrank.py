@@ -34,7 +34,7 @@ from .wrappers import unwrap_for_conversion
 
 __all__ = ["LowRankMatrix", "Tucker2", "factorize", "factor_report", "fold_factored_state_dict", "FACTOR_KEY"]
 
-FACTOR_KEY = re.compile(r"^(?P<prefix>.*)\.parametrizations\.(?P<attr>[^.]+)\.original(?P<idx>\d+)$")
+FACTOR_KEY = re.compile(r"^(?:(?P<prefix>.*)\.)?parametrizations\.(?P<attr>[^.]+)\.original(?P<idx>\d+)$")
 
 
 def _rank_for_error(s: torch.Tensor, max_error: float) -> int:
@@ -257,7 +257,7 @@ def fold_factored_state_dict(state_dict: dict, model: nn.Module | None = None) -
         if m is None:
             out[k] = v
             continue
-        groups.setdefault(f"{m['prefix']}.{m['attr']}", {})[int(m["idx"])] = v
+        groups.setdefault(f"{m['prefix']}.{m['attr']}" if m["prefix"] else m["attr"], {})[int(m["idx"])] = v
     shapes = {}
     if model is not None:
         for n, t in model.state_dict().items():

@@ -15,7 +15,16 @@ __all__ = ["morton_order", "rowmajor_order"]
 
 
 @lru_cache(maxsize=512)
+def _morton_small(block_shape: tuple[int, ...]) -> np.ndarray:
+    return _morton_build(block_shape)
+
+
 def _morton_order(block_shape: tuple[int, ...]) -> np.ndarray:
+    # cached only while small: a file may declare blocks of up to 2^20 positions, which must not pile up
+    return (_morton_small if math.prod(block_shape) <= 1 << 12 else _morton_build)(block_shape)
+
+
+def _morton_build(block_shape: tuple[int, ...]) -> np.ndarray:
     n = math.prod(block_shape)
     if len(block_shape) == 0:
         return np.zeros(1, dtype=np.int64)

@@ -12,6 +12,7 @@ import weakref
 import numpy as np
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.autograd.function import once_differentiable
 
 from .blocking import BlockLayout, to_blocks
@@ -19,7 +20,7 @@ from .errors import LscError
 from .grouping import position_groups
 from .morton import morton_order
 from .precision import full_precision
-from .qnet import QuantizationNetwork, position_features
+from .qnet import _SHARED, QuantizationNetwork, position_features
 from .quantizer import bits_to_exponent, integer_coefficients, step_size
 from .reconstruct import compute_dtype_for, reconstruct
 from .training import quantized_synthesis, synthesis_gradients
@@ -30,6 +31,23 @@ __all__ = ["SpectralParametrization"]
 # parametrization -> (tensors its weight was computed from, their versions, the weight, its version);
 # outside the module so that deepcopy, pickling and state_dict never see it
 _CONSTANT: "weakref.WeakKeyDictionary[SpectralParametrization, tuple]" = weakref.WeakKeyDictionary()
+
+
+def _forget_computed(optimizer, args, kwargs) -> None:
+    """After an optimizer step, drop the kept weights and q_net outputs computed from the tensors it stepped.
+    Their cache keys are tensor versions, which fused optimizers (``Adam(fused=True)``) do not bump."""
+    if not _CONSTANT and not _SHARED:
+        return
+    stepped = {id(p) for group in optimizer.param_groups for p in group["params"] if p.grad is not None}
+    for par, hit in list(_CONSTANT.items()):
+        if any(id(t) in stepped for t in hit[0]):
+            _CONSTANT.pop(par, None)
+    for q_net in list(_SHARED.keys()):
+        if any(id(p) in stepped for p in q_net.current_parameters()):
+            _SHARED.pop(q_net, None)
+
+
+register_optimizer_step_post_hook(_forget_computed)
 
 
 class SpectralParametrization(nn.Module):
@@ -64,6 +82,7 @@ class SpectralParametrization(nn.Module):
     # -- model.to(device) carries the shared q_net along (device only, never dtype); a dtype cast
     # (model.half(), .to(torch.bfloat16), .double()) sets the weight's dtype, as it would for a plain model
     def _apply(self, fn, *args, **kwargs):
+        _CONSTANT.pop(self, None)  # a kept weight of the old device or dtype must not outlive the move
         probe = fn(torch.zeros(0, device=self.features.device, dtype=self.orig_dtype))
         own = {name: getattr(self, name) for name in ("mean", "std", "features", "frozen_exponent")}
         result = super()._apply(fn, *args, **kwargs)

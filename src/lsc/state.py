@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .errors import LscError
 from .parametrization import SpectralParametrization
@@ -18,7 +19,7 @@ from .qnet import QuantizationNetwork
 from .wrappers import inner_module, require_module
 
 __all__ = ["SpectralEntry", "LscState", "spectral_root", "get_state", "check_attached", "resolve", "parametrization_key",
-           "QNET_PREFIX"]
+           "spectral_state_prefixes", "QNET_PREFIX"]
 
 QNET_PREFIX = "_lsc_qnet."
 
@@ -36,6 +37,14 @@ def parametrization_key(prefix: str, name: str) -> str:
     """Where a parametrized tensor's state lives in a state dict: ``fc.weight`` -> ``fc.parametrizations.weight.``."""
     path, _, attr = name.rpartition(".")
     return f"{prefix}{path + '.' if path else ''}parametrizations.{attr}."
+
+
+def spectral_state_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """State-dict key prefixes of lsc's own parametrizations (``fc.parametrizations.weight.``): the coefficients and
+    statistics that a file stores as spectral entries. Other parametrizations' tensors (weight_norm's ``original0`` /
+    ``original1``, spectral_norm's ``_u`` / ``_v``) are the model's own state, written like any other tensor."""
+    return tuple(f"{name}." if name else "" for name, m in model.named_modules(remove_duplicate=False)
+                 if isinstance(m, parametrize.ParametrizationList) and isinstance(m[0], SpectralParametrization))
 
 
 @dataclass
@@ -179,12 +188,25 @@ def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_k
     if st is None:
         return
     plain = _analyze_dense_weights(module, st, state_dict, prefix)
+    _rename_coefficient_keys(st, state_dict, prefix)
     _explain_layout_mismatches(module, st, state_dict, prefix, error_msgs)
     own = {k[len(prefix + QNET_PREFIX):]: state_dict.pop(k) for k in list(state_dict) if k.startswith(prefix + QNET_PREFIX)}
     if own:
         st.q_net.load_state_dict(own, strict=strict)
     elif strict and not plain:  # a plain checkpoint has no q_net: the current one stays
         missing_keys.extend(prefix + QNET_PREFIX + k for k in st.q_net.state_dict())
+
+
+def _rename_coefficient_keys(st: LscState, state_dict, prefix: str) -> None:
+    """Coefficients are ``original`` in a float32 model and ``original0`` in a half-precision one (they stay
+    float32 there, beside the weight's dtype): a checkpoint of either loads into the other, as a plain one would."""
+    for entry in st.entries:
+        have = entry.original_attr
+        other = "original0" if have == "original" else "original"
+        for name in (entry.name, *entry.tied_names):
+            base = parametrization_key(prefix, name)
+            if base + have not in state_dict and base + other in state_dict:
+                state_dict[base + have] = state_dict.pop(base + other)
 
 
 def _explain_layout_mismatches(model: nn.Module, st: LscState, state_dict, prefix: str, error_msgs: list) -> None:

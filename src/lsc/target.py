@@ -31,23 +31,20 @@ from .checks import as_number, is_integer
 from .errors import LscError
 from .loss import compressed_numel, quantization_loss, rate_estimate
 from .rate import HEADER_BYTES_PER_TENSOR
-from .state import get_state, spectral_root
+from .state import get_state, spectral_root, spectral_state_prefixes
 
 __all__ = ["RateController", "raw_bytes"]
 
 
 def raw_bytes(model: nn.Module) -> int:
     """Bytes the file spends on everything that is not spectrally compressed (raw params and buffers)."""
-    st = get_state(model)
-    spectral = set()
-    for e in st.entries:
-        spectral.add(e.name)
-        spectral.update(e.tied_names)
-    total = 0
-    seen = set()
+    get_state(model)
     model = spectral_root(model)
+    lsc_own = spectral_state_prefixes(model)
+    total = 0
+    seen = set()  # a tied tensor is written once
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if ".parametrizations." in name or name in spectral or id(t) in seen:
+        if name.startswith(lsc_own) or id(t) in seen:
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size() + HEADER_BYTES_PER_TENSOR

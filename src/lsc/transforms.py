@@ -8,6 +8,8 @@ and faster than an FFT-based DCT (the seed's external DCT cost ~30% of runtime).
 from __future__ import annotations
 
 import math
+import threading
+from collections import OrderedDict
 from functools import lru_cache
 
 import torch
@@ -15,8 +17,24 @@ import torch
 __all__ = ["dct_matrix", "block_transform", "block_inverse_transform", "register_transform", "get_transform", "TRANSFORMS"]
 
 
-@lru_cache(maxsize=None)
+# Matrices are cached only up to this many rows: a file may declare blocks of up to
+# MAX_BLOCK_DIM per dim, and a cache holding those (b^2 values each) would let a small
+# crafted file keep gigabytes alive. Larger ones are rebuilt per use (O(b^2), cheap next to
+# transforming a tensor that large).
+_CACHE_MAX_ROWS = 256
+_CACHE_ENTRIES = 128  # (kind, size, dtype, device) keys kept, least recently used dropped first
+
+
 def _dct_matrix_cpu64(n: int) -> torch.Tensor:
+    return _dct_small(n) if n <= _CACHE_MAX_ROWS else _dct_build(n)
+
+
+@lru_cache(maxsize=_CACHE_MAX_ROWS)
+def _dct_small(n: int) -> torch.Tensor:
+    return _dct_build(n)
+
+
+def _dct_build(n: int) -> torch.Tensor:
     k = torch.arange(n, dtype=torch.float64).unsqueeze(1)
     i = torch.arange(n, dtype=torch.float64).unsqueeze(0)
     m = torch.cos(math.pi * (2 * i + 1) * k / (2 * n)) * math.sqrt(2.0 / n)
@@ -37,25 +55,38 @@ def dct_matrix(n: int, dtype=torch.float32, device=None) -> torch.Tensor:
 # ~3x faster per training step on the digits CNN and MiniLM).
 KRON_MAX_POSITIONS = 256
 
-_MATRICES: dict = {}
+_MATRICES: "OrderedDict[tuple, torch.Tensor]" = OrderedDict()
+_MATRICES_LOCK = threading.Lock()  # serving threads decode concurrently
 
 
 def _cached(key, dtype, device) -> torch.Tensor:
-    """Transform matrices built once in float64 on the CPU, then cached per dtype and device."""
+    """Transform matrices built in float64 on the CPU, then cached per dtype and device (small ones only)."""
     full = (key, dtype, torch.device(device) if device is not None else torch.device("cpu"))
-    m = _MATRICES.get(full)
-    if m is None:
-        kind, arg = key
-        if kind == "dct":
-            base = _dct_matrix_cpu64(arg)
-        elif kind == "idct":  # D^T, contiguous: the left factor of x = D^T @ coefficients
-            base = _dct_matrix_cpu64(arg).T.contiguous()
-        else:  # kron of the DCT matrices of a block shape
-            base = torch.ones(1, 1, dtype=torch.float64)
-            for b in arg:
-                base = torch.kron(base, _dct_matrix_cpu64(b))
-        m = _MATRICES[full] = base.to(dtype=dtype, device=full[2])
+    with _MATRICES_LOCK:
+        m = _MATRICES.get(full)
+        if m is not None:
+            _MATRICES.move_to_end(full)
+            return m
+    m = _build(key).to(dtype=dtype, device=full[2])
+    if m.shape[0] <= max(_CACHE_MAX_ROWS, KRON_MAX_POSITIONS):
+        with _MATRICES_LOCK:
+            _MATRICES[full] = m
+            while len(_MATRICES) > _CACHE_ENTRIES:
+                _MATRICES.popitem(last=False)
     return m
+
+
+def _build(key) -> torch.Tensor:
+    """The float64 CPU matrix of a cache key: ("dct", b), ("idct", b) or ("kron", block shape)."""
+    kind, arg = key
+    if kind == "dct":
+        return _dct_matrix_cpu64(arg)
+    if kind == "idct":  # D^T, contiguous: the left factor of x = D^T @ coefficients
+        return _dct_matrix_cpu64(arg).T.contiguous()
+    base = torch.ones(1, 1, dtype=torch.float64)  # kron of the DCT matrices of a block shape
+    for b in arg:
+        base = torch.kron(base, _dct_matrix_cpu64(b))
+    return base
 
 
 def _kron_apply(x: torch.Tensor, block_shape: tuple[int, ...], inverse: bool) -> torch.Tensor:

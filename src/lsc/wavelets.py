@@ -123,8 +123,17 @@ def lifting_inverse(y: torch.Tensor, wavelet: str = "cdf97", levels: int | None 
     return x
 
 
-@lru_cache(maxsize=512)
 def _matrices_cpu64(n: int, wavelet: str, levels: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    # cached only while small: a file may declare long blocks, whose b^2 matrices must not pile up
+    return (_matrices_small if n <= 256 else _matrices_build)(n, wavelet, levels)
+
+
+@lru_cache(maxsize=128)
+def _matrices_small(n: int, wavelet: str, levels: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return _matrices_build(n, wavelet, levels)
+
+
+def _matrices_build(n: int, wavelet: str, levels: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     eye = torch.eye(n, dtype=torch.float64)
     analysis = lifting_forward(eye, wavelet, levels).T           # coefficients = A @ x
     synthesis = lifting_inverse(eye, wavelet, levels).T          # x = S @ coefficients

@@ -25,7 +25,7 @@ from torch import nn
 
 from .. import buffers as buffers_mod
 from ..atomic import atomic_write_bytes, check_writable
-from ..blocking import BlockLayout
+from ..blocking import MAX_BLOCK_DIM, MAX_BLOCK_NUMEL, BlockLayout
 from ..errors import LscError, LscFormatError, format_errors
 from ..grouping import position_groups
 from ..morton import morton_order, rowmajor_order
@@ -33,7 +33,7 @@ from ..precision import full_precision
 from ..quantizer import dequantize, integer_coefficients
 from ..reconstruct import compute_dtype_for, reconstruct
 from ..rowclasses import MAX_CLASSES, propose_row_classes, row_units
-from ..state import QNET_PREFIX, check_attached, get_state, resolve, spectral_root
+from ..state import QNET_PREFIX, check_attached, get_state, resolve, spectral_root, spectral_state_prefixes
 from ..transforms import TRANSFORMS
 from ..wrappers import require_module, unwrap
 from .entropy import encode_symbols, group_bounds
@@ -47,7 +47,6 @@ __all__ = ["compress_weights", "decompress_weights", "save", "load", "file_info"
 HEADER_KEY = "__lsc__"
 BUFFERS_KEY = "__lsc_buffers__"  # the one stream holding quantized float buffers, when asked for
 MAX_TENSOR_NUMEL = 1 << 34
-MAX_BLOCK_NUMEL = 1 << 20
 MAX_SEGMENTS = 1 << 16
 _ZLIB_MAX_RATIO = 1100  # deflate cannot expand data more than ~1032x
 
@@ -57,7 +56,6 @@ _DTYPES = {name: getattr(torch, name) for name in (
     "float8_e4m3fn", "float8_e5m2") if isinstance(getattr(torch, name, None), torch.dtype)}
 _SPECTRAL_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _SCANS = {"morton": morton_order, "rowmajor": rowmajor_order}
-_PARAM_KEY = re.compile(r"^(?:(.*)\.)?parametrizations\.([^.]+)\.(.+)$")
 
 
 def _dtype_name(dt: torch.dtype) -> str:
@@ -65,7 +63,7 @@ def _dtype_name(dt: torch.dtype) -> str:
 
 
 def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().to("cpu").contiguous()
+    t = t.detach().to("cpu").resolve_conj().resolve_neg().contiguous()  # lazy conjugate / negative views hold other bytes
     return t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
 
 
@@ -80,14 +78,6 @@ def _u8(data: bytes) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- encoding
-
-def _orig_key(key: str) -> str | None:
-    """``a.b.parametrizations.weight.original`` -> ``a.b.weight``; None for parametrization internals."""
-    m = _PARAM_KEY.match(key)
-    if not m:
-        return key
-    return None
-
 
 def _encode_spectral(entry, min_group: int, scan: str) -> tuple[dict, bytes]:
     par = entry.parametrization
@@ -176,12 +166,18 @@ def compress_weights(model: nn.Module, *, scan: str = "morton", buffer_tolerance
             streams.append(data)
             covered.add(entry.name)
             covered.update(entry.tied_names)
-        for key, t in model.state_dict().items():
-            if key.startswith(QNET_PREFIX) or _orig_key(key) is None or key in covered:
+        lsc_own = spectral_state_prefixes(model)
+        first: dict[int, dict] = {}  # a tensor tied under several names is written once, the others listed as ``tied``
+        for key, t in model.state_dict(keep_vars=True).items():
+            if key.startswith(QNET_PREFIX) or key.startswith(lsc_own) or key in covered:
                 continue
             if key == HEADER_KEY:
                 raise LscError(f"a model tensor is named {HEADER_KEY!r}, which lsc reserves")
-            meta, data = _encode_raw(key, t)
+            if id(t) in first:
+                first[id(t)].setdefault("tied", []).append(key)
+                continue
+            meta, data = _encode_raw(key, t.detach())
+            first[id(t)] = meta
             metas.append(meta)
             streams.append(data)
     for meta, data in zip(metas, streams):
@@ -282,7 +278,7 @@ def _check_header(header: dict) -> list[dict]:
             if not isinstance(block, list) or len(block) != len(shape):
                 _fail(f"header: {name}: block must have one entry per dimension")
             for b, s in zip(block, shape):
-                _int(b, f"{name}: block size", 1, max(s, 1))
+                _int(b, f"{name}: block size", 1, min(max(s, 1), MAX_BLOCK_DIM))
             if math.prod(block) > MAX_BLOCK_NUMEL or math.prod(shape) == 0:
                 _fail(f"header: {name}: invalid block layout")
             if not _str_in(m.get("transform"), TRANSFORMS):
@@ -432,6 +428,7 @@ def _decode_all(header: dict, streams, keep_integers: bool = False, workers: int
                     spectral[m["name"]] = d
     if errors:
         raise errors[min(errors)]
+    _check_buffer_names(metas, [decoded[i] for i, m in enumerate(metas) if m["kind"] == "buffers"])
     plain: "OrderedDict[str, torch.Tensor]" = OrderedDict()
     for i, m in enumerate(metas):
         if m["kind"] == "buffers":
@@ -441,6 +438,16 @@ def _decode_all(header: dict, streams, keep_integers: bool = False, workers: int
         for tied in m.get("tied", []):
             plain[tied] = decoded[i]
     return plain, spectral
+
+
+def _check_buffer_names(metas: list[dict], buffers: list[dict]) -> None:
+    """Names are unique in a file (FORMAT.md): a buffer of the buffers stream (``buffers``: its decoded
+    name -> tensor dicts) must not shadow a tensor of the header."""
+    taken = {n for m in metas if m["kind"] != "buffers" for n in (m["name"], *m.get("tied", []))} | {HEADER_KEY}
+    for decoded in buffers:
+        clash = sorted(set(decoded) & taken)
+        if clash:
+            raise LscFormatError(f"{BUFFERS_KEY}: buffer names {clash[:3]} are also tensor names in the header")
 
 
 @contextlib.contextmanager
@@ -651,6 +658,10 @@ def _load_into_spectral(model, header, plain, spec, strict):
             if d["layout"] != par.layout:
                 raise LscError(f"{entry.name}: file has shape {d['layout'].shape} block {d['layout'].block_shape}, "
                                f"model has {par.layout.shape} block {par.layout.block_shape}")
+            if d["weight"].dtype != par.orig_dtype:  # the file's weight is rounded to its own dtype
+                raise LscError(f"{entry.name}: file holds it as {d['weight'].dtype}, the model as {par.orig_dtype}, so the "
+                               f"model's eval weights could not equal the file's; cast the model first (model.to("
+                               f"{d['weight'].dtype})) or load the file into a plain model")
             coded.append((entry, d, _coefficients_for(entry, d)))
             consumed.update(names)
         elif entry.name in plain:
@@ -661,7 +672,8 @@ def _load_into_spectral(model, header, plain, spec, strict):
         elif strict:
             raise LscError(f"{entry.name}: not in the file")
     raw = {k: v for k, v in plain.items() if k not in consumed}
-    own = {k: t for k, t in root.state_dict().items() if not k.startswith(QNET_PREFIX) and _orig_key(k) is not None
+    lsc_own = spectral_state_prefixes(root)
+    own = {k: t for k, t in root.state_dict().items() if not k.startswith(QNET_PREFIX) and not k.startswith(lsc_own)
            and k not in consumed}
     check_fits(own, raw, strict)
     for entry, d, (coeffs, e) in coded:
