@@ -345,3 +345,130 @@ def test_closed_pipe_stops_quietly(files):
     p.stdout.close()  # nobody reads: every write fails with EPIPE
     err = p.stderr.read().decode()
     assert p.wait(timeout=120) == 141 and "error" not in err, err
+
+
+# ----------------------------------------------------------------- regressions
+
+def _overwrite_cases(tmp_path):
+    """(argv, the input file -o names) for every kind of file `lsc compress` reads besides its argument."""
+    import json
+
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    (tmp_path / "hf").mkdir()
+    save_file({"a.weight": torch.randn(16, 32)}, str(tmp_path / "hf" / "model.safetensors"))
+    (tmp_path / "sh").mkdir()
+    shards = {"a.weight": "model-00001-of-00002.safetensors", "b.weight": "model-00002-of-00002.safetensors"}
+    for name, shard in shards.items():
+        save_file({name: torch.randn(8, 16)}, str(tmp_path / "sh" / shard))
+    (tmp_path / "sh" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": shards}))
+    torch.save({"w": torch.randn(8, 8)}, tmp_path / "m.pt")
+    (tmp_path / "bounds.json").write_text('{"default": 0.05}')
+    save_file({"w": torch.eye(8, dtype=torch.float64)}, str(tmp_path / "h.safetensors"))
+    t = str(tmp_path)
+    return [
+        (["compress", f"{t}/hf", "-o", f"{t}/hf/model.safetensors"], tmp_path / "hf" / "model.safetensors"),
+        (["compress", f"{t}/hf", "-o", f"{t}/hf/../hf/./model.safetensors"], tmp_path / "hf" / "model.safetensors"),
+        (["compress", f"{t}/sh", "-o", f"{t}/sh/model.safetensors.index.json"], tmp_path / "sh" / "model.safetensors.index.json"),
+        (["compress", f"{t}/sh/model.safetensors.index.json", "-o", f"{t}/sh/{shards['b.weight']}"],
+         tmp_path / "sh" / shards["b.weight"]),
+        (["compress", f"{t}/m.pt", "-o", f"{t}/bounds.json", "--bounds", f"{t}/bounds.json"], tmp_path / "bounds.json"),
+        (["compress", f"{t}/m.pt", "-o", f"{t}/h.safetensors", "--hessians", f"{t}/h.safetensors"], tmp_path / "h.safetensors"),
+    ]
+
+
+def test_compress_never_overwrites_a_file_it_reads(tmp_path, capsys):
+    from lsc.cli import main
+    for argv, victim in _overwrite_cases(tmp_path):
+        before = victim.read_bytes()
+        assert main(argv) == 1, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("lsc: error: ") and "overwrite the input" in err[0], err
+        assert victim.read_bytes() == before, argv
+    assert main(["compress", str(tmp_path / "sh"), "-o", str(tmp_path / "sh.lsc"), "-q"]) == 0  # still readable
+
+
+def test_compress_dot_writes_beside_the_directory(tmp_path, monkeypatch, capsys):
+    from safetensors.torch import save_file
+
+    from lsc.cli import main
+    (tmp_path / "my-model").mkdir()
+    save_file({"a.weight": torch.randn(16, 32)}, str(tmp_path / "my-model" / "model.safetensors"))
+    monkeypatch.chdir(tmp_path / "my-model")
+    for arg in (".", "./"):
+        assert main(["compress", arg, "--bits", "4", "-q"]) == 0
+        assert sorted(os.listdir(tmp_path / "my-model")) == ["model.safetensors"]
+        assert set(lsc.load(tmp_path / "my-model.lsc")) == {"a.weight"}
+        (tmp_path / "my-model.lsc").unlink()
+
+
+def test_plot_reports_the_heatmaps_it_draws(files, tmp_path, capsys):
+    from lsc.cli import main
+    from lsc.errors import LscError
+    from lsc.plots import plot_bits, rows_from_file
+    d, _ = files
+    assert main(["plot", str(d / "cnn.lsc"), "-o", str(tmp_path / "two.png"), "--max-heatmaps", "2"]) == 0
+    assert "two.png: 2 heatmaps (the largest of 8 spectral tensors, --max-heatmaps 2), bytes of 8 tensors" \
+        in capsys.readouterr().out
+    assert main(["plot", str(d / "cnn.lsc"), "-o", str(tmp_path / "all.png")]) == 0
+    assert "all.png: 8 heatmaps, bytes of 8 tensors" in capsys.readouterr().out
+    assert main(["plot", str(d / "cnn.lsc"), "-o", str(tmp_path / "bars.png"), "--max-heatmaps", "0"]) == 0
+    assert "bars.png: 0 heatmaps" in capsys.readouterr().out and (tmp_path / "bars.png").stat().st_size > 0
+    with pytest.raises(SystemExit) as e:  # a usage error, before anything is read or drawn
+        main(["plot", str(d / "cnn.lsc"), "-o", str(tmp_path / "neg.png"), "--max-heatmaps", "-1"])
+    assert e.value.code == 2 and "--max-heatmaps: -1" in capsys.readouterr().err
+    with pytest.raises(LscError, match="max_heatmaps=-1"):
+        plot_bits(rows_from_file(d / "cnn.lsc"), tmp_path / "neg.png", max_heatmaps=-1)
+    assert not (tmp_path / "neg.png").exists()
+
+
+@pytest.mark.parametrize("where, needle", [("missing/demo.lsc", "does not exist"), (".", "is a directory")])
+def test_demo_checks_its_output_before_training(tmp_path, capsys, where, needle):
+    from lsc.cli import main
+    assert main(["demo", "-o", str(tmp_path / where), "--steps", "2", "--epochs", "1"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and needle in err  # nothing trained: the first line of a run names the data set
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["compress", "{d}/cnn.pt", "-o", "{d}/never.lsc", "--block-size", "0"], "--block-size: 0"),
+    (["compress", "{d}/cnn.pt", "-o", "{d}/never.lsc", "--block-size", "-8"], "--block-size: -8"),
+    (["demo", "-o", "{d}/never.lsc", "--seed", "-1"], "--seed: -1"),
+    (["demo", "-o", "{d}/never.lsc", "--seed", str(2 ** 32)], f"--seed: {2 ** 32}"),
+])
+def test_usage_mistakes_exit_2_before_any_work(files, capsys, argv, needle):
+    from lsc.cli import main
+    d, _ = files
+    with pytest.raises(SystemExit) as e:
+        main([a.format(d=d) for a in argv])
+    out, err = capsys.readouterr()
+    assert e.value.code == 2 and needle in err and "unexpected" not in err and out == ""
+    assert not (d / "never.lsc").exists()
+
+
+def test_a_bits_range_without_a_quarter_bit_step_is_refused_before_reading(files, capsys):
+    from lsc.cli import main
+    d, _ = files
+    assert main(["compress", str(d / "cnn.pt"), "-o", str(d / "never.lsc"), "--min-bits", "2.1", "--max-bits", "2.2"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.strip() == ("lsc: error: --min-bits 2.1 --max-bits 2.2: no quarter-bit step lies in the "
+                                         "range (bits come in steps of 0.25); widen it")
+    assert not (d / "never.lsc").exists()
+
+
+def test_an_upper_case_safetensors_suffix_is_read_as_safetensors(files, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    from lsc.cli import main
+    _, sd = files
+    save_file(sd, str(tmp_path / "CNN.SAFETENSORS"))
+    assert main(["compress", str(tmp_path / "CNN.SAFETENSORS"), "--bits", "4", "-q"]) == 0
+    assert set(lsc.load(tmp_path / "CNN.lsc")) == set(sd)
+
+
+def test_every_plot_command_in_the_docs_names_its_output():
+    root = Path(__file__).resolve().parents[1]
+    import re
+    for doc in (root / "README.md", root / "docs" / "CLI.md"):
+        for cmd in re.findall(r"`(lsc plot [^`]*)`", doc.read_text()):
+            assert " -o " in f" {cmd} ", f"{doc.name}: `{cmd}` lacks the required -o"

@@ -277,3 +277,49 @@ def test_collect_hessians_wants_a_function_not_the_batches():
     with pytest.raises(lsc.LscError, match=r"run must be a function run\(model\).*got list"):
         lsc.collect_hessians(model, [torch.randn(2, 8)])
     assert not model[0]._forward_pre_hooks
+
+
+@pytest.mark.parametrize("bad", [lambda n: -torch.eye(n, dtype=torch.float64),
+                                 lambda n: torch.diag(torch.tensor([1.0] * (n - 1) + [-1e6], dtype=torch.float64))],
+                         ids=["negative", "one-negative-direction"])
+def test_a_hessian_that_is_not_positive_definite_is_refused_before_the_model_changes(bad):
+    model, x, ref, params = _mlp_and_its_state()
+    with pytest.raises(lsc.LscError, match=r"hessians\['0.weight'\] is not positive definite even with damp=0.01"):
+        lsc.compress_posttraining(model, max_error=0.05, hessians={"0.weight": bad(16)}, progress=False)
+    _assert_as_it_was(model, params, x, ref)
+    good = {"0.weight": x.T.double() @ x.double()}  # a retry with a real X^T X works
+    assert lsc.compress_posttraining(model, max_error=0.05, hessians=good, progress=False).tensors[0]["feedback"]
+
+
+def test_a_failure_inside_the_feedback_loop_leaves_the_model_as_it_was(monkeypatch):
+    import lsc.posttraining as pt
+    model, x, ref, params = _mlp_and_its_state()
+
+    def breaks(*a, **k):
+        raise lsc.LscError("the Hessian is not positive definite even with damp=0.01; raise damp")
+    monkeypatch.setattr(pt, "feedback_quantize", breaks)
+    with pytest.raises(lsc.LscError, match="not positive definite"):
+        lsc.compress_posttraining(model, max_error=0.05, hessians={"2.weight": torch.eye(16)}, progress=False)
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+    _assert_as_it_was(model, params, x, ref)
+
+
+def _mlp_and_its_state():
+    """A small MLP, an input, its output and (name, parameter, value) of each parameter, to compare against later."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        ref = model(x)
+    params = [(n, p, p.detach().clone()) for n, p in model.named_parameters()]
+    return model, x, ref, params
+
+
+def _assert_as_it_was(model, params, x, ref):
+    """No parametrization or lsc state left, the same Parameter objects with the same values, the same outputs."""
+    from torch.nn.utils import parametrize
+    assert not any(parametrize.is_parametrized(m) for m in model.modules()) and getattr(model, "_lsc", None) is None
+    assert [(n, p) for n, p in model.named_parameters()] == [(n, p) for n, p, _ in params]
+    assert all(torch.equal(p, v) for _, p, v in params)
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)

@@ -359,3 +359,84 @@ def test_a_bound_dict_that_misses_a_tensor_names_it_and_leaves_the_model_as_it_w
         lsc.compress_posttraining(model, max_error={"0.*": 0.1}, progress=False)
     assert type(model[1]) is nn.Linear and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     assert len(lsc.compress_posttraining(model, max_error={"0.*": 0.1, "default": 0.05}, progress=False).tensors) == 4
+
+
+def test_an_explicit_bound_of_a_vector_is_used_as_given():
+    """The 1-D rule (max_error / 20, or max_error_1d) tightens the default bound only: a bound named for a tensor,
+    exactly or by a glob, is the user's choice for it."""
+    torch.manual_seed(0)
+    sd = {"l.weight": torch.randn(16, 32), "l.bias": torch.randn(64), "m.bias": torch.randn(64)}
+    for kw in (dict(), dict(max_error_1d=0.001)):
+        for named in ({"l.bias": 0.2}, {"l.*": 0.2}):
+            res = compress_posttraining(sd, max_error={**named, "default": 0.05}, progress=False, **kw)
+            rows = {t["name"]: t for t in res.tensors}
+            assert rows["l.bias"]["bound"] == 0.2 and rows["l.bias"]["rel_error"] <= 0.2
+            assert rows["m.bias"]["bound"] == pytest.approx(kw.get("max_error_1d", 0.05 / 20))  # the default's rule
+            assert rows["l.weight"]["bound"] == (0.2 if "l.*" in named else 0.05)
+        assert {t["name"]: t["bound"] for t in compress_posttraining(sd, max_error=0.05, progress=False, **kw).tensors}[
+            "l.bias"] == pytest.approx(kw.get("max_error_1d", 0.05 / 20))
+
+
+@pytest.mark.parametrize("lo, hi", [(2.1, 2.2), (3.3, 3.4), (-0.2, -0.1)])
+def test_a_bits_range_without_a_quarter_bit_step_is_refused(lo, hi):
+    with pytest.raises(lsc.LscError, match=rf"no quarter-bit step .* \[{lo:g}, {hi:g}\]"):
+        compress_posttraining({"w": torch.randn(32, 32)}, max_error=0.05, min_bits=lo, max_bits=hi, progress=False)
+
+
+@pytest.mark.parametrize("max_error", [0.0, 0.05, 0.9])
+def test_bits_stay_in_a_range_off_the_quarter_bit_grid(max_error):
+    torch.manual_seed(0)
+    res = compress_posttraining({"w": torch.randn(32, 32), "b": torch.randn(32)}, max_error=max_error,
+                                min_bits=2.1, max_bits=2.6, progress=False)
+    assert all(2.1 <= t["bits"] <= 2.6 for t in res.tensors), [t["bits"] for t in res.tensors]
+
+
+def test_an_upper_case_safetensors_suffix_is_read_as_safetensors(tmp_path):
+    from safetensors.torch import save_file
+    sd = _state()
+    save_file(sd, str(tmp_path / "M.SAFETENSORS"))
+    assert _same(load_checkpoint(tmp_path / "M.SAFETENSORS"), sd)
+
+
+def _snapshot(model):
+    """What a caller can observe of a model: its classes, parameter objects and values, its hooks and attributes."""
+    return ([(type(m), m.training) for m in model.modules()], [(n, p, p.detach().clone(), p.requires_grad, p.data_ptr())
+                                                   for n, p in model.named_parameters(remove_duplicate=False)],
+            (dict(model._state_dict_hooks), dict(model._load_state_dict_pre_hooks), set(vars(model))))
+
+
+def _assert_unchanged(model, snap, x, ref):
+    from torch.nn.utils import parametrize
+    classes, params, (hooks, pre_hooks, attrs) = _snapshot(model)
+    assert classes == snap[0] and not any(parametrize.is_parametrized(m) for m in model.modules())
+    assert [(n, p, g, ptr) for n, p, _, g, ptr in params] == [(n, p, g, ptr) for n, p, _, g, ptr in snap[1]]
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(params, snap[1]))
+    assert (hooks, pre_hooks, attrs) == snap[2]
+    with torch.no_grad():
+        assert torch.equal(model(x), ref)
+
+
+def _tied_mlp(dtype):
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16, bias=False), nn.ReLU(), nn.Linear(16, 4))
+    m[2].weight = m[0].weight  # a tie: spectral re-registers it; a restore must put the one Parameter back
+    return m.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])  # float16: coefficients are a second original
+def test_a_failure_after_the_conversion_leaves_the_model_as_it_was(tmp_path, monkeypatch, dtype):
+    model, x = _tied_mlp(dtype), torch.randn(8, 16, dtype=dtype)
+    model[4].eval()  # a mix of modes, as the caller left them
+    with torch.no_grad():
+        ref = model(x)
+    snap = _snapshot(model)
+
+    def disk_full(*a, **k):
+        raise OSError("no space left on device")
+    monkeypatch.setattr(lsc, "save", disk_full)
+    with pytest.raises(OSError, match="no space"):
+        compress_posttraining(model, max_error=0.05, path=tmp_path / "m.lsc", progress=False)
+    _assert_unchanged(model, snap, x, ref)
+    monkeypatch.undo()
+    res = compress_posttraining(model, max_error=0.05, path=tmp_path / "m.lsc", progress=False)  # a retry works
+    assert res.model is model and (tmp_path / "m.lsc").exists()

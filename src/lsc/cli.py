@@ -69,6 +69,8 @@ def _check_input(path: str, what: str = "file") -> Path:
 
 
 def _check_output(path: str, inputs=()) -> Path:
+    """``path`` as the output, refused (before any work) when its directory is missing, it is a directory, or it
+    is one of the files the command reads (``inputs``): written first, an input would be lost."""
     p = Path(path)
     parent = p.parent if str(p.parent) else Path(".")
     if not parent.exists():
@@ -76,38 +78,62 @@ def _check_output(path: str, inputs=()) -> Path:
     if p.is_dir():
         raise CliError(f"{p}: is a directory; give an output file name")
     for i in inputs:
-        try:
-            if p.exists() and p.resolve() == Path(i).resolve():
-                raise CliError(f"{p}: output would overwrite the input")
-        except OSError:
-            pass
+        if _same_file(p, Path(i)):
+            raise CliError(f"{p}: output would overwrite the input" + ("" if str(i) == str(p) else f" {i}"))
     return p
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether two paths name one existing file, however spelled (``..``, links)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist: nothing to overwrite
+        return False
+
+
+def _int_at_least(low: int, high: int | None = None):
+    """An argparse ``type=``: an integer in [low, high], so that a bad value is a usage error (status 2)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text}: expected an integer") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{text}: must be " + (f">= {low}" if high is None else f"in [{low}, {high}]"))
+        return value
+    parse.__name__ = "integer"
+    return parse
 
 
 # ----------------------------------------------------------------- commands
 
 def cmd_demo(args) -> int:
     from .demo import run_demo
+    _check_output(args.output)  # before the training, not after it
     run_demo(out=args.output, steps=args.steps, rate_weight=args.rate_weight, epochs=args.epochs,
              seed=args.seed, progress=_progress_flag(args), quiet=args.quiet, target_bytes=args.target_bytes)
     return 0
 
 
 def cmd_compress(args) -> int:
-    from .posttraining import _check_dtypes, compress_posttraining, load_checkpoint
+    from .posttraining import _check_dtypes, checkpoint_files, compress_posttraining, load_checkpoint
     src = Path(args.checkpoint)  # a file, or a Hugging Face model directory (load_checkpoint names what is missing)
     if not src.exists():
         raise CliError(f"{src}: no such checkpoint file or directory")
     if args.bits is not None and args.max_error:
         raise CliError("give either --bits or --max-error, not both")
-    if args.bounds:
-        max_error = _read_bounds(_check_input(args.bounds, "bounds file"))
-    else:
-        max_error = None if args.bits is not None else _parse_max_error(args.max_error or [])
-    hessians = _read_hessians(_check_input(args.hessians, "Hessians file")) if args.hessians else None
     if not (0 < args.row_prior < math.inf):
         raise CliError(f"--row-prior {args.row_prior:g}: must be a finite number > 0")
-    out = _check_output(args.output or str(_default_lsc_name(src)), [src])
+    _check_bits_range(args)
+    bounds_file = _check_input(args.bounds, "bounds file") if args.bounds else None
+    hessians_file = _check_input(args.hessians, "Hessians file") if args.hessians else None
+    reads = [*checkpoint_files(src), *(p for p in (bounds_file, hessians_file) if p is not None)]
+    out = _check_output(args.output or str(_default_lsc_name(src)), reads)  # every file read, before any is
+    if bounds_file is not None:
+        max_error = _read_bounds(bounds_file)
+    else:
+        max_error = None if args.bits is not None else _parse_max_error(args.max_error or [])
+    hessians = _read_hessians(hessians_file) if hessians_file is not None else None
     t0 = time.perf_counter()
     sd = load_checkpoint(src)
     _check_dtypes(sd)
@@ -153,11 +179,32 @@ def cmd_compress(args) -> int:
 def _default_lsc_name(src: Path) -> Path:
     """model.pt -> model.lsc; a model directory my-model/ -> my-model.lsc beside it; model.safetensors.index.json -> model.lsc."""
     if src.is_dir():
-        return src.parent / (src.resolve().name + ".lsc")
+        real = src.resolve()
+        if not real.name:
+            raise CliError(f"{src}: the root directory has no name to give the output; give -o")
+        # "." and "..": beside the directory they name (as ../my-model.lsc), not inside it
+        parent = src.parent if src.name not in ("", "..") else Path(os.path.relpath(real.parent))
+        return parent / (real.name + ".lsc")
     name = src.name
-    if name.endswith(".index.json"):
+    if name.lower().endswith(".index.json"):
         return src.with_name(name[: -len(".index.json")]).with_suffix(".lsc")
     return src.with_suffix(".lsc")
+
+
+def _check_bits_range(args) -> None:
+    """--min-bits/--max-bits, before the checkpoint is read (the same rules as compress_posttraining)."""
+    from .errors import LscError
+    from .posttraining import _exponent_range
+    from .quantizer import MAX_BITS, MIN_BITS
+    lo, hi = args.min_bits, args.max_bits
+    if not (MIN_BITS <= lo <= hi <= MAX_BITS):
+        raise CliError(f"--min-bits {lo:g} --max-bits {hi:g}: need {MIN_BITS:g} <= min <= max <= {MAX_BITS:g}")
+    if args.bits is None:
+        try:
+            _exponent_range(lo, hi)
+        except LscError:
+            raise CliError(f"--min-bits {lo:g} --max-bits {hi:g}: no quarter-bit step lies in the range "
+                           "(bits come in steps of 0.25); widen it") from None
 
 
 def _parse_max_error(values: list[str]):
@@ -316,7 +363,7 @@ def cmd_recode(args) -> int:
 
 
 def cmd_plot(args) -> int:
-    from .plots import plot_bits, rows_from_file
+    from .plots import heatmap_rows, plot_bits, rows_from_file
     src = _check_input(args.file, ".lsc file")
     out = _check_output(args.output, [src])
     if out.suffix.lower() not in (".png", ".pdf", ".svg"):
@@ -324,7 +371,9 @@ def cmd_plot(args) -> int:
     rows = rows_from_file(src)
     plot_bits(rows, out, title=args.title or f"{src.name}: bits per frequency and bytes per tensor",
               max_heatmaps=args.max_heatmaps)
-    _out(args, f"wrote {out}: {sum(r['bits'] is not None for r in rows)} heatmaps, bytes of {len(rows)} tensors")
+    shown, spectral = len(heatmap_rows(rows, args.max_heatmaps)), len(heatmap_rows(rows, len(rows)))
+    left = f" (the largest of {spectral} spectral tensors, --max-heatmaps {args.max_heatmaps})" if shown < spectral else ""
+    _out(args, f"wrote {out}: {shown} heatmaps{left}, bytes of {len(rows)} tensors")
     return 0
 
 
@@ -349,12 +398,13 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train a small CNN on sklearn's digits, convert it with lsc.spectral, fine-tune "
                                    "with the rate loss, save the .lsc file, reload it into a fresh model and compare.")
     d.add_argument("-o", "--output", default="demo.lsc", help="file to write (default: demo.lsc)")
-    d.add_argument("--steps", type=int, default=None, help="fine-tuning steps (default: the demo's tuned value)")
+    d.add_argument("--steps", type=_int_at_least(1), default=None, help="fine-tuning steps (default: the demo's tuned value)")
     d.add_argument("--rate-weight", type=float, default=None, help="fixed weight of the rate loss (instead of a size target)")
     d.add_argument("--target-bytes", type=float, default=None,
                    help="file size to hit within 5%% (default 8000): the rate weight is steered during fine-tuning")
-    d.add_argument("--epochs", type=int, default=None, help="epochs of plain training before compression")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--epochs", type=_int_at_least(1), default=None, help="epochs of plain training before compression")
+    d.add_argument("--seed", type=_int_at_least(0, 2 ** 32 - 1), default=0, help="seed of the data split, the "
+                   "initialization and the batch order (0 to 2**32-1; default 0)")
     d.set_defaults(func=cmd_demo)
 
     c = sub.add_parser("compress", parents=[common], help="post-training (data-free) compression of a checkpoint",
@@ -379,8 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lookups credited to every row of an embedding table given as counts in --hessians "
                         "(default 1); larger keeps rarely read rows closer, for a larger file")
     c.add_argument("--max-error-1d", type=float, default=None, metavar="E1",
-                   help="bound for biases and norm scales (1-D tensors; default: max-error / 20)")
-    c.add_argument("--block-size", type=int, default=8, help="DCT block edge per dimension (default 8)")
+                   help="bound for biases and norm scales (1-D tensors) that take the default bound; a bound "
+                        "given by GLOB=E or --bounds is used as given (default: max-error / 20)")
+    c.add_argument("--block-size", type=_int_at_least(1), default=8, help="DCT block edge per dimension (default 8)")
     c.add_argument("--exclude", action="append", metavar="GLOB", help="keep matching tensors uncompressed (repeatable)")
     c.add_argument("--min-bits", type=float, default=-4.0, help="search range low end (default -4)")
     c.add_argument("--max-bits", type=float, default=16.0, help="search range high end (default 16)")
@@ -414,7 +465,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("file")
     p.add_argument("-o", "--output", required=True, help="image file (.png, .svg, .pdf)")
     p.add_argument("--title", default=None)
-    p.add_argument("--max-heatmaps", type=int, default=24, help="heatmaps for at most this many (largest) tensors")
+    p.add_argument("--max-heatmaps", type=_int_at_least(0), default=24,
+                   help="heatmaps for at most this many (largest) tensors (default 24; 0: only the bytes chart)")
     p.set_defaults(func=cmd_plot)
     return ap
 

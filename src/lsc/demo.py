@@ -19,6 +19,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from .atomic import check_writable
+
 __all__ = ["run_demo", "train_base", "finetune", "DEMO_EPOCHS", "DEMO_STEPS", "DEMO_RATE_WEIGHT"]
 
 DEMO_EPOCHS = 20          # plain training before compression
@@ -135,6 +137,7 @@ def run_demo(out: str = "demo.lsc", steps: Optional[int] = None, rate_weight: Op
         raise lsc.LscError(f"--target-bytes {target_bytes:g}: must be a number of bytes > 0")  # before the training
     if not (0 <= rate_weight < math.inf):
         raise lsc.LscError(f"--rate-weight {rate_weight:g}: must be a finite number >= 0")
+    check_writable(out)  # a typo in the output path costs no training
     say = (lambda *a: None) if quiet else print
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: one thread is fastest and bit-reproducible

@@ -24,7 +24,7 @@ from .wrappers import require_module
 __all__ = ["to_dense"]
 
 
-def _unparametrize(module: nn.Module, attr: str, dense: nn.Parameter) -> None:
+def unparametrize(module: nn.Module, attr: str, dense: nn.Parameter) -> None:
     """Remove ``attr``'s parametrization, leaving ``dense`` as the plain parameter.
 
     ``remove_parametrizations(leave_parametrized=True)`` cannot do it: it would evaluate the
@@ -88,7 +88,7 @@ def to_dense(model: nn.Module, *, keep_factors: bool = False) -> nn.Module:
         plan.append((locations, nn.Parameter(w, requires_grad=coeffs.requires_grad)))
     for locations, dense in plan:
         for module, attr in locations:
-            _unparametrize(module, attr, dense)
+            unparametrize(module, attr, dense)
     del holder._lsc  # its state_dict hooks read this attribute and do nothing without it
     if not keep_factors:
         _fold_factors(holder)
@@ -102,4 +102,4 @@ def _fold_factors(model: nn.Module) -> None:
             if len(plist) == 1 and isinstance(plist[0], (LowRankMatrix, Tucker2)):
                 factors = [getattr(plist, k) for k in sorted(k for k in plist._parameters if k.startswith("original"))]
                 w = plist[0](*factors)
-                _unparametrize(module, attr, nn.Parameter(w, requires_grad=any(f.requires_grad for f in factors)))
+                unparametrize(module, attr, nn.Parameter(w, requires_grad=any(f.requires_grad for f in factors)))

@@ -107,12 +107,25 @@ def supports_feedback(layout) -> bool:
     return len(layout.shape) >= 2 and all(g == 1 for g in layout.grid[2:])
 
 
-def _upper_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of ``(H + damp * mean(diag H) * I)^-1``; unused inputs get a unit diagonal."""
-    h = h.clone()
+def damped_hessian(hessian: torch.Tensor, damp: float) -> torch.Tensor:
+    """``H + damp * mean(diag H) * I`` in float64, an input that is always zero given a unit diagonal (its weights
+    can take any value): the matrix the feedback factors, so that a check before the work sees the same one."""
+    h = hessian.to(torch.float64).clone()
     diag = torch.diagonal(h)
-    diag[diag == 0] = 1.0  # an input that is always zero: its weights can take any value
+    diag[diag == 0] = 1.0
     diag += damp * float(diag.mean())
+    return h
+
+
+def check_positive_definite(name: str, hessian: torch.Tensor, damp: float) -> None:
+    """Raise a clear error for a Hessian the feedback could not factor, before anything is changed."""
+    if int(torch.linalg.cholesky_ex(damped_hessian(hessian, damp)).info) != 0:
+        raise LscError(f"hessians[{name!r}] is not positive definite even with damp={damp}; it should be X^T X of "
+                       "the layer's inputs (lsc.collect_hessians): check it, or raise damp")
+
+
+def _upper_inverse_factor(h: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of ``h^-1``, ``h`` already damped (:func:`damped_hessian`)."""
     try:
         lower = torch.linalg.cholesky(h)
         return torch.linalg.cholesky(torch.cholesky_inverse(lower), upper=True)
@@ -139,8 +152,8 @@ def feedback_quantize(weight: torch.Tensor, hessian: torch.Tensor, layout, step:
     rows, cols = grid[0] * block[0], grid[1] * width
     z = torch.zeros(rows, cols, dtype=torch.float64, device=dev)
     z[:out, :fan_in] = (weight.detach().to(torch.float64).reshape(out, fan_in) - mean) / std
-    h = torch.eye(cols, dtype=torch.float64, device=dev)
-    h[:fan_in, :fan_in] = hessian.to(device=dev, dtype=torch.float64)
+    h = torch.eye(cols, dtype=torch.float64, device=dev)  # padding columns: independent unit inputs
+    h[:fan_in, :fan_in] = damped_hessian(hessian.to(device=dev), damp)  # damped by the real inputs' mean diagonal
     u = _upper_inverse_factor(h, damp)
     step = step.to(device=dev, dtype=torch.float64)
     q = torch.empty(grid[0], grid[1], *block, dtype=torch.int64, device=dev)

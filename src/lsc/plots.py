@@ -9,14 +9,16 @@ takes in the file. It works from plain rows so it can be fed from a file
 from __future__ import annotations
 
 import math
+import operator
 import os
 from typing import Sequence, Union
 
 import numpy as np
 
 from .atomic import atomic_path
+from .errors import LscError
 
-__all__ = ["plot_bits", "rows_from_model", "rows_from_file", "exponent_tables", "as_2d"]
+__all__ = ["plot_bits", "heatmap_rows", "rows_from_model", "rows_from_file", "exponent_tables", "as_2d"]
 
 
 def as_2d(bits: np.ndarray) -> np.ndarray:
@@ -105,20 +107,32 @@ def rows_from_file(path: Union[str, os.PathLike]) -> list[dict]:
     return rows
 
 
+def heatmap_rows(rows: Sequence[dict], max_heatmaps: int = 24) -> list[dict]:
+    """The rows :func:`plot_bits` draws a heatmap for: the ``max_heatmaps`` largest spectral tensors, in file order
+    (so that a caller can say how many were drawn)."""
+    try:
+        count = operator.index(max_heatmaps)  # an int or a numpy integer, not 2.5
+    except TypeError:
+        count = -1
+    if isinstance(max_heatmaps, bool) or count < 0:
+        raise LscError(f"max_heatmaps={max_heatmaps!r} must be an integer >= 0")
+    spectral = [r for r in rows if r.get("bits") is not None and np.size(r["bits"]) > 0]
+    largest = sorted(spectral, key=lambda r: -math.prod(r["shape"]) if r["shape"] else -1)[:count]
+    names = {r["name"] for r in largest}
+    return [r for r in spectral if r["name"] in names]  # keep file order
+
+
 def plot_bits(rows: Sequence[dict], out: Union[str, os.PathLike], title: str = "", max_heatmaps: int = 24) -> str:
     """Write a PNG: one bits-per-frequency heatmap per spectral tensor, then bytes per tensor.
 
-    Tensors beyond ``max_heatmaps`` (largest first) are left out of the heatmaps
-    but still appear in the bytes chart. Returns the path written.
+    Tensors beyond ``max_heatmaps`` (largest first; see :func:`heatmap_rows`) are left out
+    of the heatmaps but still appear in the bytes chart. Returns the path written.
     """
+    shown = heatmap_rows(rows, max_heatmaps)  # a bad count is refused before matplotlib loads
     import matplotlib
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    spectral = [r for r in rows if r.get("bits") is not None and np.size(r["bits"]) > 0]
-    shown = sorted(spectral, key=lambda r: -math.prod(r["shape"]) if r["shape"] else -1)[:max_heatmaps]
-    shown_names = {r["name"] for r in shown}
-    shown = [r for r in spectral if r["name"] in shown_names]  # keep file order
     ncols = min(4, max(len(shown), 1))
     nrows_maps = -(-len(shown) // ncols) if shown else 0
     n_bars = len(rows)

@@ -41,7 +41,7 @@ from torch import nn
 from .atomic import check_writable
 from .convert import _per_tensor, selected_parameters, spectral
 from .errors import LscError
-from .feedback import feedback_quantize, output_error, supports_feedback
+from .feedback import check_positive_definite, feedback_quantize, output_error, supports_feedback
 from .precision import full_precision
 from .quantizer import EXPONENT_RESOLUTION, MAX_BITS, MIN_BITS, integer_coefficients
 from .reconstruct import reconstruct
@@ -75,9 +75,31 @@ def load_checkpoint(path: Union[str, os.PathLike]) -> dict[str, torch.Tensor]:
         raise LscError(f"{p}: no such file")
     if p.is_dir():
         p = _checkpoint_in_directory(p)
-    if p.name.endswith(".index.json"):
+    if _is_index(p):
         return _load_sharded(p)
     return _load_one(p)
+
+
+def _is_index(p: Path) -> bool:
+    return p.name.lower().endswith(".index.json")
+
+
+def checkpoint_files(path: Union[str, os.PathLike]) -> list[Path]:
+    """Every file :func:`load_checkpoint` reads for ``path``: the file itself, a directory's checkpoint, an
+    index and each of its shards; so that a writer can refuse to overwrite any of them before the work starts.
+
+    A missing file or a bad index yields what can be named now; :func:`load_checkpoint` reports the problem.
+    """
+    p = Path(path)
+    if p.is_dir():
+        p = _checkpoint_in_directory(p)
+    if not _is_index(p):
+        return [p]
+    try:
+        shards = _shard_names(_weight_map(p))
+    except LscError:
+        return [p]
+    return [p, *(p.parent / s for s in shards if _inside(s))]
 
 
 # What Hugging Face's save_pretrained writes, in the order from_pretrained prefers them.
@@ -94,8 +116,8 @@ def _checkpoint_in_directory(d: Path) -> Path:
                    "give the checkpoint file (.pt, .pth, .safetensors)")
 
 
-def _load_sharded(index: Path) -> dict[str, torch.Tensor]:
-    """The tensors of a sharded checkpoint, merged: every shard its index names, each name found once."""
+def _weight_map(index: Path) -> dict[str, str]:
+    """``{tensor name: shard file name}`` of a sharded checkpoint's index."""
     import json
     try:
         weight_map = json.loads(index.read_text())["weight_map"]
@@ -103,9 +125,25 @@ def _load_sharded(index: Path) -> dict[str, torch.Tensor]:
             raise ValueError("weight_map is not an object of shard file names")
     except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
         raise LscError(f"{index}: not a sharded-checkpoint index ({_one_line(e)})") from None
+    return weight_map
+
+
+def _shard_names(weight_map: dict[str, str]) -> list[str]:
+    """The shard files an index names, in file order of first appearance, each once."""
+    return list(dict.fromkeys(weight_map.values()))
+
+
+def _inside(shard: str) -> bool:
+    """Whether a shard name stays in the index's directory (no absolute path, no ``..``)."""
+    return not (Path(shard).is_absolute() or ".." in Path(shard).parts)
+
+
+def _load_sharded(index: Path) -> dict[str, torch.Tensor]:
+    """The tensors of a sharded checkpoint, merged: every shard its index names, each name found once."""
+    weight_map = _weight_map(index)
     merged: dict[str, torch.Tensor] = {}
-    for shard in dict.fromkeys(weight_map.values()):  # file order of first appearance, each once
-        if Path(shard).is_absolute() or ".." in Path(shard).parts:
+    for shard in _shard_names(weight_map):
+        if not _inside(shard):
             raise LscError(f"{index}: shard {shard!r} lies outside the checkpoint's directory")
         for name, t in _load_one(index.parent / shard).items():
             if name in merged:
@@ -121,7 +159,7 @@ def _load_one(p: Path) -> dict[str, torch.Tensor]:
     """The state_dict in one checkpoint file."""
     if not p.exists():
         raise LscError(f"{p}: no such file")
-    if p.suffix == ".safetensors":
+    if p.suffix.lower() == ".safetensors":
         try:
             from safetensors.torch import load_file
             obj = load_file(str(p))
@@ -442,6 +480,71 @@ def _error_bound(max_error, name: str, shape: tuple[int, ...]) -> float:
     return value
 
 
+def _is_named(max_error, name: str) -> bool:
+    """Whether a bound dict gives ``name`` a bound of its own (its exact name or a glob), not its ``"default"``."""
+    if not isinstance(max_error, dict):
+        return False
+    named = {k: True for k in max_error if k != "default"}
+    return bool(named) and _per_tensor({**named, "default": False}, name, ()) is True
+
+
+def _tensor_bound(max_error, name: str, shape: tuple[int, ...], max_error_1d: Optional[float]) -> float:
+    """A tensor's bound; the default one is tightened for 0-D/1-D tensors (biases, norm scales: a tiny share of
+    the file, often sensitive), while a bound given for the tensor by name or glob is the user's choice, kept."""
+    bound = _error_bound(max_error, name, shape)
+    if len(shape) < 2 and not _is_named(max_error, name):
+        bound = bound * VECTOR_ERROR_SCALE if max_error_1d is None else float(max_error_1d)
+    return bound
+
+
+def _exponent_range(min_bits: float, max_bits: float) -> tuple[int, int]:
+    """The step exponents of the quarter-bit grid that lie in [min_bits, max_bits]: none is an error, not a
+    search that would answer outside the range."""
+    lo, hi = math.ceil(min_bits * EXPONENT_RESOLUTION), math.floor(max_bits * EXPONENT_RESOLUTION)
+    if lo > hi:
+        raise LscError(f"no quarter-bit step lies in [min_bits, max_bits] = [{min_bits:g}, {max_bits:g}]: bits come "
+                       f"in steps of {1 / EXPONENT_RESOLUTION:g}; widen the range")
+    return lo, hi
+
+
+def _check_positive_definite(hessians: Mapping[str, torch.Tensor], chosen, damp: float) -> None:
+    """Every (fan_in, fan_in) Hessian the feedback will factor, checked before the model is converted."""
+    for name, _, _, _, ties in chosen:
+        h = hessians.get(name)
+        if h is not None and h.dim() == 2 and not ties:  # tied tensors are rounded plainly: their Hessian is unused
+            check_positive_definite(name, h, damp)
+
+
+class _Undo:
+    """What :func:`lsc.spectral` changes in a model, recorded before it runs, so that a call that fails after the
+    conversion can hand the caller's model back as it was: each parameter (the same object, its own storage) in
+    its modules, no parametrization, no lsc state, no hooks, each module in its own train/eval mode."""
+
+    def __init__(self, model: nn.Module, chosen):
+        self.model, self.chosen = model, [(p, p.detach(), [(m, a), *((tm, ta) for _, tm, ta in ties)])
+                                          for _, m, a, p, ties in chosen]
+        self.hooks = (set(model._state_dict_hooks), set(model._load_state_dict_pre_hooks))
+        self.attrs = set(vars(model))
+        self.modes = [(m, m.training) for m in model.modules()]
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        from torch.nn.utils import parametrize
+        from .dense import unparametrize
+        for p, storage, places in self.chosen:
+            p.set_(storage)  # parametrize moved the coefficients into the Parameter object itself
+            for module, attr in places:
+                if parametrize.is_parametrized(module, attr):
+                    unparametrize(module, attr, p)
+        for hooks, before in zip((self.model._state_dict_hooks, self.model._load_state_dict_pre_hooks), self.hooks):
+            for key in set(hooks) - before:
+                del hooks[key]
+        for attr in set(vars(self.model)) - self.attrs:
+            del self.model.__dict__[attr]
+        for module, training in self.modes:
+            module.training = training
+
+
 @dataclass
 class PostTrainingResult:
     """What :func:`compress_posttraining` did: the spectral model and the chosen bits per tensor."""
@@ -492,8 +595,8 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
 
     Args:
         model_or_state_dict: an ``nn.Module`` (reparameterized in place, as by
-            :func:`lsc.spectral`) or a state_dict (wrapped in a container module
-            that keeps its keys; the input tensors are not modified).
+            :func:`lsc.spectral`; a call that raises leaves it as it was) or a state_dict
+            (wrapped in a container module that keeps its keys; the input tensors are not modified).
         bits: bits per frequency for every tensor (quarter-bit grid), or
         max_error: largest relative reconstruction error ``||W - W_hat|| / ||W||``
             allowed per tensor; the bits of each tensor are found by binary search.
@@ -502,7 +605,9 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
         path: if given, the result is written there with :func:`lsc.save` (a path or a binary file object).
         block_size, include, exclude: as in :func:`lsc.spectral` (excluded tensors are stored raw).
         max_error_1d: bound for 0-D and 1-D tensors (biases, norm scales, which
-            cost little and shift every output); default ``max_error / 20``.
+            cost little and shift every output) that take the default bound (a number,
+            a dict's ``"default"`` or a callable's value); default ``max_error / 20``.
+            A bound a dict gives the tensor by its name or a glob is used as given.
         hessians: ``{name: X^T X}`` of each layer's inputs on calibration data (from
             :func:`lsc.collect_hessians`). Those tensors are quantized with error feedback
             (GPTQ-style, see :mod:`lsc.feedback`) at the step their bound or ``bits`` chose:
@@ -521,9 +626,11 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
             (default 1, add-one smoothing). Larger values protect rows the calibration data
             rarely or never read (the worst held-out input) for a larger file. On MiniLM, 2 gave
             a passing file 4% larger, whose worst held-out cosine was 0.955 instead of 0.90.
-        damp: ridge added to each Hessian, as a fraction of its mean diagonal (GPTQ's 1%).
-        min_bits, max_bits: search range of ``max_error`` (a tensor that cannot
-            meet the bound gets ``max_bits``).
+        damp: ridge added to each Hessian, as a fraction of its mean diagonal (GPTQ's 1%). A Hessian
+            that is not positive definite even then is refused before the model is touched.
+        min_bits, max_bits: search range of ``max_error`` on the quarter-bit grid (a
+            tensor that cannot meet the bound gets the highest step in range; a range
+            that holds no quarter-bit step is an error).
         rdo: strength of rate-distortion optimized rounding (0: round to nearest;
             1: the high-rate Lagrangian). It lowers the coded size at equal error;
             the error bound always holds on the stored, rounded symbols. ``"auto"``:
@@ -558,6 +665,7 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
         raise LscError(f"row_prior={row_prior!r} must be a number > 0 (lookups credited to every row of an embedding table)")
     if not (MIN_BITS <= min_bits <= max_bits <= MAX_BITS):
         raise LscError(f"need {MIN_BITS:g} <= min_bits <= max_bits <= {MAX_BITS:g}, got {min_bits}, {max_bits}")
+    lo_e, hi_e = _exponent_range(min_bits, max_bits) if max_error is not None else (None, None)
     if isinstance(path, (str, os.PathLike)):
         check_writable(path)  # before the model is converted in place, not after the work
 
@@ -572,77 +680,81 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
         raise LscError(f"expected an nn.Module or a state_dict, got {type(model_or_state_dict).__name__}")
 
     # detach() keeps the original storage alive: parametrize rebinds the parameter itself to the coefficients
-    originals = {name: p.detach() for name, _, _, p, _ in selected_parameters(model, include, exclude)}
+    chosen = selected_parameters(model, include, exclude)
+    originals = {name: p.detach() for name, _, _, p, _ in chosen}
     hessians = _check_hessians(hessians, model, originals)
     if max_error is not None:  # every tensor's bound resolves, before lsc.spectral changes the model
         for name, w in originals.items():
             _error_bound(max_error, name, tuple(w.shape))
+    _check_positive_definite(hessians, chosen, damp)
     row_weighted = {name for name, h in hessians.items() if h.dim() == 1 and name in originals}
-    q_net = spectral(model, block_size=_with_row_blocks(block_size, row_weighted), init_bits=0.0, include=include,
-                     exclude=exclude, bits_scale=4.0)
-    model.eval()
-    st = get_state(model)
-    res = EXPONENT_RESOLUTION
-    lo_e, hi_e = math.ceil(min_bits * res), math.floor(max_bits * res)
-    rows = []
-    entries = st.entries
-    total = len(entries)
-    with torch.no_grad():
-        for entry in _progress(entries, total, "choosing bits" if max_error is not None else "quantizing", progress):
-            par = entry.parametrization
-            coeffs = entry.coefficients.detach()
-            weight = originals[entry.name].detach()
-            if max_error is not None:
-                bound = _error_bound(max_error, entry.name, tuple(par.layout.shape))
-                if len(par.layout.shape) < 2:  # biases, norm scales: a tiny share of the file, often sensitive
-                    bound = bound * VECTOR_ERROR_SCALE if max_error_1d is None else float(max_error_1d)
-                e, err = _search_exponent(lambda x: _error_at(par, coeffs, weight, x, 0.0), lo_e, hi_e, bound,
-                                          _guess_exponent(par, weight, bound))
-                t_rdo = _fill_slack(lambda r: _error_at(par, coeffs, weight, e, r), err, bound) if rdo == "auto" \
-                    else float(rdo)
-                if t_rdo > 0:
-                    err = _error_at(par, coeffs, weight, e, t_rdo)
-            else:
-                bound = None
-                e = round(float(bits) * res)
-                t_rdo = 1.0 if rdo == "auto" else float(rdo)
-                err = _error_at(par, coeffs, weight, e, t_rdo)
-            ratio = None
-            use_rows = entry.name in row_weighted and not entry.tied_names
-            use_feedback = entry.name in hessians and entry.name not in row_weighted \
-                and supports_feedback(par.layout) and not entry.tied_names
-            # bits = init_bits (0) + bits_scale (4) * offset, and e / 16 is exact in float32
-            q_net.tensor_offset[par.tensor_id] = e / (res * 4.0)
-            got = par.exponent().to(torch.int64)
-            if not bool((got == e).all()):  # pragma: no cover - guards the exactness argument above
-                raise LscError(f"{entry.name}: internal error setting the bit allocation ({got.unique().tolist()} != {e})")
-            if t_rdo > 0:  # store the RD-optimized symbols
-                _store_symbols(entry, par, *_quantize_at(par, coeffs, e, t_rdo))
-            elif use_feedback or use_rows:  # same step, symbols chosen for the output error; rows keep both errors' ratio
-                h, w64 = hessians[entry.name], weight.to(torch.float64)
-                q_plain, ev = _quantize_at(par, coeffs, e, 0.0)
-                if use_rows:  # an embedding table: rows weighted by how often they are looked up (see _rdo_round)
-                    q, _ = _quantize_at(par, coeffs, e, 1.0, weights=_row_block_weights(h, par.layout, row_prior))
-                    measure = functools.partial(_row_output_error, prior=row_prior)
+    undo = _Undo(model, chosen)
+    try:  # all or nothing: a call that fails from here on hands the caller's model back as it was
+        q_net = spectral(model, block_size=_with_row_blocks(block_size, row_weighted), init_bits=0.0,
+                         include=include, exclude=exclude, bits_scale=4.0)
+        model.eval()
+        st = get_state(model)
+        res = EXPONENT_RESOLUTION
+        rows = []
+        entries = st.entries
+        total = len(entries)
+        with torch.no_grad():
+            for entry in _progress(entries, total, "choosing bits" if max_error is not None else "quantizing", progress):
+                par = entry.parametrization
+                coeffs = entry.coefficients.detach()
+                weight = originals[entry.name].detach()
+                if max_error is not None:
+                    bound = _tensor_bound(max_error, entry.name, tuple(par.layout.shape), max_error_1d)
+                    e, err = _search_exponent(lambda x: _error_at(par, coeffs, weight, x, 0.0), lo_e, hi_e, bound,
+                                              _guess_exponent(par, weight, bound))
+                    t_rdo = _fill_slack(lambda r: _error_at(par, coeffs, weight, e, r), err, bound) if rdo == "auto" \
+                        else float(rdo)
+                    if t_rdo > 0:
+                        err = _error_at(par, coeffs, weight, e, t_rdo)
                 else:
-                    q = feedback_quantize(weight, h, par.layout, par.step(ev), float(par.mean), float(par.std),
-                                          par.transform, damp).reshape(q_plain.shape)
-                    measure = output_error
-                _store_symbols(entry, par, q, ev)
-                w_new, w_plain = (reconstruct(sym, ev, par.layout, par.mean, par.std, par.orig_dtype, par.transform)
-                                  for sym in (q, q_plain))
-                plain = measure(w_plain.to(torch.float64) - w64, h)
-                ratio = measure(w_new.to(torch.float64) - w64, h) / plain if plain > 0 else 1.0
-                err = relative_error(w_new, weight)
-            rows.append(dict(name=entry.name, shape=tuple(par.layout.shape), numel=par.layout.numel,
-                             bits=e / res, rel_error=err, bound=bound, tied=list(entry.tied_names),
-                             feedback=ratio is not None, row_weighted=use_rows, output_error_ratio=ratio))
-    for p in q_net.parameters():
-        p.requires_grad_(False)
-    result = PostTrainingResult(model=model, tensors=rows)
-    if path is not None:
-        from . import save  # the codec, imported lazily
-        result.file_bytes = save(model, path)
-        result.path = os.fspath(path) if isinstance(path, (str, os.PathLike)) else getattr(path, "name", None)
+                    bound = None
+                    e = round(float(bits) * res)
+                    t_rdo = 1.0 if rdo == "auto" else float(rdo)
+                    err = _error_at(par, coeffs, weight, e, t_rdo)
+                ratio = None
+                use_rows = entry.name in row_weighted and not entry.tied_names
+                use_feedback = entry.name in hessians and entry.name not in row_weighted \
+                    and supports_feedback(par.layout) and not entry.tied_names
+                # bits = init_bits (0) + bits_scale (4) * offset, and e / 16 is exact in float32
+                q_net.tensor_offset[par.tensor_id] = e / (res * 4.0)
+                got = par.exponent().to(torch.int64)
+                if not bool((got == e).all()):  # pragma: no cover - guards the exactness argument above
+                    raise LscError(f"{entry.name}: internal error setting the bit allocation ({got.unique().tolist()} != {e})")
+                if t_rdo > 0:  # store the RD-optimized symbols
+                    _store_symbols(entry, par, *_quantize_at(par, coeffs, e, t_rdo))
+                elif use_feedback or use_rows:  # same step, symbols chosen for the output error; rows keep both errors' ratio
+                    h, w64 = hessians[entry.name], weight.to(torch.float64)
+                    q_plain, ev = _quantize_at(par, coeffs, e, 0.0)
+                    if use_rows:  # an embedding table: rows weighted by how often they are looked up (see _rdo_round)
+                        q, _ = _quantize_at(par, coeffs, e, 1.0, weights=_row_block_weights(h, par.layout, row_prior))
+                        measure = functools.partial(_row_output_error, prior=row_prior)
+                    else:
+                        q = feedback_quantize(weight, h, par.layout, par.step(ev), float(par.mean), float(par.std),
+                                              par.transform, damp).reshape(q_plain.shape)
+                        measure = output_error
+                    _store_symbols(entry, par, q, ev)
+                    w_new, w_plain = (reconstruct(sym, ev, par.layout, par.mean, par.std, par.orig_dtype, par.transform)
+                                      for sym in (q, q_plain))
+                    plain = measure(w_plain.to(torch.float64) - w64, h)
+                    ratio = measure(w_new.to(torch.float64) - w64, h) / plain if plain > 0 else 1.0
+                    err = relative_error(w_new, weight)
+                rows.append(dict(name=entry.name, shape=tuple(par.layout.shape), numel=par.layout.numel,
+                                 bits=e / res, rel_error=err, bound=bound, tied=list(entry.tied_names),
+                                 feedback=ratio is not None, row_weighted=use_rows, output_error_ratio=ratio))
+        for p in q_net.parameters():
+            p.requires_grad_(False)
+        result = PostTrainingResult(model=model, tensors=rows)
+        if path is not None:
+            from . import save  # the codec, imported lazily
+            result.file_bytes = save(model, path)
+            result.path = os.fspath(path) if isinstance(path, (str, os.PathLike)) else getattr(path, "name", None)
+    except BaseException:
+        undo()
+        raise
     result.seconds = time.perf_counter() - t0
     return result
