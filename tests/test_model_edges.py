@@ -16,6 +16,7 @@ import lsc
 from lsc.blocking import BlockLayout
 from lsc.codec.api import _encode_integers
 from lsc.codec.format import pack_prefix_header
+from lsc.loss import compressed_numel
 from lsc.target import raw_bytes
 
 
@@ -274,3 +275,96 @@ class _WithW(nn.Module):
     def __init__(self):
         super().__init__()
         self.register_buffer("w", torch.zeros(2))
+
+
+class _Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(32, 32)
+
+    def forward(self, x):
+        return torch.relu(self.a(x))
+
+
+def _blocks() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(_Block(), _Block(), nn.Linear(32, 4))
+
+
+def test_activation_checkpoint_wrappers_change_nothing_in_the_file():
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import apply_activation_checkpointing
+    model = _blocks()
+    lsc.spectral(model)
+    model.eval()
+    before = _file(model)
+    apply_activation_checkpointing(model, check_fn=lambda m: isinstance(m, _Block))  # renames state-dict keys
+    assert _file(model) == before and raw_bytes(model) == 0
+    x = torch.randn(3, 32)
+    assert torch.equal(_out(lsc.load(before, _blocks()), x), _out(model, x))
+
+
+def test_casting_a_model_with_tied_spectral_weights_keeps_lsc_state_at_full_precision():
+    torch.manual_seed(0)
+    model = _TiedHead()
+    lsc.spectral(model)
+    model.eval().half()  # the tied table's parametrization belongs to two modules: it sees the cast twice
+    par = model.emb.parametrizations.weight[0]
+    assert par.features.dtype == torch.float32 and par.mean.dtype == torch.float32
+    assert torch.equal(model.head.weight, model.emb.weight) and _out(model, torch.tensor([[1, 2]])).dtype == torch.float16
+
+
+def test_tracing_in_train_mode_is_refused():
+    model = nn.Linear(8, 8)
+    lsc.spectral(model)
+    with pytest.raises(lsc.LscError, match=r"torch.jit.trace of a spectral model in train mode .* model.eval\(\)"):
+        torch.jit.trace(model, torch.randn(2, 8))
+    traced = torch.jit.trace(model.eval(), torch.randn(2, 8))
+    x = torch.randn(3, 8)
+    assert torch.equal(traced(x), _out(model, x))
+
+
+def test_to_dense_refuses_a_data_parallel_wrapper():
+    model = nn.Linear(8, 8)
+    lsc.spectral(model)
+    with pytest.raises(lsc.LscError, match=r"lsc.to_dense\(wrapper.module\)"):
+        lsc.to_dense(nn.DataParallel(model))
+    assert type(lsc.to_dense(model)) is nn.Linear
+
+
+def test_the_exact_rate_counts_occupied_bins_when_steps_are_fine(monkeypatch):
+    import lsc.rate as rate
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 8))
+    lsc.spectral(model, init_bits=14)
+    model.eval()
+    with torch.no_grad():
+        monkeypatch.setattr(rate, "_SPARSE_BINS_PER_SYMBOL", 0)
+        sparse = lsc.bits_per_weight(model)
+        monkeypatch.setattr(rate, "_SPARSE_BINS_PER_SYMBOL", float("inf"))
+        dense = lsc.bits_per_weight(model)
+    assert torch.equal(sparse, dense)
+
+
+def test_the_rate_of_a_finely_quantized_model_costs_what_its_file_does():
+    torch.manual_seed(0)
+    model = nn.Linear(256, 512)
+    lsc.spectral(model, init_bits=24)  # a dense histogram over 2^24-wide alphabets would need ~100 GB
+    model.eval()
+    with torch.no_grad():
+        predicted = float(lsc.bits_per_weight(model)) * compressed_numel(model) / 8
+    assert abs(predicted / len(_file(model)) - 1) < 0.05
+
+
+def test_the_rate_of_a_model_loaded_from_a_file_uses_the_file_exponents():
+    torch.manual_seed(0)
+    src = nn.Linear(128, 128)
+    lsc.spectral(src, init_bits=4)
+    data = _file(src.eval())
+    model = nn.Linear(128, 128)
+    lsc.spectral(model, init_bits=10)  # q_net's allocation is no longer what quantizes this model
+    lsc.load(data, model)
+    with torch.no_grad():
+        predicted = float(lsc.bits_per_weight(model)) * compressed_numel(model) / 8
+    assert _file(model.eval()) == data and abs(predicted / len(data) - 1) < 0.05
+    with pytest.raises(lsc.LscError, match="exponents loaded from a file"):
+        lsc.RateController(model, target_bytes=2 * len(data)).finalize()

@@ -66,19 +66,18 @@ def _quantizable(b: torch.Tensor) -> bool:
 
 
 def float_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Persistent float buffers of a model (what a state dict would carry) that the lossy buffer codec
-    takes, by name; the caller stores every other buffer raw (non-finite ones included)."""
-    from .state import spectral_state_prefixes
-    lsc_own = spectral_state_prefixes(model)  # lsc's per-tensor statistics live with the spectral tensor
-    out = {}
-    for mod_name, module in model.named_modules():
-        non_persistent = getattr(module, "_non_persistent_buffers_set", set())
-        for attr, b in module._buffers.items():
-            if b is None or attr in non_persistent or not _quantizable(b):
-                continue
-            name = f"{mod_name}.{attr}" if mod_name else attr
-            if not name.startswith(lsc_own):
-                out[name] = b
+    """Persistent float buffers of a model that the lossy buffer codec takes, by state-dict key (a wrapper
+    may rename those); the caller stores every other buffer raw (non-finite ones included)."""
+    from .state import QNET_PREFIX, spectral_state_filter
+    lsc_own = spectral_state_filter(model)  # lsc's per-tensor statistics live with the spectral tensor
+    params = {id(p) for _, p in model.named_parameters(remove_duplicate=False)}
+    out, seen = {}, set()
+    for name, b in model.state_dict(keep_vars=True).items():
+        if (not isinstance(b, torch.Tensor) or id(b) in params or lsc_own(name, b) or id(b) in seen
+                or name.startswith(QNET_PREFIX) or not _quantizable(b)):
+            continue
+        seen.add(id(b))
+        out[name] = b
     return out
 
 

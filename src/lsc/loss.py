@@ -23,7 +23,7 @@ def _rate_inputs(model: nn.Module):
     pars, coeffs = zip(*(entry.parts() for entry in st.entries))
     # one q_net pass for every tensor, shared with this step's forward (a per-tensor call costs
     # more in overhead than in arithmetic)
-    all_exps, all_steps = _shared_outputs(st.q_net, pars)
+    all_exps, all_steps = _with_frozen_exponents(pars, *_shared_outputs(st.q_net, pars))
     steps = [s.to(p.mean.dtype) for s, p in zip(all_steps, pars)]
     coeffs = [c.to(s.dtype) for c, s in zip(coeffs, steps)]
     numel = sum(p.layout.numel for p in pars)
@@ -38,6 +38,19 @@ def _row_units(st) -> list[int]:
 def _as_blocks(coeffs, steps) -> list[torch.Tensor]:
     """Coefficients as (num_blocks, P) views."""
     return [c.reshape(-1, s.shape[0]) for c, s in zip(coeffs, steps)]
+
+
+def _with_frozen_exponents(pars, exps, steps) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """A tensor loaded from a file is quantized at the file's exponents (``frozen_exponent``), not q_net's:
+    its rate is estimated at those too, with no gradient to q_net."""
+    if all(p.frozen_exponent is None for p in pars):
+        return exps, steps
+    exps, steps = list(exps), list(steps)
+    for i, p in enumerate(pars):
+        if p.frozen_exponent is not None:
+            exps[i] = p.frozen_exponent.reshape(-1)
+            steps[i] = step_size(exps[i])
+    return exps, steps
 
 
 def _shared_outputs(q_net, pars) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

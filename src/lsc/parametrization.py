@@ -86,9 +86,11 @@ class SpectralParametrization(nn.Module):
         probe = fn(torch.zeros(0, device=self.features.device, dtype=self.orig_dtype))
         own = {name: getattr(self, name) for name in ("mean", "std", "features", "frozen_exponent")}
         result = super()._apply(fn, *args, **kwargs)
-        if probe.is_floating_point() and probe.dtype != self.orig_dtype:
+        if probe.is_floating_point():
             # lsc's own state stays at full precision: half-precision statistics would move every decoded
             # weight, and q_net reads its float32 features. (The coefficients, like any parameter, are cast.)
+            # Restored on every floating cast, not only the first: a tied tensor's parametrization belongs to
+            # two modules, so it sees the same cast twice.
             self.orig_dtype = probe.dtype
             cdtype = compute_dtype_for(probe.dtype)
             for name, t in own.items():
@@ -160,6 +162,9 @@ class SpectralParametrization(nn.Module):
         if torch.compiler.is_exporting():
             return self._exported_weight(originals[0])
         if torch.jit.is_tracing():
+            if self.training:
+                raise LscError(f"{self.name}: torch.jit.trace of a spectral model in train mode is not supported; "
+                               "call model.eval() first (the traced weights are then the decoded ones)")
             return _untraced(self._kept, originals[0])
         return self._weight(*originals)
 

@@ -99,7 +99,8 @@ def _logistic_scale(coeffs: torch.Tensor) -> torch.Tensor:
 # (biases, norms: most tensors of a model, few of its coefficients) are also concatenated for
 # the per-coefficient passes, so the number of kernel launches does not grow with their count.
 
-_FLAT_MAX = 1 << 15  # coefficient tensors up to this size share one flat set of passes
+_FLAT_MAX = 1 << 15
+_SPARSE_BINS_PER_SYMBOL = 16  # beyond this many histogram bins per symbol, the exact rate counts occupied bins only  # coefficient tensors up to this size share one flat set of passes
 
 
 class _Batch(NamedTuple):
@@ -346,7 +347,12 @@ def _group_costs(hard: list[torch.Tensor], groups: list[torch.Tensor], num_group
     bounds = [0] + ends.tolist()  # the host synchronization (sizes the histogram)
     total_bins = bounds[-1]
 
-    counts = torch.empty(total_bins, device=dev, dtype=torch.int64)  # every bin belongs to one tensor's range
+    numel = sum(q.numel() for q in hard)
+    # fine steps (the bins grow as 2^bits): count only the occupied bins, so that memory and time follow
+    # the symbols, not the alphabets (24 bits on a 131k-weight layer would be a 112 GB histogram)
+    sparse = total_bins > _SPARSE_BINS_PER_SYMBOL * numel
+    counts = None if sparse else torch.empty(total_bins, device=dev, dtype=torch.int64)  # every bin is one tensor's
+    occupied_bins, occupied_counts = [], []
     group_sizes = torch.zeros(width.numel(), device=dev, dtype=torch.float64)
     goff = 0
     for q, g, ng in zip(hard, groups, num_groups):
@@ -354,17 +360,26 @@ def _group_costs(hard: list[torch.Tensor], groups: list[torch.Tensor], num_group
         # bin of symbol s at position p: s + base[p], in integers (float32 is exact only below 2^24 bins);
         # a tensor's groups own the contiguous bins [first, last)
         first, last = bounds[goff], bounds[goff + ng]
-        base = starts[gid] - lo_all[gid] - first
-        counts[first:last] = torch.bincount((q.to(torch.int64) + base).flatten(), minlength=last - first)
+        local = (q.to(torch.int64) + (starts[gid] - lo_all[gid] - first)).flatten()
+        if sparse:  # ascending within the tensor, and the tensors' ranges ascend: the concatenation is sorted
+            b, c = torch.unique(local, sorted=True, return_counts=True)
+            occupied_bins.append(b + first)
+            occupied_counts.append(c)
+        else:
+            counts[first:last] = torch.bincount(local, minlength=last - first)
         group_sizes.index_add_(0, gid, torch.full_like(gid, q.shape[0], dtype=torch.float64))
         goff += ng
     # Per-bin terms only where they can be nonzero: with fine steps the alphabets are mostly empty
     # bins (at 10 bits: 600k bins for the digits CNN's 150k symbols, 40M for MiniLM's 23M), whose
     # terms are known (0 entropy, a 1-bit count each); finding the occupied ones costs a second
     # sync, only when there are more bins than symbols (otherwise the per-bin work is the smaller).
-    if total_bins > sum(q.numel() for q in hard):
+    bins = None
+    if sparse:
+        bins, counts = torch.cat(occupied_bins), torch.cat(occupied_counts)
+    elif total_bins > numel:
         bins = counts.nonzero().squeeze(1)  # ascending
         counts = counts[bins]
+    if bins is not None:
         group_first = torch.searchsorted(bins, starts)  # each group's first occupied bin, as an index into ``bins``
         occupied = torch.diff(group_first, append=group_first.new_full((1,), bins.numel()))
         bin_group = torch.repeat_interleave(torch.arange(width.numel(), device=dev), occupied, output_size=bins.numel())

@@ -16,10 +16,10 @@ from torch.nn.utils import parametrize
 from .errors import LscError
 from .parametrization import SpectralParametrization
 from .qnet import QuantizationNetwork
-from .wrappers import inner_module, require_module
+from .wrappers import WRAPPED_NAMES, inner_module, require_module
 
 __all__ = ["SpectralEntry", "LscState", "spectral_root", "get_state", "check_attached", "resolve", "parametrization_key",
-           "spectral_state_prefixes", "QNET_PREFIX"]
+           "spectral_state_filter", "QNET_PREFIX"]
 
 QNET_PREFIX = "_lsc_qnet."
 
@@ -39,12 +39,24 @@ def parametrization_key(prefix: str, name: str) -> str:
     return f"{prefix}{path + '.' if path else ''}parametrizations.{attr}."
 
 
-def spectral_state_prefixes(model: nn.Module) -> tuple[str, ...]:
-    """State-dict key prefixes of lsc's own parametrizations (``fc.parametrizations.weight.``): the coefficients and
-    statistics that a file stores as spectral entries. Other parametrizations' tensors (weight_norm's ``original0`` /
-    ``original1``, spectral_norm's ``_u`` / ``_v``) are the model's own state, written like any other tensor."""
-    return tuple(f"{name}." if name else "" for name, m in model.named_modules(remove_duplicate=False)
-                 if isinstance(m, parametrize.ParametrizationList) and isinstance(m[0], SpectralParametrization))
+def spectral_state_filter(model: nn.Module):
+    """A predicate ``(state-dict key, tensor) -> bool``: whether the entry is lsc's own state (coefficients,
+    statistics), which a file stores as spectral entries. Other parametrizations' tensors (weight_norm's
+    ``original0`` / ``original1``, spectral_norm's ``_u`` / ``_v``) are the model's own state, written like any
+    other tensor. Matched by identity, and by name with the segments of per-layer wrappers left out
+    (activation checkpointing and FSDP rename state-dict keys; FSDP2 hands out other tensor objects)."""
+    ids, prefixes = set(), []
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, parametrize.ParametrizationList) and isinstance(m[0], SpectralParametrization):
+            ids.update(id(t) for t in m._parameters.values() if t is not None)
+            ids.update(id(t) for t in m[0].buffers())
+            prefixes.append(_without_wrappers(name) + "." if name else "")
+    prefixes = tuple(prefixes)
+    return lambda key, t: id(t) in ids or _without_wrappers(key).startswith(prefixes)
+
+
+def _without_wrappers(name: str) -> str:
+    return ".".join(part for part in name.split(".") if part not in WRAPPED_NAMES)
 
 
 @dataclass

@@ -31,7 +31,7 @@ from .checks import as_number, is_integer
 from .errors import LscError
 from .loss import compressed_numel, quantization_loss, rate_estimate
 from .rate import HEADER_BYTES_PER_TENSOR
-from .state import get_state, spectral_root, spectral_state_prefixes
+from .state import QNET_PREFIX, get_state, spectral_root, spectral_state_filter
 
 __all__ = ["RateController", "raw_bytes"]
 
@@ -40,11 +40,10 @@ def raw_bytes(model: nn.Module) -> int:
     """Bytes the file spends on everything that is not spectrally compressed (raw params and buffers)."""
     get_state(model)
     model = spectral_root(model)
-    lsc_own = spectral_state_prefixes(model)
+    lsc_own, seen = spectral_state_filter(model), set()  # a tied tensor is written once
     total = 0
-    seen = set()  # a tied tensor is written once
-    for name, t in list(model.named_parameters()) + list(model.named_buffers()):
-        if name.startswith(lsc_own) or id(t) in seen:
+    for name, t in model.state_dict(keep_vars=True).items():
+        if not isinstance(t, torch.Tensor) or name.startswith(QNET_PREFIX) or lsc_own(name, t) or id(t) in seen:
             continue
         seen.add(id(t))
         total += t.numel() * t.element_size() + HEADER_BYTES_PER_TENSOR
@@ -276,6 +275,10 @@ class RateController:
         err = self.relative_error(measure)
         if abs(err) <= self.tolerance / 2:
             return err
+        if all(e.parametrization.frozen_exponent is not None for e in self.state.entries):
+            raise LscError("RateController.finalize: every tensor is quantized at exponents loaded from a file "
+                           "(lsc.load into a spectral model), which q_net no longer moves; resume from the "
+                           "training checkpoint (model.state_dict()) to change the size")
         offsets = self._sensitivity_offsets(sensitivity) if sensitivity else 0.0
         lo, hi = -search_bits, search_bits  # size grows with the shift
         applied = 0.0

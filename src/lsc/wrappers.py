@@ -13,7 +13,7 @@ from .errors import LscError
 __all__ = ["inner_module", "require_module", "unwrap", "unwrap_for_conversion"]
 
 # children only wrappers name so: torch.compile, FSDP1, activation checkpointing
-_WRAPPED_NAMES = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+WRAPPED_NAMES = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
 
 
 def _data_parallel(module: nn.Module) -> bool:
@@ -29,7 +29,7 @@ def inner_module(module: nn.Module) -> nn.Module | None:
     children = module.__dict__.get("_modules", {})
     if _data_parallel(module):
         return children.get("module")
-    for name in _WRAPPED_NAMES:
+    for name in WRAPPED_NAMES:
         if isinstance(children.get(name), nn.Module):
             return children[name]
     return None

@@ -33,7 +33,7 @@ from ..precision import full_precision
 from ..quantizer import dequantize, integer_coefficients
 from ..reconstruct import compute_dtype_for, reconstruct
 from ..rowclasses import MAX_CLASSES, propose_row_classes, row_units
-from ..state import QNET_PREFIX, check_attached, get_state, resolve, spectral_root, spectral_state_prefixes
+from ..state import QNET_PREFIX, check_attached, get_state, resolve, spectral_root, spectral_state_filter
 from ..transforms import TRANSFORMS
 from ..wrappers import require_module, unwrap
 from .entropy import encode_symbols, group_bounds
@@ -166,10 +166,10 @@ def compress_weights(model: nn.Module, *, scan: str = "morton", buffer_tolerance
             streams.append(data)
             covered.add(entry.name)
             covered.update(entry.tied_names)
-        lsc_own = spectral_state_prefixes(model)
+        lsc_own = spectral_state_filter(model)
         first: dict[int, dict] = {}  # a tensor tied under several names is written once, the others listed as ``tied``
         for key, t in model.state_dict(keep_vars=True).items():
-            if key.startswith(QNET_PREFIX) or key.startswith(lsc_own) or key in covered:
+            if key.startswith(QNET_PREFIX) or lsc_own(key, t) or key in covered:
                 continue
             if key == HEADER_KEY:
                 raise LscError(f"a model tensor is named {HEADER_KEY!r}, which lsc reserves")
@@ -672,9 +672,9 @@ def _load_into_spectral(model, header, plain, spec, strict):
         elif strict:
             raise LscError(f"{entry.name}: not in the file")
     raw = {k: v for k, v in plain.items() if k not in consumed}
-    lsc_own = spectral_state_prefixes(root)
-    own = {k: t for k, t in root.state_dict().items() if not k.startswith(QNET_PREFIX) and not k.startswith(lsc_own)
-           and k not in consumed}
+    lsc_own = spectral_state_filter(root)
+    own = {k: t.detach() for k, t in root.state_dict(keep_vars=True).items()
+           if not k.startswith(QNET_PREFIX) and not lsc_own(k, t) and k not in consumed}
     check_fits(own, raw, strict)
     for entry, d, (coeffs, e) in coded:
         par = entry.parametrization
