@@ -2,9 +2,16 @@
 
 The side information of a coded tensor (exponent table, group ranges, count
 tables) is a sequence of Elias-gamma codes and single flag bits. Writing is one
-vectorized pass; reading finds every code boundary from a precomputed
-"next 1-bit" table and follows the chain of code starts with vectorized
-speculative lanes (see :meth:`BitReader._synchronized`).
+vectorized pass; reading finds every code boundary from a "start of the next
+code" table and follows the chain of code starts with vectorized speculative
+lanes (see :meth:`BitReader._synchronized`).
+
+Side information comes from the file, so reading it must cost memory
+proportional to it with a small constant (a crafted file once made the reader
+take ~230x its size before any check): the reader keeps the bytes, not a byte
+per bit; it builds the table (int32 per bit) in chunks and only when a read of
+more than a few codes needs it; every other temporary is per code read, or
+bounded by a chunk size.
 """
 from __future__ import annotations
 
@@ -15,6 +22,11 @@ from ..errors import LscFormatError
 __all__ = ["zigzag", "unzigzag", "gamma_bits", "BitWriter", "BitReader"]
 
 _MAX_GAMMA_VALUE_BITS = 63
+_M64 = (1 << 64) - 1
+_INT32_MAX = (1 << 31) - 1
+_TABLE_CHUNK = 1 << 17     # bits per step when building or doubling the jump table (bounds its temporaries)
+_VALUE_CHUNK = 1 << 16     # codes per step when assembling values
+_MERGE_ENTRIES = 1 << 18   # lane trace entries per block when merging speculative lanes
 
 
 def zigzag(v: np.ndarray) -> np.ndarray:
@@ -85,33 +97,59 @@ class BitWriter:
 
 
 class BitReader:
-    """Reads what :class:`BitWriter` wrote; every overrun raises :class:`LscFormatError`."""
+    """Reads what :class:`BitWriter` wrote; every overrun raises :class:`LscFormatError`.
+
+    Memory: the data plus 8 bytes, the jump table (4 bytes per bit; 8 past 2**31 bits) once a read
+    of more than 256 codes needs it, and per read O(codes read) plus chunk-bounded temporaries."""
 
     def __init__(self, data: bytes, what: str = "side information"):
         self.what = what
         raw = np.frombuffer(data, dtype=np.uint8)
-        self._bits = np.unpackbits(raw)
-        self.pos = 0
-        self._jump_table = None
-        n = self._bits.size
-        # next_one[p]: index of the first 1-bit at or after p (n if none), for p in 0..n:
-        # the k-th 1-bit, where k counts the 1-bits before p
-        ones = np.append(np.flatnonzero(self._bits.view(bool)), n)
-        before = np.cumsum(self._bits, dtype=np.int64) - self._bits
-        self._next_one = np.append(ones[before], n)
         # words[i]: the 8 bytes from byte i as a big-endian uint64 (an overlapping strided view of
         # the zero-padded data), so a code's value bits are one gather and two shifts
-        padded = np.concatenate([raw, np.zeros(8, dtype=np.uint8)])
+        padded = np.zeros(raw.size + 8, dtype=np.uint8)
+        padded[:raw.size] = raw
+        self._raw = padded[:raw.size]
         self._words = np.ndarray((raw.size + 1,), dtype=">u8", buffer=padded, strides=(1,))
+        self._n = 8 * raw.size
+        self.pos = 0
+        # bit positions 0..n as int32 whenever they fit: the table and the lanes' traces are per bit
+        self._index = np.int32 if self._n <= _INT32_MAX else np.int64
+        self._jump_table = None
 
     @property
     def remaining(self) -> int:
-        return self._bits.size - self.pos
+        return self._n - self.pos
+
+    def _bit_range(self, a: int, b: int) -> np.ndarray:
+        """Bits [a, b) as uint8 0/1 (unpacked from the bytes that hold them)."""
+        if b <= a:
+            return np.zeros(0, dtype=np.uint8)
+        off = a & 7
+        return np.unpackbits(self._raw[a >> 3:(b + 7) >> 3])[off:off + (b - a)]
+
+    def _next_one_at(self, p: int) -> int:
+        """Index of the first 1-bit at or after bit p (n if none)."""
+        n = self._n
+        if p >= n:
+            return n
+        i = p >> 3
+        w = (int(self._words[i]) << (p & 7)) & _M64  # bits p .. 8i+63 at the top, zeros shifted in below
+        if w:
+            return p + 64 - w.bit_length()
+        raw, j, size = self._raw, i + 8, 64  # a run of >= 57 zeros (a corrupt or huge code): scan on
+        while j < raw.size:
+            nz = np.flatnonzero(raw[j:j + size])
+            if nz.size:
+                k = j + int(nz[0])
+                return 8 * k + 8 - int(raw[k]).bit_length()
+            j, size = j + size, 2 * size
+        return n
 
     def bits(self, count: int) -> np.ndarray:
         if count < 0 or count > self.remaining:
             raise LscFormatError(f"{self.what}: truncated (needs {count} more bits, {self.remaining} left)")
-        out = self._bits[self.pos:self.pos + count]
+        out = self._bit_range(self.pos, self.pos + count)
         self.pos += count
         return out
 
@@ -123,23 +161,39 @@ class BitReader:
             raise LscFormatError(f"{self.what}: truncated (needs {count} codes, {self.remaining} bits left)")
         if count == 0:
             return np.zeros(0, dtype=np.uint64)
-        n = self._bits.size
+        n = self._n
         chain = self._code_starts(count, max_code_bits)
-        zeros = self._next_one[chain] - chain
-        ends = chain + 2 * zeros + 1
-        bad = (chain >= n) | (ends > n) | (zeros >= _MAX_GAMMA_VALUE_BITS)
-        if chain.size < count or bad.any():
-            at = int(chain[np.argmax(bad)]) if bad.any() else n
-            raise LscFormatError(f"{self.what}: corrupt or truncated Elias-gamma code at bit {at}")
-        starts = (chain + zeros).astype(np.uint64)  # the leading 1 of each value
-        nb = (zeros + 1).astype(np.uint64)            # 1..63 significant bits; with 7 bits of offset in
-        word = self._words[starts >> np.uint64(3)].astype(np.uint64)   # the word, wider values are rare
-        vals = (word << (starts & np.uint64(7))) >> (np.uint64(64) - nb)
-        wide = np.flatnonzero(zeros > 56)
-        for i in wide:  # values >= 2**57 straddle the 64-bit window: assemble bit by bit
-            b = self._bits[int(starts[i]):int(starts[i] + nb[i])].astype(np.uint64)
-            vals[i] = np.uint64(int("".join(map(str, b.tolist())), 2))
-        self.pos = int(ends[-1])
+        m = chain.size
+        if m == 0:
+            raise LscFormatError(f"{self.what}: corrupt or truncated Elias-gamma code at bit {n}")
+        # a code's length (2 * zeros + 1) is the distance to the next start: exact, as every start but the
+        # first is its predecessor's jump and < n, so not clipped; the last code's zeros are counted
+        last = int(chain[-1])
+        last_zeros = self._next_one_at(last) - last
+        end = last + 2 * last_zeros + 1
+        vals = np.empty(m, dtype=np.uint64)
+        for a in range(0, m, _VALUE_CHUNK):  # chunks bound the temporaries to a few MB
+            b = min(a + _VALUE_CHUNK, m)
+            c = chain[a:b].astype(np.int64)
+            zeros = np.empty(b - a, dtype=np.int64)
+            zeros[:-1] = (c[1:] - c[:-1] - 1) >> 1
+            zeros[-1] = (int(chain[b]) - int(c[-1]) - 1) >> 1 if b < m else last_zeros
+            bad = zeros >= _MAX_GAMMA_VALUE_BITS
+            if b == m and end > n:
+                bad[-1] = True
+            if bad.any():
+                raise LscFormatError(f"{self.what}: corrupt or truncated Elias-gamma code at bit {int(c[np.argmax(bad)])}")
+            starts = (c + zeros).astype(np.uint64)  # the leading 1 of each value
+            nb = (zeros + 1).astype(np.uint64)      # 1..63 significant bits; with 7 bits of offset in
+            word = self._words[starts >> np.uint64(3)].astype(np.uint64)   # the word, wider values are rare
+            vals[a:b] = (word << (starts & np.uint64(7))) >> (np.uint64(64) - nb)
+            for i in np.flatnonzero(zeros > 56):  # values >= 2**57 straddle the 64-bit window: assemble bit by bit
+                s = int(starts[i])
+                vb = self._bit_range(s, s + int(nb[i]))
+                vals[a + i] = np.uint64(int("".join(map(str, vb.tolist())), 2))
+        if m < count:
+            raise LscFormatError(f"{self.what}: corrupt or truncated Elias-gamma code at bit {n}")
+        self.pos = end
         return vals
 
     # Code starts form a chain p -> 2 * next_one(p) - p + 1 (z zeros, the leading 1, z bits).
@@ -150,7 +204,7 @@ class BitReader:
         a bound on their length, if the caller knows one."""
         if count <= 256:  # a short Python walk beats any setup
             return self._walk(count)
-        remaining = self._bits.size - self.pos
+        remaining = self._n - self.pos
         # the lanes cover only the span these codes can occupy when their length is bounded: row-class
         # labels (<= 9 bits each) precede a tensor's long table codes, which lanes sized by the whole
         # remaining stream walked too (5,000 steps for MiniLM's 3,816 labels, 20 ms)
@@ -163,13 +217,30 @@ class BitReader:
         return self._doubling(count)
 
     def _walk(self, count: int) -> np.ndarray:
-        n, nxt, p = self._bits.size, self._next_one, self.pos
+        """The chain, one code at a time: from the jump table once built, else from the bytes (no table
+        for a short read, e.g. the exponents, the only thing :func:`lsc.plots.exponent_tables` reads)."""
+        n, p, jump = self._n, self.pos, self._jump_table
         out = np.empty(count, dtype=np.int64)
+        if jump is not None:
+            for i in range(count):
+                if p >= n:
+                    return out[:i]
+                out[i] = p
+                p = int(jump[p])
+            return out
+        words = self._words
         for i in range(count):
             if p >= n:
                 return out[:i]
             out[i] = p
-            p = 2 * int(nxt[p]) - p + 1
+            w = (int(words[p >> 3]) << (p & 7)) & _M64
+            if w:
+                p += 2 * (64 - w.bit_length()) + 1
+            else:
+                z = self._next_one_at(p) - p
+                if z >= _MAX_GAMMA_VALUE_BITS:  # a corrupt code: the read stops at it (or earlier)
+                    return out[:i + 1]
+                p += 2 * z + 1
         return out
 
     def _synchronized(self, count: int, width: int, overlap: int, end: int) -> np.ndarray | None:
@@ -181,70 +252,125 @@ class BitReader:
         the chain continues in lane j. ~10x faster than pointer doubling on MiniLM's tables.
         Returns the first ``count`` starts before ``end`` (fewer when the span holds fewer), or None
         if a pair of lanes did not meet before ``count`` starts were known (the caller widens or falls back).
+        The lanes' traces are kept as int32 and merged in blocks of lanes, so the temporaries are about
+        4 bytes per trace entry plus a bounded block.
         """
-        n, jump, pos = self._bits.size, self._jump(), self.pos
+        n, jump, pos = self._n, self._jump(), self.pos
         width, overlap = max(width, 64), max(overlap, 32)
         L = -(-(end - pos) // width)
         lane = pos + width * np.arange(L, dtype=np.int64)
         stop = np.minimum(lane + width + overlap, n)
-        trace, p = [], lane
+        trace, p = [], lane.astype(jump.dtype)
         while True:  # one gather per step; lanes run on past their stop (harmless) until all are there
             for _ in range(16):
                 trace.append(p)
                 p = jump[p]
             if (p >= stop).all():
                 break
-        T = np.stack(trace, axis=1)  # (L, steps): each lane's starts, increasing, then n once past the end
-        S = T.shape[1]
+            # lane 0 starts on the chain, so once it holds the codes asked for (all before end), or ran off the
+            # stream when the span is all of it, it alone is the answer: this bounds the walk by `count` steps
+            # where few codes span a long stream (their average length, so the lanes' width, is then large, but
+            # a lane inside a long code's value bits may step through 1-bit codes, one bit per step)
+            if (len(trace) >= count and trace[count - 1][0] < end) or (end >= n and p[0] >= n):
+                first = np.array([t[0] for t in trace[:count]], dtype=jump.dtype)
+                return first[first < n]
+        del p, lane, stop
+        S = len(trace)
         merge = np.empty(L + 1, dtype=np.int64)
         merge[0], merge[L] = pos, end
-        if L > 1:
-            # find each start of lane j-1 among lane j's, as sorted keys lane * (n + 1) + position
-            key = (np.arange(L, dtype=np.int64)[:, None] * (n + 1) + T).ravel()
-            cand = key[:-S] + (n + 1)
-            found = np.minimum(np.searchsorted(key, cand), key.size - 1)
-            hit = ((key[found] == cand) & (T[:-1].ravel() < n)).reshape(L - 1, S)
-            first = hit.argmax(axis=1)
-            rows = np.arange(L - 1)
-            merge[1:L] = T[rows, first]
-            # lane j + 1 continues the chain if it met lane j after lane j joined it (else they met off it)
-            good = hit[rows, first] & (merge[1:L] > merge[:L - 1])
-            if not good.all():
-                # the chain is known up to the first pair that did not meet, through the end of that lane's
-                # walk: enough when the codes asked for end before it (short codes read in a span of longer ones)
-                k = int(np.argmin(good))
-                merge[k + 1] = min(end, n)
-                T, merge = T[:k + 1], merge[:k + 2]
-                starts = T[(T >= merge[:-1, None]) & (T < merge[1:, None])]
-                return starts[:count] if starts.size >= count else None
-        on_chain = (T >= merge[:-1, None]) & (T < merge[1:, None])
-        return T[on_chain][:count]
+        out = np.empty(count, dtype=jump.dtype)
+        got = 0
+
+        def keep(T, lo, hi):  # append the starts in each row j of T with lo[j] <= start < hi[j]
+            nonlocal got
+            s = T[(T >= lo[:, None]) & (T < hi[:, None])]
+            k = min(s.size, count - got)
+            out[got:got + k] = s[:k]
+            got += k
+
+        rows = max(2, _MERGE_ENTRIES // S)  # lanes per block; consecutive blocks share one lane
+        r0 = 0
+        while True:
+            r1 = min(r0 + rows - 1, L - 1)
+            # (lanes r0..r1, steps): each lane's starts, increasing, then n once past the end
+            T = np.stack(trace if r1 - r0 + 1 == L else [t[r0:r1 + 1] for t in trace], axis=1)
+            if r1 > r0:
+                # find each start of lane j-1 among lane j's, as sorted keys lane * (n + 1) + position
+                key = (np.arange(r1 - r0 + 1, dtype=np.int64)[:, None] * (n + 1) + T).ravel()
+                cand = key[:-S] + (n + 1)
+                found = np.minimum(np.searchsorted(key, cand), key.size - 1)
+                hit = ((key[found] == cand) & (T[:-1].ravel() < n)).reshape(r1 - r0, S)
+                del key, cand, found
+                first = hit.argmax(axis=1)
+                pairs = np.arange(r1 - r0)
+                merge[r0 + 1:r1 + 1] = T[pairs, first]
+                # lane j + 1 continues the chain if it met lane j after lane j joined it (else they met off it)
+                good = hit[pairs, first] & (merge[r0 + 1:r1 + 1] > merge[r0:r1])
+                if not good.all():
+                    # the chain is known up to the first pair that did not meet, through the end of that lane's
+                    # walk: enough when the codes asked for end before it (short codes read in a span of longer ones)
+                    k = r0 + int(np.argmin(good))
+                    merge[k + 1] = min(end, n)
+                    keep(T[:k - r0 + 1], merge[r0:k + 1], merge[r0 + 1:k + 2])
+                    return out if got >= count else None
+            if r1 == L - 1:  # the last lane runs to end
+                keep(T, merge[r0:r1 + 1], merge[r0 + 1:r1 + 2])
+                return out[:got]
+            keep(T[:-1], merge[r0:r1], merge[r0 + 1:r1 + 1])  # lane r1 is the next block's first
+            if got >= count:  # later lanes only hold later starts
+                return out
+            r0 = r1
 
     def _jump(self) -> np.ndarray:
-        """jump[p]: the start of the code after one starting at p (n past the end, n -> n)."""
+        """jump[p]: the start of the code after one starting at p (n past the end, n -> n), built on first
+        use, chunk by chunk from the end (each chunk needs the first 1-bit after it)."""
         if self._jump_table is None:
-            n = self._bits.size
-            jump = 2 * self._next_one - np.arange(n + 1, dtype=np.int64) + 1
-            np.minimum(jump, n, out=jump)
+            n = self._n
+            cdt = np.int32 if 2 * n + 1 <= _INT32_MAX else np.int64  # holds 2 * next_one + 1
+            jump = np.empty(n + 1, dtype=self._index)
             jump[n] = n
+            after = n  # the first 1-bit at or after the current chunk's end
+            base = np.arange(min(_TABLE_CHUNK, n), dtype=cdt)
+            for a in reversed(range(0, n, _TABLE_CHUNK)):
+                b = min(a + _TABLE_CHUNK, n)  # a, b are multiples of 8
+                ones = np.unpackbits(self._raw[a >> 3:b >> 3]).view(bool)
+                p = base[:b - a] + cdt(a)
+                nxt = np.where(ones, p, cdt(after))  # next_one: a running minimum from the chunk's end
+                rev = nxt[::-1]
+                np.minimum.accumulate(rev, out=rev)
+                after = int(nxt[0])
+                nxt *= 2
+                nxt += 1
+                nxt -= p
+                np.minimum(nxt, cdt(n), out=nxt)
+                jump[a:b] = nxt
             self._jump_table = jump
         return self._jump_table
 
     def _doubling(self, count: int) -> np.ndarray:
-        """Pointer doubling: log2(count) vectorized gathers over the whole stream (always works)."""
-        n, jump = self._bits.size, self._jump()
-        i = np.arange(count, dtype=np.int64)
-        chain = np.full(count, self.pos, dtype=np.int64)
-        k = 0
-        while (1 << k) < count:
-            sel = ((i >> k) & 1).astype(bool)
-            chain[sel] = jump[chain[sel]]
-            jump = jump[jump]
-            k += 1
-        return chain[chain < n]
+        """Pointer doubling: log2(count) vectorized gathers over the whole stream (always works).
+
+        chain[k + i] = jump^k(chain[i]) fills the chain in doubling prefixes; jump^k is doubled in place,
+        chunk by chunk in increasing order, which is safe because jump^k(p) > p for p < n: a chunk reads
+        only entries not yet doubled. So beyond the table it needs one copy of it and the chain."""
+        n, jump = self._n, self._jump()
+        chain = np.empty(count, dtype=jump.dtype)
+        chain[0] = self.pos
+        hop, known = jump, 1  # hop = jump applied `known` times
+        while known < count:
+            k = min(known, count - known)
+            chain[known:known + k] = hop[chain[:k]]
+            known += k
+            if known < count:
+                if hop is jump:
+                    hop = jump.copy()
+                for a in range(0, n + 1, _TABLE_CHUNK):
+                    seg = hop[a:a + _TABLE_CHUNK]
+                    seg[:] = hop[seg]
+        return chain[:int(np.searchsorted(chain, chain.dtype.type(n)))]  # the chain increases, then stays at n
 
     def finish(self) -> None:
         """Only zero padding (< 8 bits) may remain."""
-        rest = self._bits[self.pos:]
-        if rest.size >= 8 or rest.any():
-            raise LscFormatError(f"{self.what}: {rest.size} unexpected trailing bits")
+        rest = self._n - self.pos
+        if rest >= 8 or self._bit_range(self.pos, self._n).any():
+            raise LscFormatError(f"{self.what}: {rest} unexpected trailing bits")
