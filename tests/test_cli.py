@@ -198,6 +198,22 @@ def test_help_lists_every_subcommand(capsys):
         assert sub in out
 
 
+@pytest.mark.parametrize("argv", [
+    ["--version"],
+    ["demo", "--version"],                 # after the subcommand too, as the other global options
+    ["info", "--version"],                 # before the required positional is checked
+    ["compress", "x.pt", "--version"],
+    ["-q", "recode", "--version"],
+])
+def test_version_before_or_after_the_subcommand(argv, capsys):
+    from lsc.cli import main
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == f"lsc {lsc.__version__}" and not err
+
+
 @pytest.mark.parametrize("name, needle", [
     ("err_missing", "nope.pt: no such"),
     ("err_not_ckpt", "notes.pt: not a PyTorch checkpoint"),

@@ -388,10 +388,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="show tracebacks on errors")
     common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                         help="no progress bars, print only errors (and the table for info)")
+    from . import __version__
+    common.add_argument("--version", action="version", version=f"lsc {__version__}")
     ap = argparse.ArgumentParser(prog="lsc", parents=[common],
                                  description="Learned Spectral Compression: make PyTorch models much smaller.")
-    from . import __version__
-    ap.add_argument("--version", action="version", version=f"lsc {__version__}")
     sub = ap.add_subparsers(dest="command", metavar="COMMAND")
 
     d = sub.add_parser("demo", parents=[common], help="fine-tune and compress a digits CNN end to end (~1 min)",

@@ -550,7 +550,9 @@ class PostTrainingResult:
     """What :func:`compress_posttraining` did: the spectral model and the chosen bits per tensor."""
 
     model: nn.Module
-    tensors: list[dict] = field(default_factory=list)  # name, shape, numel, bits, rel_error, bound, tied
+    # name, shape, numel, bits, rel_error, bound, tied; with hessians also feedback, row_weighted,
+    # output_error_ratio (see feedback_ratios)
+    tensors: list[dict] = field(default_factory=list)
     path: Optional[str] = None
     file_bytes: Optional[int] = None
     seconds: float = 0.0
