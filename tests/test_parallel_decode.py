@@ -165,6 +165,53 @@ def test_decode_falls_back_when_processes_cannot_start(monkeypatch):
     _same(lsc.load(data, workers=2), serial)
 
 
+@linux_fork
+def test_a_fork_that_fails_part_way_leaves_no_worker_behind(monkeypatch):
+    """The OS refusing the second fork (EAGAIN) used to leave the first worker blocked on the call queue:
+    the load fell back and gave the right weights, but the interpreter then waited for it forever at exit."""
+    _, data = _big_model()
+    serial = lsc.load(data, workers=1)
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_SYMBOLS", 0)
+    real_fork, forks = os.fork, []
+
+    def fork():
+        forks.append(1)
+        if len(forks) == 2:
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real_fork()
+    monkeypatch.setattr(os, "fork", fork)
+    _same(lsc.load(data, workers=3), serial)
+    monkeypatch.setattr(os, "fork", real_fork)
+    import multiprocessing
+    assert len(forks) == 2 and not multiprocessing.active_children()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_first_bad_tensor_in_file_order_is_named(monkeypatch, workers):
+    """A bad raw stream late in the file must not hide a bad spectral one before it."""
+    import zlib
+    from lsc.codec.api import _header_bytes, _parts_from_bytes
+    monkeypatch.setattr(parallel, "MIN_PARALLEL_SYMBOLS", 0)
+    torch.manual_seed(0)
+    model = _plain_model()
+    with torch.no_grad():
+        model[4].weight.zero_()  # written raw (excluded below) and zlib-compressed
+        model[4].bias.zero_()
+    lsc.spectral(model, init_bits=8, exclude="4.*")
+    header, streams, _ = _parts_from_bytes(to_bytes(lsc.compress_weights(model.eval())))
+    streams = [bytes(x) for x in streams]
+    kinds = [m["kind"] for m in header["tensors"]]
+    spec, raw = kinds.index("spectral"), len(kinds) - 1 - kinds[::-1].index("raw")
+    assert spec < raw
+    streams[spec] += b"\x01\x00\x00\x00"  # one stray ANS word
+    assert header["tensors"][raw]["zlib"]
+    streams[raw] = b"\xff" * len(streams[raw])  # not a zlib stream
+    metas = [dict(m, len=len(x), crc=zlib.crc32(x)) for m, x in zip(header["tensors"], streams)]
+    bad = _header_bytes(metas, header) + b"".join(streams)
+    with pytest.raises(lsc.LscFormatError, match=rf"^{header['tensors'][spec]['name']}: "):
+        lsc.load(bad, workers=workers)
+
+
 def _segmented(monkeypatch):
     """A file whose larger tensors are cut into several ANS segments."""
     from lsc.codec import entropy

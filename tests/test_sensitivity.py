@@ -213,3 +213,13 @@ def test_finalize_with_sensitivity_cuts_where_the_output_cares_least():
 def test_measure_sensitivity_wants_a_distortion_function():
     with pytest.raises(lsc.LscError, match=r"distortion must be a function distortion\(model\) -> float.*got float"):
         lsc.measure_sensitivity(nn.Sequential(nn.Linear(8, 4)), 0.1)
+
+
+def test_a_tensor_the_distortion_does_not_see_gets_the_cap_whatever_the_target():
+    """Its bound costs no distortion; with a finite weight it used to take a share of a small budget."""
+    from lsc import TensorSensitivity
+    sens = {"seen": TensorSensitivity(1e4, 1000), "unseen": TensorSensitivity(0.0, 10**6)}
+    for target in (1e-2, 1e-6, 1e-10):
+        bounds = lsc.allocate_error_bounds(sens, target=target, max_bound=0.5)
+        assert bounds["unseen"] == 0.5
+        assert lsc.predicted_distortion(sens, bounds) == pytest.approx(target, rel=1e-6)

@@ -173,3 +173,10 @@ def test_kjv_split_is_deterministic_and_disjoint():
     assert all(held) and not any(v[:1].isdigit() for v in held)
     e = torch.nn.functional.normalize(torch.randn(4, 8), dim=-1)
     assert cosine_metrics(e, e)["min_cos"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_evaluate_restores_train_mode_when_the_forward_fails():
+    model = DigitsCNN().train()
+    with pytest.raises(RuntimeError):
+        evaluate(model, torch.zeros(2, 3, 5, 5), torch.zeros(2, dtype=torch.int64))  # wrong input shape
+    assert model.training

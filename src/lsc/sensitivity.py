@@ -151,7 +151,8 @@ def allocate_error_bounds(sensitivity: Mapping[str, TensorSensitivity], target: 
         raise LscError("sensitivity is empty: measure it first with lsc.measure_sensitivity")
     floor = 1e-12 * max(max(s.per_error2 / max(s.numel, 1) for s in sensitivity.values()), 1e-30)
     weight = {name: max(s.per_error2 / max(s.numel, 1), floor) for name, s in sensitivity.items()}  # s_t / n_t
-    capped: set[str] = set()
+    # a tensor the distortion does not see costs nothing at the cap: it must not take a share of the budget
+    capped: set[str] = {n for n, s in sensitivity.items() if s.per_error2 <= 0}
     bounds: dict[str, float] = {}
     while True:  # water-filling: tensors at the cap spend their share; the rest split what is left
         free = [n for n in sensitivity if n not in capped]

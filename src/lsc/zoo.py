@@ -99,8 +99,8 @@ def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> dict:
     """
     was_training = model.training
     model.eval()
-    logits = model(x)
-    out = {"accuracy": (logits.argmax(1) == y).float().mean().item(),
-           "nll": F.cross_entropy(logits, y).item()}
-    model.train(was_training)
-    return out
+    try:
+        logits = model(x)
+    finally:
+        model.train(was_training)
+    return {"accuracy": (logits.argmax(1) == y).float().mean().item(), "nll": F.cross_entropy(logits, y).item()}

@@ -409,19 +409,24 @@ def _decode_all(header: dict, streams, keep_integers: bool = False, workers: int
         except LscFormatError as exc:
             errors[i] = exc
             break
-    if jobs and not errors:
+    if errors:  # a bad raw stream stops the reading; a spectral tensor before it may still be the first bad one
+        first_raw_error = min(errors)
+        jobs = [job for job, i in zip(jobs, spectral_at) if i < first_raw_error]
+        spectral_at = [i for i in spectral_at if i < first_raw_error]
+    if jobs:
         # entropy decoding runs in worker processes when it pays; weights are rebuilt here as
         # tensors finish, in whatever order they do
         with StreamDecoder(jobs, workers) as decoder, _one_torch_thread(decoder.parallel):
+            spectral_failed = False
             for j in decoder.completed():
                 i, m = spectral_at[j], metas[spectral_at[j]]
-                if errors and not decoder.parallel:
+                if spectral_failed and not decoder.parallel:
                     break  # serial: nothing later can come first
                 try:
                     q, e = decoder.get(j)
                     d = _guarded(m, _rebuild_spectral, m, q, e, (devices or {}).get(m["name"]))
                 except LscFormatError as exc:
-                    errors[i] = exc
+                    errors[i], spectral_failed = exc, True
                     continue
                 decoded[i] = d["weight"]
                 if keep_integers:

@@ -18,6 +18,7 @@ forking a process that has torch threads is harmless.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import itertools
 import mmap
 import multiprocessing
@@ -89,6 +90,23 @@ def _work(token: int, j: int, segment):
         stream = _PARSED[(token, j)]
     q, e = _decode_job(jobs[j], out=out, segment=segment, stream=stream)
     return e, q is out  # False: values beyond int32, the caller decodes this tensor itself
+
+
+def _stop(pool) -> None:
+    """Stop a pool whose start failed: kill and reap the workers it did fork (``shutdown`` alone leaves them
+    blocked on the call queue when its manager thread never started, and the interpreter then waits for
+    them forever at exit)."""
+    if pool is None:
+        return
+    procs = list((getattr(pool, "_processes", None) or {}).values())
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.kill()
+    for proc in procs:
+        with contextlib.suppress(Exception):
+            proc.join(5)
+    with contextlib.suppress(Exception):
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 class StreamDecoder:
@@ -164,6 +182,7 @@ class StreamDecoder:
             # child runs only NumPy and constriction code, none of which the parent's threads can lock.
             warnings.simplefilter("ignore", DeprecationWarning)
             _JOBS[token] = (self.jobs, shared, offsets)
+            pool = None
             try:
                 pool = cf.ProcessPoolExecutor(workers - 1, mp_context=multiprocessing.get_context("fork"))
                 # the first submit forks every worker (fork start method): they inherit _JOBS[token]
@@ -172,6 +191,7 @@ class StreamDecoder:
                         j, k = units[u]
                         self._remote.setdefault(j, {})[k] = pool.submit(_work, token, j, k)
             except (OSError, AssertionError, RuntimeError, ValueError):  # e.g. daemonic caller: no children
+                _stop(pool)  # a fork that failed part-way leaves the workers forked before it waiting
                 self._remote.clear()
                 del _JOBS[token]
                 shared.close()
