@@ -172,13 +172,17 @@ def test_cuda_equals_spectral_eval(mode):
         assert torch.equal(lazy(x), ref_model(x))
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_embedding_decodes_only_the_rows_it_looks_up(mode):
+def _chunked_embedding(mode):
+    """(dense, lazy) loads of one 4000-row table file, the lazy one decoding chunks of 16384 values."""
     make = lambda: nn.Embedding(4000, 64)  # noqa: E731
     torch.manual_seed(0)
     data = _file(make())
-    dense = lsc.load(data, make())
-    lazy = load_lazy(data, make(), mode=mode, chunk_numel=16384)
+    return lsc.load(data, make()), load_lazy(data, make(), mode=mode, chunk_numel=16384)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_embedding_decodes_only_the_rows_it_looks_up(mode):
+    dense, lazy = _chunked_embedding(mode)
     store = lazy.__dict__["_lsc_lazy"].stores[0]
     assert len(store.chunks) > 4
     idx = torch.tensor([[3, 3999, 17], [17, 0, 5]])
@@ -304,11 +308,7 @@ def test_rnn_serves_many_threads_and_survives_errors(cache):
 @pytest.mark.parametrize("mode", MODES)
 def test_embedding_index_out_of_range_raises(mode):
     """The chunked lookup filled rows it never decoded with uninitialised memory; a dense one raises."""
-    make = lambda: nn.Embedding(4000, 64)  # noqa: E731
-    torch.manual_seed(0)
-    data = _file(make())
-    dense = lsc.load(data, make())
-    lazy = load_lazy(data, make(), mode=mode, chunk_numel=16384)
+    dense, lazy = _chunked_embedding(mode)
     ok = torch.tensor([[3, 3999]])
     with torch.inference_mode():
         for _ in range(2):  # the first use decodes whole, the second the chunks
