@@ -361,20 +361,22 @@ def test_a_bound_dict_that_misses_a_tensor_names_it_and_leaves_the_model_as_it_w
     assert len(lsc.compress_posttraining(model, max_error={"0.*": 0.1, "default": 0.05}, progress=False).tensors) == 4
 
 
-def test_an_explicit_bound_of_a_vector_is_used_as_given():
-    """The 1-D rule (max_error / 20, or max_error_1d) tightens the default bound only: a bound named for a tensor,
-    exactly or by a glob, is the user's choice for it."""
+def test_a_bound_named_for_a_vector_is_used_as_given():
+    """The 1-D rule (/ 20, or max_error_1d) tightens every bound of a vector but one given for it by its exact
+    name: a glob is written for a group, and ``embeddings.*=0.08`` used as given for the group's norm scales
+    took MiniLM's held-out cosine from 0.990 to 0.928."""
     torch.manual_seed(0)
     sd = {"l.weight": torch.randn(16, 32), "l.bias": torch.randn(64), "m.bias": torch.randn(64)}
     for kw in (dict(), dict(max_error_1d=0.001)):
-        for named in ({"l.bias": 0.2}, {"l.*": 0.2}):
+        rule = kw.get("max_error_1d")
+        for named, bias in (({"l.bias": 0.2}, 0.2), ({"l.*": 0.2}, rule or 0.2 / 20)):
             res = compress_posttraining(sd, max_error={**named, "default": 0.05}, progress=False, **kw)
             rows = {t["name"]: t for t in res.tensors}
-            assert rows["l.bias"]["bound"] == 0.2 and rows["l.bias"]["rel_error"] <= 0.2
-            assert rows["m.bias"]["bound"] == pytest.approx(kw.get("max_error_1d", 0.05 / 20))  # the default's rule
+            assert rows["l.bias"]["bound"] == pytest.approx(bias) and rows["l.bias"]["rel_error"] <= bias
+            assert rows["m.bias"]["bound"] == pytest.approx(rule or 0.05 / 20)  # the default's rule
             assert rows["l.weight"]["bound"] == (0.2 if "l.*" in named else 0.05)
         assert {t["name"]: t["bound"] for t in compress_posttraining(sd, max_error=0.05, progress=False, **kw).tensors}[
-            "l.bias"] == pytest.approx(kw.get("max_error_1d", 0.05 / 20))
+            "l.bias"] == pytest.approx(rule or 0.05 / 20)
 
 
 @pytest.mark.parametrize("lo, hi", [(2.1, 2.2), (3.3, 3.4), (-0.2, -0.1)])

@@ -429,8 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="lookups credited to every row of an embedding table given as counts in --hessians "
                         "(default 1); larger keeps rarely read rows closer, for a larger file")
     c.add_argument("--max-error-1d", type=float, default=None, metavar="E1",
-                   help="bound for biases and norm scales (1-D tensors) that take the default bound; a bound "
-                        "given by GLOB=E or --bounds is used as given (default: max-error / 20)")
+                   help="bound for biases and norm scales (1-D tensors; default: their --max-error bound / 20); "
+                        "a bound --bounds gives a tensor by its exact name is used as given")
     c.add_argument("--block-size", type=_int_at_least(1), default=8, help="DCT block edge per dimension (default 8)")
     c.add_argument("--exclude", action="append", metavar="GLOB", help="keep matching tensors uncompressed (repeatable)")
     c.add_argument("--min-bits", type=float, default=-4.0, help="search range low end (default -4)")
