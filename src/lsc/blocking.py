@@ -54,7 +54,7 @@ class BlockLayout:
 
 # Limits of the file format (docs/FORMAT.md): a reader builds a (b, b) transform matrix per block
 # dim and a scan order per block shape, so these bound what a crafted file can make it allocate.
-MAX_BLOCK_DIM = 4096
+MAX_BLOCK_DIM = 8192  # a (b, b) float64 DCT matrix: 512 MB at most
 MAX_BLOCK_NUMEL = 1 << 20
 
 

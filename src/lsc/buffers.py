@@ -47,8 +47,9 @@ _MAGIC = b"LSCB1"
 MAX_DECODED_VALUES = 1 << 26  # float buffers are statistics (BatchNorm etc.): far smaller in practice
 MAX_JSON_BYTES = 16 << 20     # the blob's JSON inflates to at most this (a zip bomb stops here)
 MAX_DIMS = 64
-_FLOAT_DTYPES = tuple(n for n in ("float16", "bfloat16", "float32", "float64", "float8_e4m3fn", "float8_e5m2")
-                      if isinstance(getattr(torch, n, None), torch.dtype))  # the file format's float dtypes
+# every real floating dtype torch names (the float8 *fnuz* variants too: lsc 0.3's first writer put them here)
+_FLOAT_DTYPES = tuple(sorted({str(d).replace("torch.", "") for d in vars(torch).values()
+                              if isinstance(d, torch.dtype) and d.is_floating_point and not str(d).endswith("_x2")}))
 _SYMBOL_LIMIT = 2.0 ** 62     # |q| below this: symbols and their spans fit int64
 
 
@@ -321,8 +322,11 @@ def _check_entry(i: int, e) -> _Entry:
         _fail(f"{where}: dtype must be one of {_FLOAT_DTYPES}, got {str(dtype)[:40]!r}")
     if not (_is_int(kind) and 0 <= kind < len(_KINDS)):
         _fail(f"{where}: kind must be 0, 1 or 2, got {kind!r}")
-    if not (_is_number(extra) and (extra > 0 if kind == 2 else extra >= 0)):
-        _fail(f"{where}: extra (eps, or the step of kind 2) must be a finite number in range, got {extra!r}")
+    # NaN / inf: what the first 0.3 writer stored for a buffer holding an inf (its values then decode to NaN,
+    # as they did); such files must still load, weights and all
+    if not (isinstance(extra, (int, float)) and not isinstance(extra, bool)
+            and (not math.isfinite(extra) or (extra > 0 if kind == 2 else extra >= 0))):
+        _fail(f"{where}: extra (eps, or the step of kind 2) must be a number in range, got {extra!r}")
     if not (_is_int(width) and 0 <= width <= 64):
         _fail(f"{where}: width must be an int in 0..64, got {width!r}")
     if not (_is_int(lo) and -(1 << 63) <= lo and lo + (1 << width) - 1 < (1 << 63)):

@@ -21,11 +21,10 @@ the orthonormal DCT, which keeps the learned bit allocation meaningful.
 """
 from __future__ import annotations
 
-from functools import lru_cache
 
 import torch
 
-from .transforms import _apply_along, register_transform
+from .transforms import BudgetCache, _apply_along, register_transform
 
 __all__ = ["WAVELETS", "lifting_forward", "lifting_inverse", "wavelet_matrices",
            "wavelet_forward", "wavelet_inverse", "wavelet53_forward", "wavelet53_inverse"]
@@ -124,13 +123,14 @@ def lifting_inverse(y: torch.Tensor, wavelet: str = "cdf97", levels: int | None 
 
 
 def _matrices_cpu64(n: int, wavelet: str, levels: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    # cached only while small: a file may declare long blocks, whose b^2 matrices must not pile up
-    return (_matrices_small if n <= 256 else _matrices_build)(n, wavelet, levels)
+    key = (n, wavelet, levels)
+    hit = _MATRICES.get(key)
+    if hit is None:
+        hit = _MATRICES.put(key, _matrices_build(n, wavelet, levels), 2 * 8 * n * n)
+    return hit
 
 
-@lru_cache(maxsize=128)
-def _matrices_small(n: int, wavelet: str, levels: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    return _matrices_build(n, wavelet, levels)
+_MATRICES = BudgetCache(128 << 20)  # bounded in bytes: a file may declare long blocks (see transforms.BudgetCache)
 
 
 def _matrices_build(n: int, wavelet: str, levels: int | None) -> tuple[torch.Tensor, torch.Tensor]:
