@@ -19,7 +19,7 @@ from .lazy import LazyParametrization
 from .lowrank import LowRankMatrix, Tucker2
 from .precision import full_precision
 from .state import check_attached, resolve, spectral_root
-from .wrappers import _data_parallel, inner_module, require_module
+from .wrappers import parameter_wrapper, require_module
 
 __all__ = ["to_dense"]
 
@@ -41,14 +41,6 @@ def unparametrize(module: nn.Module, attr: str, dense: nn.Parameter) -> None:
     plist.is_tensor = True
     plist.register_parameter("original", dense)
     parametrize.remove_parametrizations(module, attr, leave_parametrized=False)
-
-
-def _wrappers(model: nn.Module):
-    """``model`` and the modules it wraps, outermost first (compile, DDP, FSDP, checkpoint wrappers)."""
-    m = model
-    while m is not None:
-        yield m
-        m = inner_module(m)
 
 
 def _own_class(module: nn.Module) -> None:
@@ -81,7 +73,7 @@ def to_dense(model: nn.Module, *, keep_factors: bool = False) -> nn.Module:
     if any(isinstance(m, LazyParametrization) for m in model.modules()):
         raise LscError("model was loaded lazily; for plain weights load the file without lazy=: "
                        "lsc.load(path, plain_model)")
-    if any(_data_parallel(m) or "_fsdp_wrapped_module" in m._modules for m in _wrappers(model)):
+    if parameter_wrapper(model) is not None:
         raise LscError("lsc.to_dense: the model is wrapped in DDP / DataParallel / FSDP, which would go on "
                        "synchronizing the coefficients it replaces; call lsc.to_dense(wrapper.module) and wrap "
                        "the dense model anew to keep training it")

@@ -6,22 +6,24 @@ columns of a lexicographic sort, so rank and block size are unbounded.
 """
 from __future__ import annotations
 
-from functools import lru_cache
 import math
 
 import numpy as np
 
+from .budget_cache import BudgetCache
+
 __all__ = ["morton_order", "rowmajor_order"]
 
 
-@lru_cache(maxsize=512)
-def _morton_small(block_shape: tuple[int, ...]) -> np.ndarray:
-    return _morton_build(block_shape)
+_ORDERS = BudgetCache(64 << 20)
 
 
 def _morton_order(block_shape: tuple[int, ...]) -> np.ndarray:
-    # cached only while small: a file may declare blocks of up to 2^20 positions, which must not pile up
-    return (_morton_small if math.prod(block_shape) <= 1 << 12 else _morton_build)(block_shape)
+    order = _ORDERS.get(block_shape)
+    if order is None:
+        order = _morton_build(block_shape)
+        _ORDERS.put(block_shape, order, order.nbytes)
+    return order
 
 
 def _morton_build(block_shape: tuple[int, ...]) -> np.ndarray:

@@ -8,50 +8,12 @@ and faster than an FFT-based DCT (the seed's external DCT cost ~30% of runtime).
 from __future__ import annotations
 
 import math
-import threading
-from collections import OrderedDict
 
 import torch
 
+from .budget_cache import BudgetCache
+
 __all__ = ["dct_matrix", "block_transform", "block_inverse_transform", "register_transform", "get_transform", "TRANSFORMS"]
-
-
-class BudgetCache:
-    """A thread-safe LRU cache of tensors with a byte budget, not a count.
-
-    A file may declare long blocks (up to 8192 per dim: 512 MB for one float64 DCT matrix): a cache
-    without a byte bound would let a few small crafted files keep gigabytes alive, and one that kept
-    only small matrices made real long-block models rebuild theirs at every use (3.7x slower lazy
-    forwards with 1 x 2048 blocks). Entries larger than the budget are returned but not kept.
-    """
-
-    def __init__(self, max_bytes: int):
-        self.max_bytes, self.bytes = int(max_bytes), 0
-        self._items: "OrderedDict[tuple, tuple]" = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key):
-        with self._lock:
-            hit = self._items.get(key)
-            if hit is not None:
-                self._items.move_to_end(key)
-                return hit[0]
-        return None
-
-    def put(self, key, value, nbytes: int):
-        if nbytes > self.max_bytes:
-            return value
-        with self._lock:
-            if key not in self._items:
-                self._items[key] = (value, nbytes)
-                self.bytes += nbytes
-                while self.bytes > self.max_bytes:
-                    self.bytes -= self._items.popitem(last=False)[1][1]
-        return value
-
-
-def _nbytes(*tensors: torch.Tensor) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 _MATRICES = BudgetCache(256 << 20)
@@ -89,7 +51,7 @@ def _cached(key, dtype, device) -> torch.Tensor:
     if m is None:
         base = _build(key) if (dtype, full[2].type) == (torch.float64, "cpu") else _cached(key, torch.float64, None)
         m = base.to(dtype=dtype, device=full[2])
-        _MATRICES.put(full, m, _nbytes(m))
+        _MATRICES.put(full, m, m.numel() * m.element_size())
     return m
 
 

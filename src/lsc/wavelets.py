@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from .transforms import BudgetCache, _apply_along, register_transform
+from .budget_cache import BudgetCache
+from .transforms import _apply_along, register_transform
 
 __all__ = ["WAVELETS", "lifting_forward", "lifting_inverse", "wavelet_matrices",
            "wavelet_forward", "wavelet_inverse", "wavelet53_forward", "wavelet53_inverse"]
@@ -130,7 +131,7 @@ def _matrices_cpu64(n: int, wavelet: str, levels: int | None) -> tuple[torch.Ten
     return hit
 
 
-_MATRICES = BudgetCache(128 << 20)  # bounded in bytes: a file may declare long blocks (see transforms.BudgetCache)
+_MATRICES = BudgetCache(128 << 20)
 
 
 def _matrices_build(n: int, wavelet: str, levels: int | None) -> tuple[torch.Tensor, torch.Tensor]:

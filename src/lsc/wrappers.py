@@ -10,7 +10,7 @@ from torch import nn
 
 from .errors import LscError
 
-__all__ = ["inner_module", "require_module", "unwrap", "unwrap_for_conversion"]
+__all__ = ["inner_module", "parameter_wrapper", "require_module", "unwrap", "unwrap_for_conversion"]
 
 # children only wrappers name so: torch.compile, FSDP1, activation checkpointing
 WRAPPED_NAMES = ("_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
@@ -62,10 +62,19 @@ def unwrap_for_conversion(model: nn.Module, what: str) -> nn.Module:
     a wrapper that has registered the parameters (DDP, DataParallel, FSDP), which would go on synchronizing
     tensors the model no longer uses."""
     require_module(model, what)
+    holder = parameter_wrapper(model)
+    if holder is not None:
+        raise LscError(f"{what}: the model is wrapped in {type(holder).__name__}, which has already registered its "
+                       f"parameters; call {what} on the bare model first, then wrap it (see docs/DISTRIBUTED.md)")
+    return unwrap(model)
+
+
+def parameter_wrapper(model: nn.Module) -> nn.Module | None:
+    """The outermost wrapper around ``model`` that has registered its parameters (DDP, DataParallel, FSDP),
+    or None: replacing parameters under one leaves it synchronizing tensors the model no longer uses."""
     m = model
     while (inner := inner_module(m)) is not None:
         if _data_parallel(m) or "_fsdp_wrapped_module" in m.__dict__.get("_modules", {}):
-            raise LscError(f"{what}: the model is wrapped in {type(m).__name__}, which has already registered its "
-                           f"parameters; call {what} on the bare model first, then wrap it (see docs/DISTRIBUTED.md)")
+            return m
         m = inner
-    return m
+    return None

@@ -128,10 +128,11 @@ def _encode_raw(name: str, t: torch.Tensor) -> tuple[dict, bytes]:
     return meta, comp if use_zlib else data
 
 
-def _encode_buffers(model: nn.Module, tol: float) -> tuple[dict, bytes]:
+def _encode_buffers(model: nn.Module, buffers: dict[str, torch.Tensor], tol: float) -> tuple[dict, bytes]:
+    """The buffers stream of ``buffers`` (``float_buffers(model)``: the ones the lossy coder takes)."""
     if not tol > 0:
         raise LscError(f"buffer_tolerance must be > 0, got {tol}")
-    blob = buffers_mod.encode_buffers(buffers_mod.float_buffers(model), tol, buffers_mod._bn_eps(model))
+    blob = buffers_mod.encode_buffers(buffers, tol, buffers_mod._bn_eps(model))
     return {"name": BUFFERS_KEY, "kind": "buffers", "shape": [len(blob)], "dtype": "uint8"}, blob
 
 
@@ -156,10 +157,11 @@ def compress_weights(model: nn.Module, *, scan: str = "morton", buffer_tolerance
     metas, streams = [], []
     with torch.no_grad():
         if buffer_tolerance is not None:
-            meta, data = _encode_buffers(model, float(buffer_tolerance))
+            lossy = buffers_mod.float_buffers(model)
+            meta, data = _encode_buffers(model, lossy, float(buffer_tolerance))
             metas.append(meta)
             streams.append(data)
-            covered.update(buffers_mod.float_buffers(model))
+            covered.update(lossy)
         for entry in st.entries:
             meta, data = _encode_spectral(entry, min_group, scan)
             metas.append(meta)
