@@ -9,6 +9,9 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
+import torch
+from torch._subclasses.fake_tensor import unset_fake_temporarily
+
 __all__ = ["BudgetCache"]
 
 
@@ -33,8 +36,21 @@ class BudgetCache:
                 return hit[0]
         return None
 
+    def get_or_build(self, key, build, nbytes):
+        """The cached value of ``key``, else ``build()``, kept when ``nbytes(value)`` fits.
+
+        Built with fake tensors switched off: a table first needed while ``torch.export`` traces
+        (under its fake mode) would otherwise be a fake tensor, which every later user would read
+        as garbage; a real one is what the trace records as a constant."""
+        hit = self.get(key)
+        if hit is not None:
+            return hit
+        with unset_fake_temporarily():
+            value = build()
+        return self.put(key, value, nbytes(value))
+
     def put(self, key, value, nbytes: int):
-        if nbytes > self.max_bytes:
+        if nbytes > self.max_bytes or _holds_fake(value):
             return value
         with self._lock:
             if key not in self._items:
@@ -43,3 +59,10 @@ class BudgetCache:
                 while self.bytes > self.max_bytes:
                     self.bytes -= self._items.popitem(last=False)[1][1]
         return value
+
+
+def _holds_fake(value) -> bool:
+    """Whether ``value`` (a tensor or a tuple of them) holds a fake tensor, which must never be kept."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    items = value if isinstance(value, tuple) else (value,)
+    return any(isinstance(v, FakeTensor) for v in items if isinstance(v, torch.Tensor))

@@ -19,11 +19,7 @@ _ORDERS = BudgetCache(64 << 20)
 
 
 def _morton_order(block_shape: tuple[int, ...]) -> np.ndarray:
-    order = _ORDERS.get(block_shape)
-    if order is None:
-        order = _morton_build(block_shape)
-        _ORDERS.put(block_shape, order, order.nbytes)
-    return order
+    return _ORDERS.get_or_build(block_shape, lambda: _morton_build(block_shape), lambda order: order.nbytes)
 
 
 def _morton_build(block_shape: tuple[int, ...]) -> np.ndarray:

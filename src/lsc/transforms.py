@@ -47,12 +47,10 @@ KRON_MAX_POSITIONS = 256
 def _cached(key, dtype, device) -> torch.Tensor:
     """Transform matrices built in float64 on the CPU, then cached per dtype and device (see :class:`BudgetCache`)."""
     full = (key, dtype, torch.device(device) if device is not None else torch.device("cpu"))
-    m = _MATRICES.get(full)
-    if m is None:
-        base = _build(key) if (dtype, full[2].type) == (torch.float64, "cpu") else _cached(key, torch.float64, None)
-        m = base.to(dtype=dtype, device=full[2])
-        _MATRICES.put(full, m, m.numel() * m.element_size())
-    return m
+    if (dtype, full[2].type) == (torch.float64, "cpu"):
+        return _MATRICES.get_or_build(full, lambda: _build(key), lambda m: m.numel() * m.element_size())
+    return _MATRICES.get_or_build(full, lambda: _cached(key, torch.float64, None).to(dtype=dtype, device=full[2]),
+                                  lambda m: m.numel() * m.element_size())
 
 
 def _build(key) -> torch.Tensor:

@@ -124,11 +124,7 @@ def lifting_inverse(y: torch.Tensor, wavelet: str = "cdf97", levels: int | None 
 
 
 def _matrices_cpu64(n: int, wavelet: str, levels: int | None) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (n, wavelet, levels)
-    hit = _MATRICES.get(key)
-    if hit is None:
-        hit = _MATRICES.put(key, _matrices_build(n, wavelet, levels), 2 * 8 * n * n)
-    return hit
+    return _MATRICES.get_or_build((n, wavelet, levels), lambda: _matrices_build(n, wavelet, levels), lambda _: 2 * 8 * n * n)
 
 
 _MATRICES = BudgetCache(128 << 20)
