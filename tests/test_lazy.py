@@ -1,6 +1,8 @@
 """Issue 5: lazy (per-layer, on the fly) decompression at inference time."""
 import gc
+import io
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -376,3 +378,26 @@ def test_load_state_dict_into_a_lazy_model_says_what_to_do():
         lazy.load_state_dict(lazy.state_dict())
     with pytest.raises(lsc.LscError, match="lazily"):
         lazy[0][0].load_state_dict(_stack(1)[0][0].state_dict(), strict=False)
+
+
+def test_packed_rows_are_exact_when_a_column_spans_more_than_floats_hold():
+    """|q| <= 2^24 fits float32, but a column from -2^24 to 2^24 unpacks through values up to 2^25."""
+    from lsc.packing import PackedCoefficients
+    top = 1 << 24
+    q = np.array([[-top, 5, -3], [top, -7, 2], [top - 1, 0, 1]], dtype=np.int64)
+    got = PackedCoefficients(q).rows(0, 3)
+    assert torch.equal(got.to(torch.int64), torch.from_numpy(q))
+
+
+def test_lazy_packed_file_at_24_bits_equals_dense_loading():
+    torch.manual_seed(0)
+    m = nn.Linear(16, 16)
+    with torch.no_grad():
+        m.weight.uniform_(-1, 1)
+        m.bias.uniform_(-1, 1)
+    lsc.spectral(m, block_size=1, init_bits=23)  # q = c * 2^23: |q| <= 2^24, max - min > 2^24
+    buf = io.BytesIO()
+    lsc.save(m, buf)
+    dense = lsc.load(buf.getvalue())
+    lazy = lsc.load(buf.getvalue(), nn.Linear(16, 16), lazy="packed")
+    assert torch.equal(lazy.state_dict()["weight"], dense["weight"])

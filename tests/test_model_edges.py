@@ -379,3 +379,17 @@ def test_the_rate_of_a_model_loaded_from_a_file_uses_the_file_exponents():
     assert _file(model.eval()) == data and abs(predicted / len(data) - 1) < 0.05
     with pytest.raises(lsc.LscError, match="exponents loaded from a file"):
         lsc.RateController(model, target_bytes=2 * len(data)).finalize()
+
+
+@pytest.mark.parametrize("transform", ["dct", "wavelet53", "wavelet"])
+def test_a_weight_with_a_size_one_dim_has_the_strides_of_the_files_tensor(transform):
+    """A 1x1 convolution's eval weight computes what the plain model loaded from its file computes."""
+    torch.manual_seed(0)
+    m = nn.Conv1d(9, 9, 1)
+    lsc.spectral(m, block_size={"weight": (9, 9, 1), "default": 1}, transform=transform)
+    m.eval()
+    plain = lsc.load(_file(m), nn.Conv1d(9, 9, 1)).requires_grad_(False)
+    x = torch.randn(3, 9, 7)
+    with torch.no_grad():
+        assert m.weight.stride() == plain.weight.stride() == (9, 1, 1)
+        assert torch.equal(m(x), plain(x))

@@ -442,3 +442,23 @@ def test_a_failure_after_the_conversion_leaves_the_model_as_it_was(tmp_path, mon
     monkeypatch.undo()
     res = compress_posttraining(model, max_error=0.05, path=tmp_path / "m.lsc", progress=False)  # a retry works
     assert res.model is model and (tmp_path / "m.lsc").exists()
+
+
+def test_buffers_of_a_state_dict_are_stored_exactly_by_name():
+    """A checkpoint's BatchNorm statistics are buffers: compressed as weights, a variance decoded below zero."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Flatten(), nn.LazyLinear(4))
+    model(torch.randn(2, 3, 8, 8))
+    with torch.no_grad():
+        model[1].running_var.uniform_(1e-4, 0.05)
+        model[1].running_mean.normal_()
+    sd = model.state_dict()
+    sd["1.weight_mask"] = torch.ones(16)  # torch.nn.utils.prune's mask
+    res = lsc.compress_posttraining(sd, max_error=0.05)
+    kinds = {row["name"]: row["kind"] for row in lsc.file_info(lsc.compress_weights(res.model))["rows"]}
+    for name in ("1.running_mean", "1.running_var", "1.weight_mask"):
+        assert kinds[name] == "raw", name
+    assert kinds["0.weight"] != "raw" and kinds["1.weight"] != "raw"
+    back = lsc.decompress_weights(lsc.compress_weights(res.model))
+    for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked", "1.weight_mask"):
+        assert torch.equal(back[name], sd[name]), name

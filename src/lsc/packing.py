@@ -99,7 +99,8 @@ class PackedCoefficients(nn.Module):
         lo = q.min(0) if nb else np.zeros(P, dtype=np.int64)
         hi = q.max(0) if nb else np.zeros(P, dtype=np.int64)
         exact = 1 << {torch.float64: 53}.get(float_dtype, 24)
-        amax = int(max(np.abs(lo).max(), np.abs(hi).max())) if P else 0
+        # exact in floats: the coefficients, and what the planes sum to before lo is added (hi - lo, up to 2 amax)
+        amax = int(max(np.abs(lo).max(), np.abs(hi).max(), (hi - lo).max())) if P else 0
         self.dtype = float_dtype if amax <= exact else torch.int64
         width = _bit_width((hi - lo).astype(np.uint64))
         self.register_buffer("lo", torch.from_numpy(lo.copy()).to(self.dtype), persistent=False)

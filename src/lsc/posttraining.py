@@ -214,12 +214,27 @@ class CheckpointModule(nn.Module):
         raise LscError("a checkpoint container has no forward; load its state_dict into the real model")
 
 
+# A state dict does not say which tensors were buffers; these last key components are buffers of
+# PyTorch's and Hugging Face's modules, stored exactly rather than compressed as weights.
+# (The old spectral_norm's weight_v is not among them: the old weight_norm's weight_v is a weight.)
+CHECKPOINT_BUFFER_NAMES = frozenset({"running_mean", "running_var", "inv_freq", "masked_bias", "_u", "_v", "weight_u"})
+CHECKPOINT_BUFFER_SUFFIXES = ("_mask",)  # torch.nn.utils.prune's weight_mask, bias_mask
+
+
+def is_checkpoint_buffer(leaf: str) -> bool:
+    """Whether a checkpoint key ending in ``leaf`` is a buffer by name (see :data:`CHECKPOINT_BUFFER_NAMES`)."""
+    return leaf in CHECKPOINT_BUFFER_NAMES or leaf.endswith(CHECKPOINT_BUFFER_SUFFIXES)
+
+
 def module_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
     """Container whose ``state_dict()`` has exactly the keys of ``state_dict``.
 
     Floating-point tensors become parameters (so ``lsc.spectral`` compresses
-    them), everything else buffers (stored as is). Keys that share storage
-    (tied weights) become one shared parameter, compressed once.
+    them), everything else buffers (stored as is), and so do the float tensors that
+    are buffers by name (:data:`CHECKPOINT_BUFFER_NAMES`: BatchNorm statistics, whose
+    lossy variance could decode below zero, rotary frequencies, pruning masks,
+    spectral_norm's vectors). Keys that share storage (tied weights) become one
+    shared parameter, compressed once.
     """
     _check_dtypes(state_dict)
     root = CheckpointModule()
@@ -237,7 +252,7 @@ def module_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
                     mod.add_module(part, child)
                 mod = child
             leaf = parts[-1]
-            if t.is_floating_point():
+            if t.is_floating_point() and not is_checkpoint_buffer(leaf):
                 key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
                     if t.numel() else None
                 param = shared.get(key) if key is not None else None

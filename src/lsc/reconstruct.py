@@ -63,7 +63,7 @@ def reconstruct(q: torch.Tensor, exponent: torch.Tensor, layout: BlockLayout, me
     mats = synthesis_matrices(layout.block_shape, transform, cdt, q.device)
     if mats is None or not layout.shape:
         qf = _integers_into(torch.empty((nb, P), dtype=cdt, device=q.device), q.reshape(nb, P), step if rounding else None)
-        return synthesize(qf.mul_(step).reshape(layout.coeff_shape), layout, mean, std, dtype, transform)
+        return _row_major(synthesize(qf.mul_(step).reshape(layout.coeff_shape), layout, mean, std, dtype, transform))
     grid, bs = layout.grid, layout.block_shape
     k = len(bs)
     q_pos = q.reshape(nb, P).T                       # (P, num_blocks) view, block columns in grid order
@@ -85,5 +85,15 @@ def reconstruct(q: torch.Tensor, exponent: torch.Tensor, layout: BlockLayout, me
         rows_out = full[r0 * bs[0]: r1 * bs[0]].view([v for gb in zip(g, bs) for v in gb])
         torch.add(src[: P * n].view(*bs, *g).permute(perm), mean, out=rows_out)
     w = full if tuple(full.shape) == layout.shape else full[tuple(slice(0, s) for s in layout.shape)]
-    w = w.to(dtype)
-    return w if w.is_contiguous() else w.contiguous()
+    return _row_major(w.to(dtype))
+
+
+def _row_major(w: torch.Tensor) -> torch.Tensor:
+    """``w`` with exactly the strides of a new tensor of its shape. ``is_contiguous`` ignores the strides
+    of size-1 dims, but some CPU kernels do not (a 1x1 convolution's results moved by an ulp), and the
+    weight must compute what the file's plain tensor computes."""
+    want, acc = [], 1
+    for n in reversed(w.shape):
+        want.append(acc)
+        acc *= n
+    return w if w.stride() == tuple(reversed(want)) else w.clone(memory_format=torch.contiguous_format)
