@@ -373,7 +373,7 @@ def test_factored_file_loads_into_an_unfactored_plain_model(tmp_path):
 ])
 def test_factorize_refuses_bad_options_before_touching_the_model(options, message):
     model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 4))
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(lsc.LscError, match=message):
         lsc.factorize(model, **options)
     assert type(model[0]) is nn.Linear
 

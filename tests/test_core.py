@@ -601,7 +601,7 @@ def test_a_checkpoint_with_other_blocks_says_which_option_differs():
 def test_bad_options_are_refused_by_name_and_leave_the_model_alone(options, message):
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(lsc.LscError, match=message):
         lsc.spectral(model, **options)
     assert not any(isinstance(m, SpectralParametrization) for m in model.modules())
     assert model.state_dict().keys() == before.keys() and all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
@@ -618,7 +618,7 @@ def test_numpy_and_tensor_scalars_are_accepted_as_options():
 def test_quantization_loss_refuses_a_weight_that_is_not_a_finite_nonnegative_number(weight):
     model = nn.Sequential(nn.Linear(8, 8))
     lsc.spectral(model)
-    with pytest.raises(ValueError, match="weight must be a finite number >= 0"):
+    with pytest.raises(lsc.LscError, match="weight must be a finite number >= 0"):
         lsc.quantization_loss(model, weight=weight)
     assert float(lsc.quantization_loss(model, weight=0.0).detach()) == 0.0
 

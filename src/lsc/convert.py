@@ -96,7 +96,7 @@ def _block_for(name: str, shape: tuple[int, ...], block_size) -> tuple[int, ...]
         return choose_block_shape(shape, _per_tensor(_with_default(block_size, 8), name, shape))
     except ValueError as e:
         hint = " (a tuple applies to every tensor: give per-tensor shapes as {pattern: size})" if isinstance(block_size, (tuple, list)) else ""
-        raise ValueError(f"{name}: {e}{hint}") from None
+        raise LscError(f"{name}: {e}{hint}") from None
 
 
 def _per_tensor(option, name: str, shape: tuple[int, ...]):
@@ -116,19 +116,19 @@ def _check_options(*, init_bits, rate_weight, leak, min_group_symbols, q_net_hid
     def number(name, value):
         v = as_number(value)
         if not math.isfinite(v):
-            raise ValueError(f"{name} must be a finite number, got {value!r}")
+            raise LscError(f"{name} must be a finite number, got {value!r}")
         return v
     if not MIN_BITS <= number("init_bits", init_bits) <= MAX_BITS:
-        raise ValueError(f"init_bits must be in [{MIN_BITS:g}, {MAX_BITS:g}] (the range of step sizes lsc stores), got {init_bits!r}")
+        raise LscError(f"init_bits must be in [{MIN_BITS:g}, {MAX_BITS:g}] (the range of step sizes lsc stores), got {init_bits!r}")
     if number("rate_weight", rate_weight) < 0:
-        raise ValueError(f"rate_weight must be >= 0 (a negative weight would reward larger files), got {rate_weight!r}")
+        raise LscError(f"rate_weight must be >= 0 (a negative weight would reward larger files), got {rate_weight!r}")
     if not 0 <= number("leak", leak) < 1:
-        raise ValueError(f"leak must be in [0, 1) (the fraction of the rounding residual kept), got {leak!r}")
+        raise LscError(f"leak must be in [0, 1) (the fraction of the rounding residual kept), got {leak!r}")
     if number("bits_scale", bits_scale) <= 0:
-        raise ValueError(f"bits_scale must be > 0, got {bits_scale!r}")
+        raise LscError(f"bits_scale must be > 0, got {bits_scale!r}")
     for name, value in (("min_group_symbols", min_group_symbols), ("q_net_hidden", q_net_hidden)):
         if not is_integer(value) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise LscError(f"{name} must be a positive integer, got {value!r}")
 
 
 @full_precision
@@ -199,6 +199,8 @@ def spectral(model: nn.Module, *, block_size=8, init_bits: float = 10.0, include
             parametrize.register_parametrization(tmod, tattr, par, unsafe=True)
             for key in [k for k in tmod.parametrizations[tattr]._parameters if k.startswith("original")]:
                 setattr(tmod.parametrizations[tattr], key, getattr(plist, key))
+        par.edited_in_place = any(isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
+                                  for m in (module, *(tmod for _, tmod, _ in ties)))
         entries.append(SpectralEntry(name, module, attr, [n for n, _, _ in ties]))
     config = dict(block_size=block_size if isinstance(block_size, (int, tuple, list)) else repr(block_size),
                   init_bits=init_bits, leak=leak, min_group_symbols=min_group_symbols,

@@ -78,15 +78,10 @@ def to_dense(model: nn.Module, *, keep_factors: bool = False) -> nn.Module:
                        "synchronizing the coefficients it replaces; call lsc.to_dense(wrapper.module) and wrap "
                        "the dense model anew to keep training it")
     holder = spectral_root(model)
-    st = check_attached(holder)
+    st = check_attached(holder, alone=True)
     plan = []
     for entry in st.entries:  # decode everything first: an error must leave the model as it was
         locations = [resolve(holder, name) for name in (entry.name, *entry.tied_names)]  # all there: checked above
-        for module, attr in locations:
-            plist = module.parametrizations[attr]
-            if len(plist) != 1:
-                raise LscError(f"{entry.name}: has other parametrizations stacked with lsc's "
-                               f"({', '.join(type(p).__name__ for p in plist)}); remove them first")
         par, coeffs = entry.parts()
         w = par.decoded_weight(coeffs, check=True)
         plan.append((locations, nn.Parameter(w, requires_grad=coeffs.requires_grad)))

@@ -12,7 +12,7 @@ from .quantizer import bits_to_exponent, step_size
 from .precision import full_precision
 from .rowclasses import row_units
 from .state import check_attached, get_state, spectral_root
-from .errors import outside_stacklevel
+from .errors import LscError, outside_stacklevel
 
 __all__ = ["rate_estimate", "bits_per_weight", "quantization_loss", "report", "compressed_numel"]
 
@@ -94,7 +94,7 @@ def quantization_loss(model: nn.Module, weight: float | None = None) -> torch.Te
     st, numel, coeffs, steps, exps, groups, ngroups, orders = _rate_inputs(model)
     w = st.rate_weight if weight is None else float(weight)
     if not (math.isfinite(w) and w >= 0):
-        raise ValueError(f"quantization_loss: weight must be a finite number >= 0 (a negative one would reward "
+        raise LscError(f"quantization_loss: weight must be a finite number >= 0 (a negative one would reward "
                          f"larger files), got {weight!r}")
     if not torch.is_grad_enabled():
         return w * estimate_rate(_as_blocks(coeffs, steps), steps, groups, ngroups, exps, orders, _row_units(st)).total / numel

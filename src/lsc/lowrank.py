@@ -167,13 +167,13 @@ def factorize(model: nn.Module, max_error: float = 0.05, *, rank=None, include=N
     if getattr(model, "_lsc", None) is not None:
         raise LscError("lsc.factorize must be called before lsc.spectral")
     if rank is None and not (isinstance(max_error, (int, float)) and 0 <= max_error < math.inf):
-        raise ValueError(f"max_error must be a finite number >= 0 (relative Frobenius error per weight), got {max_error!r}")
+        raise LscError(f"max_error must be a finite number >= 0 (relative Frobenius error per weight), got {max_error!r}")
     if rank is not None and not ((is_integer(rank) and rank >= 1) or (isinstance(rank, float) and 0 < rank <= 1)):
-        raise ValueError(f"rank must be a positive integer or a fraction in (0, 1], got {rank!r}")
+        raise LscError(f"rank must be a positive integer or a fraction in (0, 1], got {rank!r}")
     if not (isinstance(min_saving, (int, float)) and 0 <= min_saving < 1):
-        raise ValueError(f"min_saving must be in [0, 1) (the fraction the factors must save), got {min_saving!r}")
+        raise LscError(f"min_saving must be in [0, 1) (the fraction the factors must save), got {min_saving!r}")
     if not (is_integer(min_numel) and min_numel >= 0):
-        raise ValueError(f"min_numel must be an integer >= 0, got {min_numel!r}")
+        raise LscError(f"min_numel must be an integer >= 0, got {min_numel!r}")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # small SVDs: multithreaded LAPACK is slower, pathologically so on busy machines
     try:
@@ -222,7 +222,7 @@ def _factorize(model, max_error, rank, include, exclude, min_saving, min_numel, 
 def _fixed_rank(rank, full: int) -> int:
     if isinstance(rank, float):
         if not 0 < rank <= 1:
-            raise ValueError(f"rank fraction must be in (0, 1], got {rank}")
+            raise LscError(f"rank fraction must be in (0, 1], got {rank}")
         return max(1, min(full, math.ceil(rank * full)))
     return max(1, min(full, int(rank)))
 

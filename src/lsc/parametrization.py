@@ -65,7 +65,7 @@ class SpectralParametrization(nn.Module):
         try:  # an unknown name fails here, before the model is touched
             get_transform(transform)
         except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+            raise LscError(f"{name}: {e}") from None
         self.transform = transform
         cdtype = compute_dtype_for(dtype)
         self.register_buffer("mean", torch.zeros((), dtype=cdtype))
@@ -76,7 +76,9 @@ class SpectralParametrization(nn.Module):
         self.register_buffer("groups", torch.from_numpy(groups), persistent=False)
         self.register_buffer("scan_order", torch.from_numpy(np.array(morton_order(self.layout.block_shape))), persistent=False)
         # Set by lsc.load(path, spectral_model): exponents read from a file override q_net's (None = use q_net).
-        self.register_buffer("frozen_exponent", None, persistent=False)
+        # In the state dict when set, so a checkpoint of a model fine-tuned at a file's steps resumes at them.
+        self.register_buffer("frozen_exponent", None)
+        self.edited_in_place = False  # set by lsc.spectral for a layer that edits its weight in place (see _own_copy)
         object.__setattr__(self, "q_net", q_net)  # shared by all tensors; deliberately not a submodule
 
     # -- model.to(device) carries the shared q_net along (device only, never dtype); a dtype cast
@@ -100,6 +102,36 @@ class SpectralParametrization(nn.Module):
         if next(q_net.parameters()).device != probe.device:
             q_net.to(probe.device)
         return result
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """A checkpoint's ``frozen_exponent`` is adopted even where this model has none (a fresh
+        ``lsc.spectral`` model resuming a fine-tune at a file's steps); a checkpoint without one
+        (written before it was saved, or by a model quantizing at q_net's steps) leaves it as it is."""
+        key = prefix + "frozen_exponent"
+        saved = state_dict.pop(key, None)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if key in missing_keys:
+            missing_keys.remove(key)
+        if saved is None:
+            return
+        problem = self._exponent_problem(saved)
+        if problem:
+            error_msgs.append(f"{self.name}: {key} {problem}")
+            return
+        self.frozen_exponent = saved.detach().to(device=self.mean.device, dtype=torch.float32).clone()
+        _CONSTANT.pop(self, None)
+
+    def _exponent_problem(self, e) -> str | None:
+        """Why ``e`` cannot be this tensor's frozen exponents (None when it can)."""
+        from .codec.entropy import MAX_EXPONENT  # the file's bound (imported here: the codec imports this module)
+        if not isinstance(e, torch.Tensor) or not (e.is_floating_point() or e.dtype == torch.int64):
+            return "must be a float or int64 tensor"
+        if tuple(e.shape) != (self.layout.block_numel,):
+            return f"has shape {tuple(e.shape)}, expected ({self.layout.block_numel},) (one exponent per block position)"
+        e = e.detach().double()
+        if not bool((torch.isfinite(e) & (e == e.round()) & (e.abs() <= MAX_EXPONENT)).all()):
+            return f"must hold integers in [-{MAX_EXPONENT}, {MAX_EXPONENT}]"
+        return None
 
     def exponent(self) -> torch.Tensor:
         """Integer-valued float exponents per in-block position (row-major), straight-through to q_net."""
@@ -205,11 +237,17 @@ class SpectralParametrization(nn.Module):
         if graph and self.training:  # the training step: checked first, it is the hot path
             if _CONSTANT:  # a stale weight must not stay alive through training
                 _CONSTANT.pop(self, None)
-            return self._compute(coeffs)
+            return self._own_copy(self._compute(coeffs))
         w = self._kept(coeffs)
         if graph:
-            return _DecodedWithGradient.apply(w, coeffs, self._training_step(), self)
+            return self._own_copy(_DecodedWithGradient.apply(w, coeffs, self._training_step(), self))
         return w
+
+    def _own_copy(self, w: torch.Tensor) -> torch.Tensor:
+        """``w``, copied for layers that edit their weight in place (an Embedding with ``max_norm``
+        renormalizes the rows it looks up): autograd forbids in-place edits of a custom Function's
+        output views, which is what the synthesis returns."""
+        return w.clone() if self.edited_in_place else w
 
     def _steps_learn(self) -> bool:
         """Whether the steps this weight is quantized with carry gradients (to q_net)."""

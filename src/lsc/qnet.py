@@ -70,17 +70,38 @@ class QuantizationNetwork(nn.Module):
         out = self.mlp(features).squeeze(-1) + self.tensor_offset[tensor_id]
         return self.init_bits + self.bits_scale * out
 
+    # -- init_bits and bits_scale set every step size, so a checkpoint carries them (one float64 tensor, not a
+    # pickled object): a model rebuilt by lsc.spectral's defaults (10 bits) and resumed from the state dict of
+    # compress_posttraining's model (0 bits) quantizes as the model that wrote it
+
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor([self.init_bits, self.bits_scale], dtype=torch.float64)
+
+    def set_extra_state(self, state) -> None:
+        if not isinstance(state, torch.Tensor) or state.numel() != 2 or not bool(torch.isfinite(state).all()):
+            raise ValueError(f"q_net's extra state must be 2 finite numbers (init_bits, bits_scale), got {state!r}")
+        self.init_bits, self.bits_scale = (float(v) for v in state.detach().cpu().double().reshape(2))
+        _SHARED.pop(self, None)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        key = prefix + "_extra_state"
+        if key in missing_keys:  # a checkpoint from before lsc saved it: this network keeps its own settings
+            missing_keys.remove(key)
+
     # -- one batched call per training step, shared by every tensor's forward and the rate loss
 
-    def attach_members(self, members: list[tuple[int, torch.Tensor]]) -> None:
-        """Record ``(tensor_id, position features)`` of every tensor this network serves."""
+    def attach_members(self, members: list[tuple[int, torch.Tensor]], entries=()) -> None:
+        """Record ``(tensor_id, position features)`` of every tensor this network serves, and the model's
+        ``SpectralEntry`` objects, whose coefficients tell when the model's gradients were cleared."""
         feats = torch.cat([f for _, f in members])
         ids = torch.cat([torch.full((f.shape[0],), i, dtype=torch.int64, device=f.device) for i, f in members])
         # where forward() finds its weights: read as attributes on every call, because wrappers
         # such as FSDP replace the registered parameters with other tensors
         slots = [(self.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]) for name, _ in self.named_parameters()]
         self.__dict__["_members"] = dict(features=feats, ids=ids, sizes=[f.shape[0] for _, f in members],
-                                         index={i: k for k, (i, _) in enumerate(members)}, slots=slots)
+                                         index={i: k for k, (i, _) in enumerate(members)}, slots=slots,
+                                         entries=list(entries))
 
     def current_parameters(self) -> tuple[torch.Tensor, ...]:
         """The tensors :meth:`forward` reads now: the attached slots (see :meth:`attach_members`), else ``parameters()``."""
@@ -112,6 +133,7 @@ class QuantizationNetwork(nn.Module):
         if members["features"].device != dev:
             members["features"], members["ids"] = members["features"].to(dev), members["ids"].to(dev)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
+            self._drop_stale_gradients(params, members.get("entries", ()))
             fn = _SharedBitsMLP if self._plain_mlp() else _SharedBits
             e, s = fn.apply(self, members["features"], members["ids"], *params)
         else:
@@ -120,6 +142,30 @@ class QuantizationNetwork(nn.Module):
         out = (list(e.split(members["sizes"])), list(s.split(members["sizes"])))
         _SHARED[self] = (key, out)
         return out
+
+    @staticmethod
+    def _drop_stale_gradients(params, entries) -> None:
+        """Clear this network's gradients when the model's were cleared without them.
+
+        ``model.zero_grad()`` (what Hugging Face's Trainer calls after every optimizer step) never
+        reaches q_net, whose parameters ``model.parameters()`` leaves out, so its gradients would add up
+        over all steps. Run once per q_net update, before the step's first graph: when q_net has
+        gradients but no trainable coefficient has one, the model's were cleared since the last
+        backward, and q_net's are cleared too (to None, as ``zero_grad`` does). Gradient accumulation,
+        and layers a step does not use, leave some coefficient's gradient in place, so they are untouched.
+        """
+        if not entries or all(p.grad is None for p in params):
+            return
+        trainable = False
+        for entry in entries:
+            c = entry.coefficients
+            if c.requires_grad:
+                if c.grad is not None:
+                    return
+                trainable = True
+        if trainable:
+            for p in params:
+                p.grad = None
 
     def _plain_mlp(self) -> bool:
         """Whether forward() is exactly Linear-SiLU-Linear-SiLU-Linear plus the offset (hand-differentiable)."""

@@ -149,12 +149,14 @@ def get_state(model: nn.Module) -> LscState:
     return spectral_root(model)._lsc
 
 
-def check_attached(model: nn.Module) -> LscState:
+def check_attached(model: nn.Module, *, alone: bool = False) -> LscState:
     """:func:`get_state`, after checking that every spectral tensor is still where ``lsc.spectral`` put it.
 
     A module replaced afterwards (a new classification head, say) leaves the old one's spectral
     tensor in lsc's list: the rate term would keep shrinking it and the file would hold it instead of
     the model's new weights. Run by the encoder, the report and every exact rate refresh.
+    ``alone``: also refuse a parametrization stacked on lsc's (the encoder and ``to_dense``, which
+    would otherwise write lsc's weight where the model uses another).
     """
     holder = spectral_root(model)
     st = holder._lsc
@@ -168,6 +170,10 @@ def check_attached(model: nn.Module) -> LscState:
                 raise LscError(f"{name}: the module holding this spectral tensor was replaced after lsc.spectral "
                                f"(it is now {now}), so lsc would go on training and saving the old tensor; change the "
                                "model first, then call lsc.spectral")
+            if alone and len(plist[attr]) != 1:
+                raise LscError(f"{name}: has other parametrizations stacked on lsc's "
+                               f"({', '.join(type(p).__name__ for p in plist[attr])}), so the model's weight is not the "
+                               "one lsc decodes and cannot be saved or made dense; apply them to the tensor before lsc.spectral instead")
             declared = _declared_shape(module, attr)
             if declared is not None and declared != par.layout.shape:
                 kind = type(module).__bases__[0].__name__  # parametrize's subclass -> the user's class
@@ -264,7 +270,8 @@ def _analyze_dense_weights(model: nn.Module, st: LscState, state_dict, prefix: s
 def attach_state(model: nn.Module, state: LscState) -> None:
     model._lsc = state
     # q_net learns every tensor's features, so a training step can evaluate it once for all of them
-    state.q_net.attach_members([(e.parametrization.tensor_id, e.parametrization.features) for e in state.entries])
+    state.q_net.attach_members([(e.parametrization.tensor_id, e.parametrization.features) for e in state.entries],
+                               state.entries)
     # once per module: the hooks read ``_lsc`` and do nothing without it, so a model made plain by
     # lsc.to_dense and converted again must not get a second pair (the second load hook would find
     # q_net's keys already taken and report them missing)

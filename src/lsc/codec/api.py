@@ -150,7 +150,7 @@ def compress_weights(model: nn.Module, *, scan: str = "morton", buffer_tolerance
     """
     if scan not in _SCANS:
         raise LscError(f"unknown scan {scan!r}; use 'morton' or 'rowmajor'")
-    st = check_attached(model)
+    st = check_attached(model, alone=True)
     model = spectral_root(model)  # names as the user's model has them, not a compile / DDP wrapper's
     min_group = int(st.config.get("min_group_symbols", 1024))
     covered = set()

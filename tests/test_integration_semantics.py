@@ -1,0 +1,176 @@
+"""What a training job around a spectral model relies on: checkpoints that resume the same model,
+gradients that model-level utilities clear, layers that edit their weight in place, and parametrizations
+a user stacks on lsc's."""
+import io
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+import lsc
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+
+
+def _eval_out(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return model(x)
+
+
+X = torch.randn(32, 64, generator=torch.Generator().manual_seed(1))
+Y = torch.randint(0, 10, (32,), generator=torch.Generator().manual_seed(2))
+
+
+def test_checkpoint_of_a_model_loaded_from_a_file_resumes_at_the_files_steps():
+    res = lsc.compress_posttraining(_mlp(), max_error=0.1)
+    f = io.BytesIO()
+    lsc.save(res.model, f)
+    m = _mlp()
+    lsc.spectral(m)
+    lsc.load(io.BytesIO(f.getvalue()), m)  # fine-tuning at the file's fixed steps
+    ck = m.state_dict()
+    assert any(k.endswith("frozen_exponent") for k in ck)
+    fresh = _mlp()
+    lsc.spectral(fresh)  # its q_net would quantize at 10 bits
+    assert not fresh.load_state_dict(ck).missing_keys
+    assert torch.equal(_eval_out(fresh, X), _eval_out(m, X))
+    assert lsc.bits_per_weight(fresh) == lsc.bits_per_weight(m)
+    g, h = io.BytesIO(), io.BytesIO()
+    lsc.save(m, g)
+    lsc.save(fresh, h)
+    assert g.getvalue() == h.getvalue()
+
+
+def test_checkpoint_carries_the_quantization_networks_settings():
+    res = lsc.compress_posttraining(_mlp(), max_error=0.1)  # its q_net starts at 0 bits, lsc.spectral's at 10
+    ck = res.model.state_dict()
+    fresh = _mlp()
+    q = lsc.spectral(fresh)
+    assert q.init_bits == 10.0
+    fresh.load_state_dict(ck)
+    assert q.init_bits == lsc.quantization_network(res.model).init_bits
+    assert torch.equal(_eval_out(fresh, X), _eval_out(res.model, X))
+
+
+def test_checkpoints_from_before_the_settings_were_saved_still_load():
+    m = _mlp()
+    lsc.spectral(m, init_bits=7)
+    old = {k: v for k, v in m.state_dict().items() if not k.endswith("_extra_state")}
+    fresh = _mlp()
+    q = lsc.spectral(fresh, init_bits=7)
+    assert not fresh.load_state_dict(old).missing_keys
+    assert q.init_bits == 7.0
+    assert torch.equal(_eval_out(fresh, X), _eval_out(m, X))
+
+
+def test_a_bad_frozen_exponent_in_a_checkpoint_is_named():
+    m = _mlp()
+    lsc.spectral(m)
+    ck = m.state_dict()
+    ck["0.parametrizations.weight.0.frozen_exponent"] = torch.full((3,), 1.5)
+    with pytest.raises(RuntimeError, match=r"0\.weight: .*frozen_exponent has shape \(3,\)"):
+        m.load_state_dict(ck)
+    ck["0.parametrizations.weight.0.frozen_exponent"] = torch.full((64,), 1.5)
+    with pytest.raises(RuntimeError, match="must hold integers"):
+        m.load_state_dict(ck)
+
+
+def _step(model, opt, rate=True):
+    loss = nn.functional.cross_entropy(model(X), Y)
+    if rate:
+        loss = loss + lsc.quantization_loss(model)
+    loss.backward()
+    opt.step()
+
+
+def test_model_zero_grad_clears_the_quantization_networks_gradients_too():
+    """Hugging Face's Trainer: backward, optimizer step, model.zero_grad()."""
+    m = _mlp()
+    q = lsc.spectral(m)
+    opt = torch.optim.SGD(list(m.parameters()) + list(q.parameters()), lr=0.0)  # the same point every step
+    norms = []
+    for _ in range(3):
+        _step(m, opt)
+        norms.append(q.tensor_offset.grad.norm().item())
+        m.zero_grad()
+    assert norms[0] > 0 and norms == [norms[0]] * 3
+
+
+def test_gradient_accumulation_keeps_the_quantization_networks_gradients():
+    m = _mlp()
+    q = lsc.spectral(m)
+    opt = torch.optim.SGD(list(m.parameters()) + list(q.parameters()), lr=1e-3)
+    _step(m, opt)
+    opt.zero_grad()
+    for _ in range(2):  # two micro-batches, one optimizer step
+        (nn.functional.cross_entropy(m(X), Y) + lsc.quantization_loss(m)).backward()
+    one = q.tensor_offset.grad.clone()
+    opt.zero_grad()
+    (nn.functional.cross_entropy(m(X), Y) + lsc.quantization_loss(m)).backward()
+    torch.testing.assert_close(one, 2 * q.tensor_offset.grad)
+
+
+def test_averaged_model_saves_with_the_live_allocation_as_documented():
+    torch.manual_seed(0)
+    m = _mlp()
+    q = lsc.spectral(m, init_bits=8)
+    ema = AveragedModel(m, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    opt = torch.optim.Adam(list(m.parameters()) + list(q.parameters()), 1e-2)
+    for _ in range(100):
+        opt.zero_grad()
+        _step(m, opt)
+        ema.update_parameters(m)
+    lsc.quantization_network(ema.module).load_state_dict(q.state_dict())
+    live, averaged = lsc.save(m, io.BytesIO()), lsc.save(ema.module, io.BytesIO())
+    assert averaged < 1.5 * live
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_embedding_with_max_norm_trains_and_matches_its_file(mode):
+    def make():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Embedding(50, 16, max_norm=1.0), nn.Flatten(), nn.Linear(16 * 5, 3))
+    ids = torch.randint(0, 50, (4, 5), generator=torch.Generator().manual_seed(3))
+    m = make()
+    q = lsc.spectral(m)
+    getattr(m, mode)()
+    opt = torch.optim.Adam(list(m.parameters()) + list(q.parameters()), 1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        (m(ids).pow(2).mean() + lsc.quantization_loss(m)).backward()
+        opt.step()
+    m.eval()
+    with torch.no_grad():
+        out = m(ids)
+    plain = make()
+    lsc.load(io.BytesIO(_saved(m)), plain)
+    with torch.no_grad():
+        assert torch.equal(plain.eval()(ids), out)
+
+
+def _saved(model) -> bytes:
+    f = io.BytesIO()
+    lsc.save(model, f)
+    return f.getvalue()
+
+
+class _Double(nn.Module):
+    def forward(self, w):
+        return 2 * w
+
+
+def test_a_parametrization_stacked_on_lscs_is_refused_by_save_and_to_dense():
+    m = _mlp()
+    lsc.spectral(m)
+    parametrize.register_parametrization(m[0], "weight", _Double())
+    for fn in (lambda: lsc.save(m, io.BytesIO()), lambda: lsc.to_dense(m)):
+        with pytest.raises(lsc.LscError, match=r"0\.weight: has other parametrizations stacked on lsc's "
+                                                r"\(SpectralParametrization, _Double\)"):
+            fn()
+    _step(m, torch.optim.SGD(m.parameters(), lr=1e-3))  # training goes on: only storing it is refused
