@@ -164,6 +164,33 @@ def test_bits_network_never_starts_dead():
         assert lsc.bits_per_weight(model).item() < before, f"seed {seed}: bits did not move"
 
 
+def test_bits_driven_past_the_stored_range_come_back():
+    """A strong rate phase (and Adam's momentum) carries bits below MIN_BITS; once the rate weight drops,
+    the task's gradient must still reach q_net and bring them back (a plain clamp passed none there)."""
+    from lsc.quantizer import MIN_BITS
+    torch.manual_seed(0)
+    x = torch.randn(256, 16)
+    y = x @ torch.randn(16, 4)
+    model = nn.Linear(16, 4)
+    q_net = lsc.spectral(model, init_bits=4)
+    opt = torch.optim.Adam(list(model.parameters()) + list(q_net.parameters()), lr=3e-2)
+
+    def bits():
+        with torch.no_grad():
+            return torch.cat([q_net(e.parametrization.features, e.parametrization.tensor_id) for e in model._lsc.entries])
+    for weight, steps in ((50.0, 300), (0.0, 300)):
+        for _ in range(steps):
+            opt.zero_grad()
+            (((model(x) - y) ** 2).mean() + lsc.quantization_loss(model, weight=weight)).backward()
+            opt.step()
+        if weight:
+            assert bits().min() < MIN_BITS  # the first phase really left the range
+    assert bits().min() > MIN_BITS + 4
+    model.eval()
+    with torch.no_grad():
+        assert ((model(x) - y) ** 2).mean() < 7.5  # all weights decoded to zero give ~15
+
+
 def test_options_include_exclude_block_size():
     model = nn.Sequential(nn.Linear(16, 16), nn.LayerNorm(16), nn.Linear(16, 4))
     lsc.spectral(model, exclude=[nn.LayerNorm, "2.bias"], block_size={"0.*": 4, "default": (2, 8)})

@@ -393,3 +393,19 @@ def test_a_weight_with_a_size_one_dim_has_the_strides_of_the_files_tensor(transf
     with torch.no_grad():
         assert m.weight.stride() == plain.weight.stride() == (9, 1, 1)
         assert torch.equal(m(x), plain(x))
+
+
+def test_finite_weights_whose_float32_sums_overflow_are_standardized_in_float64():
+    torch.manual_seed(0)
+    m = nn.Linear(100, 100, bias=False)
+    with torch.no_grad():
+        m.weight.copy_(1e35 * (1 + 0.01 * torch.randn(100, 100)))
+    ref = m.weight.detach().clone()
+    lsc.spectral(m, init_bits=16)
+    m.eval()
+    with torch.no_grad():
+        w = m.weight.clone()
+    assert torch.isfinite(w).all()
+    w64, ref64 = w.double(), ref.double()
+    assert float((w64 - ref64).norm() / (ref64 - ref64.mean()).norm()) < 1e-3
+    assert torch.equal(lsc.load(_file(m))["weight"], w)

@@ -329,6 +329,9 @@ class SpectralParametrization(nn.Module):
             raise LscError(f"{self.name}: contains NaN or Inf; lsc cannot compress non-finite weights")
         mean = w.mean() if w.numel() else torch.zeros((), dtype=w.dtype, device=w.device)
         std = w.std(unbiased=False) if w.numel() > 1 else torch.ones((), dtype=w.dtype, device=w.device)
+        if not bool(torch.isfinite(mean) & torch.isfinite(std)):  # finite weights whose float32 sums overflow (~1e35)
+            w64 = w.double()
+            mean, std = w64.mean().to(w.dtype), w64.std(unbiased=False).to(w.dtype)
         if not bool(std > 0) or not bool(torch.isfinite(std)):
             std = torch.ones_like(std)
         coeffs = block_transform(to_blocks((w - mean) / std, self.layout), self.layout.block_shape, self.transform)

@@ -2,9 +2,10 @@
 
 One small MLP serves every tensor, so the model learns a bit allocation that
 generalizes across layers instead of one free number per coefficient. Unlike the
-seed's network it cannot die: hidden units are SiLU, there is no output ReLU, and
-the last layer starts at zero so every frequency starts at exactly ``init_bits``
-while still receiving gradient.
+seed's network it cannot die: hidden units are SiLU, there is no output ReLU, the
+last layer starts at zero so every frequency starts at exactly ``init_bits`` while
+still receiving gradient, and bits pushed past the stored range still get the
+gradient that leads back into it (:func:`lsc.quantizer.inward`).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ from torch.autograd.function import once_differentiable
 
 from .blocking import BlockLayout
 from .precision import full_precision
-from .quantizer import EXPONENT_RESOLUTION, MAX_BITS, MIN_BITS, bits_to_exponent, step_size
+from .quantizer import EXPONENT_RESOLUTION, MAX_BITS, MIN_BITS, bits_to_exponent, inward, step_size
 
 __all__ = ["QuantizationNetwork", "position_features", "NUM_FEATURES"]
 
@@ -233,10 +234,10 @@ class _SharedBitsMLP(torch.autograd.Function):
         z2 = torch.addmm(b2, h1, w2.t())
         h2 = torch.nn.functional.silu(z2)
         bits = torch.addmm(b3, h2, w3.t()).squeeze(-1).add_(offset[ids]).mul_(q_net.bits_scale).add_(q_net.init_bits)
-        inside = (bits >= MIN_BITS) & (bits <= MAX_BITS)  # where clamp passes the gradient
+        below, above = bits < MIN_BITS, bits > MAX_BITS  # the clamp's gradient: see quantizer.inward
         e = bits.clamp_(MIN_BITS, MAX_BITS).mul_(EXPONENT_RESOLUTION).round_()
         s = step_size(e)
-        ctx.saved = (features, ids, offset.shape[0], w1, w2, w3, z1, h1, z2, h2, inside, s, q_net.bits_scale)
+        ctx.saved = (features, ids, offset.shape[0], w1, w2, w3, z1, h1, z2, h2, below, above, s, q_net.bits_scale)
         ctx.versions = [t._version for t in (offset, w1, b1, w2, b2, w3, b3)]
         ctx.inputs = (offset, w1, b1, w2, b2, w3, b3)
         return e, s
@@ -248,10 +249,10 @@ class _SharedBitsMLP(torch.autograd.Function):
         if [t._version for t in ctx.inputs] != ctx.versions:
             raise RuntimeError("one of the variables needed for gradient computation has been modified by an "
                                "inplace operation: a q_net parameter changed between the forward and this backward")
-        features, ids, n_off, w1, w2, w3, z1, h1, z2, h2, inside, s, scale = ctx.saved
+        features, ids, n_off, w1, w2, w3, z1, h1, z2, h2, below, above, s, scale = ctx.saved
         # e = round(4 * clamp(bits)) straight-through, s = 2^(-e/4); bits = init + scale * (mlp + offset)
         g_e = torch.addcmul(grad_e, grad_s, s, value=-0.6931471805599453 / EXPONENT_RESOLUTION)
-        g_out = g_e.mul_(inside).mul_(EXPONENT_RESOLUTION * scale)
+        g_out = g_e.mul_(inward(below, above, g_e)).mul_(EXPONENT_RESOLUTION * scale)
         g_off = torch.zeros(n_off, dtype=g_out.dtype, device=g_out.device).index_add_(0, ids, g_out)
         g_out = g_out.unsqueeze(1)
         g_w3, g_b3 = g_out.t() @ h2, g_out.sum(0)

@@ -29,9 +29,37 @@ MAX_BITS = 24.0          # keeps |integer coefficient| well inside int32
 
 
 def bits_to_exponent(bits: torch.Tensor) -> torch.Tensor:
-    """Snap bits to the exponent grid (float tensor holding integers); straight-through gradient."""
-    b = bits.clamp(MIN_BITS, MAX_BITS) * EXPONENT_RESOLUTION
+    """Snap bits to the exponent grid (float tensor holding integers); straight-through gradient.
+
+    The clamp to [MIN_BITS, MAX_BITS] passes the gradient outside the range too where it leads
+    back in (:func:`inward`): with a plain clamp, bits that a strong rate phase (and Adam's
+    momentum) carried past a bound would never receive a gradient again.
+    """
+    if torch.is_grad_enabled() and bits.requires_grad:
+        b = _ClampInward.apply(bits) * EXPONENT_RESOLUTION
+    else:
+        b = bits.clamp(MIN_BITS, MAX_BITS) * EXPONENT_RESOLUTION
     return b + (torch.round(b) - b).detach()
+
+
+def inward(below: torch.Tensor, above: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Where a clamp's gradient passes: inside the range, and outside it where gradient descent
+    (a step along ``-grad``) moves the value back towards the range."""
+    return ~((below & (grad >= 0)) | (above & (grad <= 0)))
+
+
+class _ClampInward(torch.autograd.Function):
+    """``bits.clamp(MIN_BITS, MAX_BITS)`` with the gradient of :func:`inward`."""
+
+    @staticmethod
+    def forward(ctx, bits):
+        ctx.save_for_backward(bits < MIN_BITS, bits > MAX_BITS)
+        return bits.clamp(MIN_BITS, MAX_BITS)
+
+    @staticmethod
+    def backward(ctx, grad):
+        below, above = ctx.saved_tensors
+        return grad * inward(below, above, grad)
 
 
 def step_size(exponent: torch.Tensor) -> torch.Tensor:
