@@ -78,6 +78,21 @@ def selected_parameters(model: nn.Module, include=None, exclude=None):
     return chosen
 
 
+def _owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(name, module that holds it) for every parameter name of the model, tied names included."""
+    return [(f"{mod_name}.{attr}" if mod_name else attr, module)
+            for mod_name, module in model.named_modules(remove_duplicate=False)
+            for attr, p in module._parameters.items() if p is not None]
+
+
+def _type_name(t: type) -> str:
+    return f"nn.{t.__name__}" if getattr(nn, t.__name__, None) is t else t.__qualname__
+
+
+def _key_name(key) -> str:
+    return _type_name(key) if isinstance(key, type) else repr(key)
+
+
 def _unmatched_patterns(model: nn.Module, include, exclude) -> list[str]:
     """The glob patterns of ``include`` / ``exclude`` that match no parameter name, as ``include='...'``."""
     names = [n for n, _ in model.named_parameters(remove_duplicate=False)]
@@ -86,27 +101,86 @@ def _unmatched_patterns(model: nn.Module, include, exclude) -> list[str]:
             if isinstance(s, str) and not any(_matches(s, n, None, None) for n in names)]
 
 
+def _unmatched_keys(model: nn.Module, **options) -> tuple[list[str], list[str]]:
+    """Keys of the per-tensor option dicts (``block_size={...}``, ``transform={...}``; all but ``"default"``)
+    that match no parameter: (names and globs that match no parameter name, as ``block_size['...']``; module
+    types that hold no parameter, as ``block_size[nn.Embedding]``). A key of any other kind matches nothing."""
+    owners = _owners(model)
+    names = {n for n, _ in owners}
+    by_name, by_type = [], []
+    for kind, option in options.items():
+        for key in option if isinstance(option, dict) else ():
+            if isinstance(key, type):
+                if not any(isinstance(m, key) for _, m in owners):
+                    by_type.append(f"{kind}[{_type_name(key)}]")
+            elif not isinstance(key, str) or (key != "default" and key not in names
+                                              and not any(_matches(key, n, None, None) for n in names)):
+                by_name.append(f"{kind}[{key!r}]")
+    return by_name, by_type
+
+
 def _with_default(option, default):
     """A per-tensor option dict without a ``"default"`` key applies the documented default elsewhere."""
     return {**option, "default": default} if isinstance(option, dict) and "default" not in option else option
 
 
-def _block_for(name: str, shape: tuple[int, ...], block_size) -> tuple[int, ...]:
+def _block_for(name: str, shape: tuple[int, ...], block_size, owners=None) -> tuple[int, ...]:
     try:
-        return choose_block_shape(shape, _per_tensor(_with_default(block_size, 8), name, shape))
+        return choose_block_shape(shape, _per_tensor(_with_default(block_size, 8), name, shape, owners, "block_size"))
     except ValueError as e:
         hint = " (a tuple applies to every tensor: give per-tensor shapes as {pattern: size})" if isinstance(block_size, (tuple, list)) else ""
         raise LscError(f"{name}: {e}{hint}") from None
 
 
-def _per_tensor(option, name: str, shape: tuple[int, ...]):
-    """Resolve an option given globally, as {glob: value, "default": value}, or as callable(name, shape)."""
+def _dict_lookup(option: dict, name: str, module) -> list[tuple[int, object, object]]:
+    """(level, key, value) that decides ``name`` at each level of precedence, most specific first: the exact name,
+    the first glob that matches it (full name or last part), the first module type ``module`` is an instance of."""
+    found = []
+    if name in option and name != "default":  # an exact name wins (names may hold characters special to fnmatch)
+        found.append((0, name, option[name]))
+    glob = next((k for k in option if isinstance(k, str) and k != "default" and _matches(k, name, None, None)), None)
+    if glob is not None:
+        found.append((1, glob, option[glob]))
+    if module is not None:
+        kind = next((k for k in option if isinstance(k, type) and isinstance(module, k)), None)
+        if kind is not None:
+            found.append((2, kind, option[kind]))
+    return found
+
+
+def _same(a, b) -> bool:
+    """Whether two option values are one (a block shape as a tuple or a list alike)."""
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
+        a, b = tuple(a), tuple(b)
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001  (values whose == is not a truth value)
+        return a is b
+
+
+def _per_tensor(option, name: str, shape: tuple[int, ...], owners=None, what: str = "option"):
+    """Resolve an option given globally, as ``{key: value, "default": value}``, or as ``callable(name, shape)``.
+
+    A dict key is a parameter name, a glob on the full name or its last part (as include / exclude), or a module
+    type (``nn.Embedding``) that the module holding the parameter is an instance of. An exact name wins over a
+    glob, a glob over a module type, and any of them over ``"default"``; among several globs (or types) that
+    match, the first in the dict wins. ``owners``: every ``(name, module)`` the tensor is held under (a tied
+    weight has several; default ``[(name, None)]``, which matches no type): the most specific kind of key that
+    matches any of them decides, and two names whose keys of that kind give different values raise
+    :class:`LscError` naming both. A callable is asked with ``name`` (the tensor's first name) only.
+    """
     if isinstance(option, dict):
-        if name in option:  # an exact name wins (names may hold characters that are special to fnmatch)
-            return option[name]
-        for pattern, value in option.items():  # a glob on the full name or its last part, as include / exclude
-            if pattern != "default" and isinstance(pattern, str) and _matches(pattern, name, None, None):
-                return value
+        hits = [(level, n, key, value) for n, module in (owners or [(name, None)])
+                for level, key, value in _dict_lookup(option, n, module)]
+        if hits:
+            best = min(h[0] for h in hits)
+            hits = [h for h in hits if h[0] == best]
+            _, n0, k0, v0 = hits[0]
+            for _, n1, k1, v1 in hits[1:]:
+                if not _same(v0, v1):
+                    raise LscError(f"{what}: {n0!r} and {n1!r} are one tied tensor but get different values: {v0!r} "
+                                   f"(key {_key_name(k0)}) and {v1!r} (key {_key_name(k1)}); give them one value")
+            return v0
         return option.get("default")
     return option(name, shape) if callable(option) else option
 
@@ -144,8 +218,17 @@ def spectral(model: nn.Module, *, block_size=8, init_bits: float = 10.0, include
 
     Args:
         block_size: block edge per dimension (int), a per-dim tuple, a dict of
-            ``{glob: size, "default": size}``, or ``callable(name, shape) -> size``.
-            Blocks never exceed a dimension's size.
+            ``{key: size, "default": size}``, or ``callable(name, shape) -> size``.
+            Blocks never exceed a dimension's size. A dict key is a parameter name, a glob
+            (on the full name or its last part, as in include / exclude) or a module type
+            (``nn.Embedding``: every parameter of such modules). An exact name wins over a glob,
+            a glob over a type, and any of them over ``"default"``; among several globs (or
+            types) that match, the first in the dict wins. A tied weight is matched under all
+            of its names (an LM head tied to the embedding: ``"head.weight"`` works as well as
+            ``"emb.weight"``); two of its names that get different values at the same
+            precedence raise :class:`lsc.LscError`. A key (but ``"default"``) that matches no
+            parameter is named in a warning, as an unmatched include / exclude pattern is. A
+            callable is asked with the tensor's first name only.
         init_bits: starting bits per frequency (the step is 2^-bits in units of the
             tensor's standard deviation).
         include / exclude: glob patterns on parameter names, module types, or
@@ -153,8 +236,8 @@ def spectral(model: nn.Module, *, block_size=8, init_bits: float = 10.0, include
         rate_weight: multiplier of the rate term returned by ``quantization_loss``.
         leak: fraction of the rounding residual kept in the training forward (0 = exact rounding).
         min_group_symbols: smallest number of symbols that share one probability table.
-        transform: block transform name (``"dct"``), a dict ``{glob: name, "default": name}``
-            or ``callable(name, shape) -> name``.
+        transform: block transform name (``"dct"``), a dict ``{key: name, "default": name}``
+            (keys as for ``block_size``) or ``callable(name, shape) -> name``.
     """
     _check_options(init_bits=init_bits, rate_weight=rate_weight, leak=leak, min_group_symbols=min_group_symbols,
                    q_net_hidden=q_net_hidden, bits_scale=bits_scale)
@@ -172,8 +255,14 @@ def spectral(model: nn.Module, *, block_size=8, init_bits: float = 10.0, include
     if not chosen:
         raise LscError("no floating-point parameters selected: nothing to compress (check include/exclude"
                        + (f"; no parameter name matches {', '.join(unmatched)})" if unmatched else ")"))
-    if unmatched:  # a typo in a pattern would otherwise silently compress what was meant to stay, or the reverse
-        warnings.warn(f"lsc.spectral: no parameter name matches {', '.join(unmatched)}", stacklevel=outside_stacklevel())
+    # a key of a per-tensor option dict that matches nothing (a typo) would silently leave its tensors at the default
+    by_name, by_type = _unmatched_keys(model, block_size=block_size, transform=transform)
+    unmatched += by_name
+    if unmatched or by_type:  # a typo would otherwise silently compress what was meant to stay, or the reverse
+        warnings.warn("lsc.spectral: " + "; ".join(
+            ([f"no parameter name matches {', '.join(unmatched)}"] if unmatched else [])
+            + ([f"no module holding a parameter is an instance of {', '.join(by_type)}"] if by_type else [])),
+            stacklevel=outside_stacklevel())
     for name, _, _, p, _ in chosen:
         if p.is_meta:
             raise LscError(f"{name}: is on the meta device; materialize the model (e.g. to_empty + load weights) before lsc.spectral")
@@ -183,10 +272,12 @@ def spectral(model: nn.Module, *, block_size=8, init_bits: float = 10.0, include
     q_net.to(chosen[0][3].device)
     # every parametrization is built (and every per-tensor option checked) before the model is touched:
     # a bad option for the last tensor must not leave the first ones converted
-    pars = [SpectralParametrization(name, tuple(p.shape), p.dtype, _block_for(name, tuple(p.shape), block_size), tid,
-                                    len(chosen), q_net, leak=leak, min_group_symbols=min_group_symbols,
-                                    transform=_per_tensor(_with_default(transform, "dct"), name, tuple(p.shape))).to(p.device)
-            for tid, (name, _, _, p, _) in enumerate(chosen)]
+    owners = [[(name, module), *((n, m) for n, m, _ in ties)] for name, module, _, _, ties in chosen]  # every tie name
+    pars = [SpectralParametrization(name, tuple(p.shape), p.dtype, _block_for(name, tuple(p.shape), block_size, own),
+                                    tid, len(chosen), q_net, leak=leak, min_group_symbols=min_group_symbols,
+                                    transform=_per_tensor(_with_default(transform, "dct"), name, tuple(p.shape), own,
+                                                          "transform")).to(p.device)
+            for tid, ((name, _, _, p, _), own) in enumerate(zip(chosen, owners))]
     entries = []
     for par, (name, module, attr, p, ties) in zip(pars, chosen):
         dense = p.detach().clone() if ties else None

@@ -34,6 +34,10 @@ checked bit for bit against a whole-tensor :func:`reconstruct` (matrix-product
 kernels may differ with the row count) and chunking is turned off for that tensor
 if they differ.
 
+A file of a factorized model (``lsc.factorize``) loads into the unfactored model too, as it does
+densely: each factor stays compact and the weight is decoded from its factors and multiplied per use
+(:func:`lsc.lowrank.fold_factors`, as dense loading folds them).
+
 Lazy models are for inference (the decoded weights carry no gradient);
 ``model.to(device)`` moves the compact stores too, and a cast (``model.half()``) casts
 the decoded weights (decoding still runs at the file's precision). They may run in
@@ -119,6 +123,19 @@ def _stream_integers(gs: GroupStream, layout, order) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- compact stores
 
+def _apply_keeping_dtypes(store, apply, fn, device, *args, **kwargs):
+    """``store._apply(fn)`` for a store: a cast changes ``store.dtype`` (the decoded weight's) only; the
+    compact form, the statistics and any inner store keep the file's dtypes, and a move moves them all."""
+    probe = fn(torch.zeros(0, dtype=store.dtype, device=device))
+    if probe.is_floating_point():
+        store.dtype = probe.dtype
+
+    def keep_dtype(t):
+        moved = fn(t.new_empty(0))
+        return fn(t) if moved.dtype == t.dtype else t.to(moved.device)
+    return apply(keep_dtype, *args, **kwargs)
+
+
 class _Store(nn.Module):
     """One compressed tensor in compact form; ``decode(device)`` -> the dense weight."""
 
@@ -150,14 +167,16 @@ class _Store(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         """A cast (``model.half()``) changes only the dtype of the decoded weight: the compact form and the
         statistics keep the file's dtypes, so decoding runs at the file's precision and only its result is cast."""
-        probe = fn(torch.zeros(0, dtype=self.dtype, device=self.mean.device))
-        if probe.is_floating_point():
-            self.dtype = probe.dtype
+        return _apply_keeping_dtypes(self, super()._apply, fn, self.mean.device, *args, **kwargs)
 
-        def keep_dtype(t):
-            moved = fn(t.new_empty(0))
-            return fn(t) if moved.dtype == t.dtype else t.to(moved.device)
-        return super()._apply(keep_dtype, *args, **kwargs)
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.layout.shape
+
+    @property
+    def decoded_nbytes(self) -> int:
+        """Bytes of the decoded weight."""
+        return self.layout.numel * self.dtype.itemsize
 
     @property
     def compact_nbytes(self) -> int:
@@ -283,6 +302,96 @@ class _PackedStore(_Store):
         return source.rows(r0, r1)
 
 
+class _FactoredStore(nn.Module):
+    """A weight that the file holds as ``lsc.factorize`` factors (``X.parametrizations.W.original0/1[/2]``),
+    loaded into a model where ``X.W`` is a plain weight: each factor stays compact (a store of its own, or
+    the raw tensor when the file holds it raw) and ``decode`` multiplies the decoded factors as dense loading
+    folds them (:func:`lsc.lowrank.fold_factors`), so the weight equals the densely loaded one bit for bit."""
+
+    def __init__(self, name: str, factors: dict, shape: tuple[int, ...]):
+        super().__init__()
+        from .lowrank import folded_shape
+        self.name = name
+        fold = folded_shape({i: tuple(f.shape) for i, f in factors.items()}, name)
+        # the model's shape when the numbers fit (conv kernels factored as matrices); else check_fits names it
+        self.shape = tuple(shape) if shape is not None and _numel(shape) == _numel(fold) else fold
+        self.index = sorted(factors)
+        self.stores = nn.ModuleDict({str(i): f for i, f in factors.items() if isinstance(f, _Store)})
+        for i, f in factors.items():
+            if not isinstance(f, _Store):
+                self.register_buffer(f"raw{i}", f, persistent=False)
+        dtypes = {f.file_dtype if isinstance(f, _Store) else f.dtype for f in factors.values()}
+        self.file_dtype = self.dtype = torch.promote_types(*dtypes) if len(dtypes) > 1 else dtypes.pop()
+        self.last = None
+
+    def _apply(self, fn, *args, **kwargs):
+        device = next(iter(self.buffers()), torch.empty(0)).device
+        return _apply_keeping_dtypes(self, super()._apply, fn, device, *args, **kwargs)
+
+    def _factor(self, i: int, device) -> torch.Tensor:
+        if str(i) in self.stores:
+            return self.stores[str(i)].decode(device)
+        return getattr(self, f"raw{i}").to(device)
+
+    @property
+    def decoded_nbytes(self) -> int:
+        """Bytes of the decoded weight and of its decoded factors (alive together while they are multiplied)."""
+        factors = sum(_numel(s.shape) * s.file_dtype.itemsize for s in self.stores.values())
+        return _numel(self.shape) * self.dtype.itemsize + factors
+
+    @property
+    def compact_nbytes(self) -> int:
+        raw = sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
+        return raw + sum(s.compact_nbytes for s in self.stores.values())
+
+    def gather_rows(self, idx: torch.Tensor, device) -> None:
+        return None  # rows of a product are not a copy of the stored rows: the whole weight is decoded
+
+    def decode(self, device) -> torch.Tensor:
+        from .lowrank import fold_factors
+        device = torch.device(device)
+        w = fold_factors({i: self._factor(i, device) for i in self.index}, self.name)
+        return w.reshape(self.shape).to(self.dtype)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= int(d)
+    return n
+
+
+def _fold_factored(plan: list, raw: dict, own: dict) -> tuple[list, dict]:
+    """``plan`` and ``raw`` with the factors of each weight that the model holds unfactored gathered into one
+    :class:`_FactoredStore` under the weight's name, as dense loading folds them
+    (:func:`lsc.lowrank.fold_factored_state_dict`). A weight whose factor names the model has (some or all:
+    a model factorized the same way, or otherwise) is left as it is, for the usual checks to judge."""
+    from .lowrank import FACTOR_KEY
+    groups: dict[str, dict[int, tuple[str, Any]]] = {}
+    stems: dict[str, str] = {}
+    for src in ([(store, names[0]) for store, names in plan if len(names) == 1], [(t, n) for n, t in raw.items()]):
+        for f, n in src:
+            m = FACTOR_KEY.match(n)
+            if m is not None:
+                key = f"{m['prefix']}.{m['attr']}" if m["prefix"] else m["attr"]
+                groups.setdefault(key, {})[int(m["idx"])] = (n, f)
+                stems[key] = n[:n.rindex("original")]  # "X.parametrizations.W."
+    groups = {key: fs for key, fs in groups.items() if not any(k.startswith(stems[key]) for k in own)}
+    if not groups:
+        return plan, raw
+    where = {n: key for key, fs in groups.items() for n, _ in fs.values()}
+    folded = {key: (_FactoredStore(key, {i: f for i, (_, f) in fs.items()},
+                                   tuple(own[key].shape) if key in own else None), [key]) for key, fs in groups.items()}
+    out = []  # each weight where its first factor was
+    for store, names in plan:
+        key = where.get(names[0]) if len(names) == 1 else None
+        if key is None:
+            out.append((store, names))
+        elif key in folded:
+            out.append(folded.pop(key))
+    return out + list(folded.values()), {n: t for n, t in raw.items() if n not in where}
+
+
 # --------------------------------------------------------------------------- runtime: scopes, cache, hooks
 
 class _Runtime:
@@ -338,7 +447,7 @@ class _Runtime:
         ckey = (key, torch.device(device))
         w = self._cached(ckey)
         if w is None:
-            ctx = (self.tracker.tracking(numpy=isinstance(store, _EntropyStore)) if self.tracker is not None
+            ctx = (self.tracker.tracking(numpy=self.mode == "entropy") if self.tracker is not None
                    else contextlib.nullcontext())
             with ctx, torch.no_grad():
                 w = store.decode(device)
@@ -363,7 +472,7 @@ class _Runtime:
         if full is None:
             full = self._cached((key, torch.device(device)))
         if full is None and module.max_norm is None and not idx.is_floating_point():
-            ctx = (self.tracker.tracking(numpy=isinstance(store, _EntropyStore)) if self.tracker is not None
+            ctx = (self.tracker.tracking(numpy=self.mode == "entropy") if self.tracker is not None
                    else contextlib.nullcontext())
             with ctx, torch.no_grad():
                 out = store.gather_rows(idx, device)
@@ -543,13 +652,16 @@ def load_lazy(src, model: nn.Module, *, mode: str = "packed", cache: int = 0, st
     for decoded in buffers:
         raw.update(decoded)
     own_state = model.state_dict(keep_vars=True)
+    # a file of a factorized model (lsc.factorize) into the unfactored model: each weight is decoded from its
+    # factors and multiplied, as dense loading folds them
+    plan, raw = _fold_factored(plan, raw, own_state)
     groups = _api.tie_groups(own_state)  # a checkpoint may hold a tied tensor under one of its names only
     plan = [(store, names + [n for g in groups if set(g) & set(names) for n in g if n not in names])
             for store, names in plan]
     raw = _api.fill_tied_names(raw, groups)
     # everything is checked before the model is touched: a file that does not fit leaves it as it was
     # (a spectral tensor's shape stands in as an empty meta tensor)
-    in_file = {**{n: torch.empty(store.layout.shape, device="meta") for store, names in plan for n in names}, **raw}
+    in_file = {**{n: torch.empty(store.shape, device="meta") for store, names in plan for n in names}, **raw}
     _api.check_fits(own_state, in_file, strict)
     own = set(own_state)
     targets = []
@@ -651,10 +763,10 @@ def lazy_info(model: nn.Module) -> dict[str, Any]:
         seen.add(id(t))
         other += t.numel() * t.element_size()
     store_buffers = sum(b.numel() * b.element_size() for s in rt.stores for b in s.buffers())
-    largest = max((s.layout.numel * s.dtype.itemsize for s in rt.stores), default=0)
+    largest = max((s.decoded_nbytes for s in rt.stores), default=0)
     return {"mode": rt.mode, "tensors": len(rt.stores), "compact_bytes": compact,
             "other_bytes": other - store_buffers, "resident_bytes": compact + other - store_buffers,
-            "largest_decoded_bytes": largest, "dense_bytes": sum(s.layout.numel * s.dtype.itemsize for s in rt.stores),
+            "largest_decoded_bytes": largest, "dense_bytes": sum(_numel(s.shape) * s.dtype.itemsize for s in rt.stores),
             "decodes": rt.decodes, "cache": rt.capacity}
 
 

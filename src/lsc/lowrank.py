@@ -32,7 +32,8 @@ from .convert import selected_parameters
 from .errors import LscError
 from .wrappers import unwrap_for_conversion
 
-__all__ = ["LowRankMatrix", "Tucker2", "factorize", "factor_report", "fold_factored_state_dict", "FACTOR_KEY"]
+__all__ = ["LowRankMatrix", "Tucker2", "factorize", "factor_report", "fold_factored_state_dict", "fold_factors",
+           "FACTOR_KEY"]
 
 FACTOR_KEY = re.compile(r"^(?:(?P<prefix>.*)\.)?parametrizations\.(?P<attr>[^.]+)\.original(?P<idx>\d+)$")
 
@@ -263,11 +264,28 @@ def fold_factored_state_dict(state_dict: dict, model: nn.Module | None = None) -
         for n, t in model.state_dict().items():
             shapes[n] = tuple(t.shape)
     for key, fs in groups.items():
-        if len(fs) == 2:
-            w = fs[0] @ fs[1]
-        elif len(fs) == 3:
-            w = _mode_product(_mode_product(fs[2], fs[0], 0), fs[1], 1)
-        else:
-            raise LscError(f"{key}: cannot fold {len(fs)} factors")
+        w = fold_factors(fs, key)
         out[key] = w.reshape(shapes[key]) if key in shapes else w
     return out
+
+
+def fold_factors(fs: dict, key: str) -> torch.Tensor:
+    """The full weight (before any reshape) from ``{index: factor}``: two factors ``U @ V`` (as
+    :class:`LowRankMatrix`), three Tucker-2 ``(A, B, core)`` (as :class:`Tucker2`). Dense and lazy loading
+    both fold with it, so their weights agree bit for bit."""
+    if sorted(fs) == [0, 1]:
+        return fs[0] @ fs[1]
+    if sorted(fs) == [0, 1, 2]:
+        return _mode_product(_mode_product(fs[2], fs[0], 0), fs[1], 1)
+    raise LscError(f"{key}: cannot fold {len(fs)} factors (original{'/'.join(map(str, sorted(fs)))})")
+
+
+def folded_shape(shapes: dict, key: str) -> tuple[int, ...]:
+    """The shape :func:`fold_factors` gives for factors of these shapes (``{index: shape}``), checking that they fit."""
+    s = {i: tuple(v) for i, v in shapes.items()}
+    if sorted(s) == [0, 1] and len(s[0]) == 2 and len(s[1]) == 2 and s[0][1] == s[1][0]:
+        return (s[0][0], s[1][1])
+    if sorted(s) == [0, 1, 2] and len(s[0]) == 2 and len(s[1]) == 2 and len(s[2]) >= 2 \
+            and (s[2][0], s[2][1]) == (s[0][1], s[1][1]):
+        return (s[0][0], s[1][0], *s[2][2:])
+    raise LscError(f"{key}: cannot fold factors of shapes {[s[i] for i in sorted(s)]}")

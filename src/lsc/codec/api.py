@@ -574,6 +574,8 @@ def load(path, model: nn.Module | None = None, *, strict: bool = True, lazy=Fals
     # meta tensors (a model built under torch.device("meta") so that it never holds two copies) get the CPU's
     devices = None if model is None or is_spectral else {
         k: v.device for k, v in inner.state_dict().items() if not v.is_meta}
+    if devices:
+        _factors_where_their_weight_lives(header, devices)
     plain, spec = _decode_all(header, streams, keep_integers=is_spectral, workers=workers, devices=devices)
     if model is None:
         return plain
@@ -584,11 +586,26 @@ def load(path, model: nn.Module | None = None, *, strict: bool = True, lazy=Fals
     return model
 
 
+def _factors_where_their_weight_lives(header: dict, devices: dict) -> None:
+    """Add to ``devices`` the factors of each weight the model holds unfactored (a file of a
+    ``lsc.factorize``d model): rebuilt and multiplied on that weight's device, as a lazy load does."""
+    from ..lowrank import FACTOR_KEY
+    for m in header["tensors"]:
+        f = FACTOR_KEY.match(m["name"])
+        if f is not None and m["name"] not in devices:
+            weight = f"{f['prefix']}.{f['attr']}" if f["prefix"] else f["attr"]
+            if weight in devices:
+                devices[m["name"]] = devices[weight]
+
+
 def _load_into_plain(model: nn.Module, header: dict, plain: dict, strict: bool) -> None:
     from ..lowrank import FACTOR_KEY, fold_factored_state_dict
     own = model.state_dict(keep_vars=True)  # the tensors themselves: ties show as one object under two names
     if any(FACTOR_KEY.match(k) and k not in own for k in plain):  # a factored file into an unfactored model
-        plain = fold_factored_state_dict(plain, model)
+        devices = {k: t.device for k, t in own.items() if not t.is_meta}
+        _factors_where_their_weight_lives(header, devices)  # raw factors too: all of a weight's on one device
+        plain = fold_factored_state_dict({k: v.to(devices[k]) if FACTOR_KEY.match(k) and k in devices else v
+                                          for k, v in plain.items()}, model)
     groups = tie_groups(own)
     plain = fill_tied_names(plain, groups)
     check_fits(own, plain, strict)
