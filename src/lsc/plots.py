@@ -53,7 +53,7 @@ def rows_from_model(model) -> list[dict]:
     with torch.no_grad():
         est = rate_estimate(model)
         rows = []
-        for entry, b in zip(st.entries, est.per_tensor):
+        for entry, b in zip(st.entries, est.streams):
             par = entry.parametrization
             e = par.exponent().detach().cpu().numpy().reshape(par.layout.block_shape)
             rows.append(dict(name=entry.name, shape=tuple(par.layout.shape), bits=e / EXPONENT_RESOLUTION,

@@ -11,7 +11,11 @@ each coefficient under a discretized logistic density fitted to its group,
 zero and widens steps where that is cheap, in the sparse high-bit regime as well
 as the coarse one, where a histogram-based gradient would vanish or be noise.
 Everything is batched over all tensors with one host synchronization (to size
-the histogram; a second one finds the occupied bins when most are empty).
+the histogram; a second one finds the occupied bins when most are empty; tensors
+that may use row classes add the proposal's, and one before it). The first one also
+checks that every integer can be stored: an infinite or too large coefficient raises
+:class:`lsc.LscError` naming its tensor, as ``lsc.save`` does (a NaN one makes that
+tensor's size NaN, as its decoded weight is).
 """
 from __future__ import annotations
 
@@ -20,16 +24,21 @@ from typing import NamedTuple
 import torch
 from torch.autograd.function import once_differentiable
 
+from .errors import LscError
 from .precision import full_precision
 from .quantizer import fresh, scratch
 from .rowclasses import propose_row_classes
 
 __all__ = ["elias_gamma_bits", "zigzag", "RateEstimate", "estimate_rate", "exact_bits", "surrogate_bits", "surrogate_bits_total",
-           "HEADER_BYTES_PER_TENSOR", "FILE_OVERHEAD_BYTES", "STREAM_OVERHEAD_BITS"]
+           "HEADER_BYTES_PER_TENSOR", "FILE_OVERHEAD_BYTES", "STREAM_OVERHEAD_BITS", "EMPTY_STREAM_BITS"]
 
+# Fallbacks for callers of :func:`exact_bits` that know nothing of the model: :mod:`lsc.loss` predicts the
+# header of the real file instead (each tensor's JSON entry, compressed as the writer compresses it).
 HEADER_BYTES_PER_TENSOR = 40   # compressed JSON entry per tensor (name, shape, stats, offsets, crc)
 FILE_OVERHEAD_BYTES = 64       # magic, version, lengths, header checksum, JSON skeleton
-STREAM_OVERHEAD_BITS = 64      # ANS coder flush: up to two 32-bit words per stream
+STREAM_OVERHEAD_BITS = 36      # per stream: the ANS coder's flush (about a 32-bit word) and the side info's byte padding
+EMPTY_STREAM_BITS = 4          # a stream with nothing to entropy-code (every group one symbol): the padding alone
+MAX_INTEGER = 2.0 ** 52        # a coefficient's integer must stay below this to be stored (as the writer checks)
 
 
 def zigzag(v: torch.Tensor) -> torch.Tensor:
@@ -48,19 +57,32 @@ def _xlog2x(c: torch.Tensor) -> torch.Tensor:
 
 
 class RateEstimate:
-    """Estimated coded bits, total and per tensor; ``total`` is differentiable."""
+    """Estimated coded bits, total and per tensor; ``total`` is differentiable.
 
-    def __init__(self, data_bits: list[torch.Tensor], side_bits: list[torch.Tensor]):
+    ``side_bits`` include each tensor's share of the file header (``header_bits``, also given
+    on their own so that a tensor's stream can be compared with the file's per-tensor bytes,
+    which leave the header out); ``total`` adds ``overhead_bytes``, the header's fixed part.
+    """
+
+    def __init__(self, data_bits: list[torch.Tensor], side_bits: list[torch.Tensor],
+                 header_bits: list[float] | None = None, overhead_bytes: float = FILE_OVERHEAD_BYTES):
         self.data_bits = data_bits
         self.side_bits = side_bits
+        self.header_bits = [8.0 * HEADER_BYTES_PER_TENSOR] * len(data_bits) if header_bits is None else list(header_bits)
+        self.overhead_bytes = float(overhead_bytes)
 
     @property
     def per_tensor(self) -> list[torch.Tensor]:
         return [d + s for d, s in zip(self.data_bits, self.side_bits)]
 
     @property
+    def streams(self) -> list[torch.Tensor]:
+        """Bits of each tensor's stream alone (``per_tensor`` less its header share): what ``lsc.file_info``'s rows count."""
+        return [p - h for p, h in zip(self.per_tensor, self.header_bits)]
+
+    @property
     def total(self) -> torch.Tensor:
-        return torch.stack(self.per_tensor).sum() + 8 * FILE_OVERHEAD_BYTES
+        return torch.stack(self.per_tensor).sum() + 8 * self.overhead_bytes
 
 
 def logistic_code_length(coeffs: torch.Tensor, step: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -322,29 +344,93 @@ class _LogisticBitsTotal(torch.autograd.Function):
 
 
 def surrogate_bits(coeffs: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """Smooth stand-in for the coded size of (num_blocks, P) coefficients with steps (P,): gradient source only."""
+    """Smooth stand-in for the coded size of (num_blocks, P) coefficients with steps (P,): gradient source only.
+
+    The backward holds each position's logistic scale (:func:`_logistic_scale`, from the mean |c| over
+    blocks) constant, as a fitted density's parameters are: the gradient is that of the code length
+    under the current fit, not the exact derivative of the returned value, which also moves with the
+    fit (finite differences along the gradient measured 0.77-0.88x of it on a small MLP).
+    """
     return _LogisticBits.apply(coeffs, step, _logistic_scale(coeffs))
 
 
 def surrogate_bits_total(coeffs: list[torch.Tensor], steps: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of :func:`surrogate_bits` over tensors (one autograd node for all of them)."""
+    """Sum of :func:`surrogate_bits` over tensors (one autograd node for all of them); its gradient, too,
+    treats the per-position logistic scales as constants (see :func:`surrogate_bits`)."""
     return _LogisticBitsTotal.apply(len(coeffs), *coeffs, *steps)
 
 
-def _group_costs(hard: list[torch.Tensor], groups: list[torch.Tensor], num_groups: list[int]) -> torch.Tensor:
+def _storable_flags(ranges: list[tuple[torch.Tensor, torch.Tensor]], steps: list[torch.Tensor]) -> torch.Tensor:
+    """Per tensor, on the device (nothing waits for it here): 0 if every integer can be stored, 1 if some
+    coefficient is infinite, 2 if some integer reaches :data:`MAX_INTEGER`, 3 if a step is infinite or not
+    positive, 4 if a coefficient or a step is NaN. ``ranges``: per-position (min, max) of each tensor's
+    integers (NaN propagates through them)."""
+    lows = torch.stack([lo.amin().to(torch.float64) for lo, _ in ranges])
+    highs = torch.stack([hi.amax().to(torch.float64) for _, hi in ranges])
+    largest = torch.maximum(-lows, highs)
+    step_nan = torch.stack([torch.isnan(s).any() for s in steps])
+    step_bad = torch.stack([(~(s > 0) | torch.isinf(s)).any() for s in steps]) & ~step_nan
+    flags = torch.where(largest < MAX_INTEGER, 0, torch.where(torch.isnan(largest), 4, torch.where(torch.isinf(largest), 1, 2)))
+    return torch.where(step_bad, 3, torch.where(step_nan, 4, flags))
+
+
+def _check_storable(flags: list[int], names: list[str] | None) -> list[int]:
+    """LscError naming the first tensor whose integers cannot be stored (flags from :func:`_storable_flags`),
+    in ``lsc.save``'s words; returns the tensors holding NaN, whose size is NaN (as their decoded weights are)."""
+    for t, flag in enumerate(flags):
+        if flag in (0, 4):
+            continue
+        name = names[t] if names is not None else f"tensor {t}"
+        if flag == 3:
+            raise LscError(f"{name}: the quantization network produced NaN/Inf step sizes (training diverged?)")
+        if flag == 1:
+            raise LscError(f"{name}: spectral coefficients contain NaN or Inf (training diverged?)")
+        raise LscError(f"{name}: a spectral coefficient is too large to store as an integer at this step size")
+    return [t for t, flag in enumerate(flags) if flag == 4]
+
+
+def _without_nan(hard: list[torch.Tensor], ranges: list, nan: list[int]) -> tuple[list, list]:
+    """``hard`` and ``ranges`` with the NaN tensors' integers zeroed, so that the histogram can still be sized."""
+    hard, ranges = list(hard), list(ranges)
+    for t in nan:
+        hard[t] = torch.nan_to_num(hard[t], nan=0.0)
+        ranges[t] = (hard[t].amin(0), hard[t].amax(0))
+    return hard, ranges
+
+
+def _group_costs(hard: list[torch.Tensor], groups: list[torch.Tensor], num_groups: list[int],
+                 ranges: list | None = None, flags: torch.Tensor | None = None,
+                 names: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """Coded bits of every group of every tensor, concatenated: the cheaper of its table and a uniform code,
-    plus its range and mode bit (``hard``: integer-valued (num_blocks, P) tensors)."""
+    plus its range and mode bit (``hard``: integer-valued (num_blocks, P) tensors); each group's alphabet
+    size (a group of one symbol puts nothing in the ANS stream); and the tensors found to hold NaN
+    (counted as zeros here; their size is NaN).
+
+    ``ranges[t]``: tensor t's per-position (min, max), when already computed (None: computed here).
+    ``flags`` (:func:`_storable_flags`) are read with the histogram's sizes, in the same host
+    synchronization, and checked before the sizes are used (a NaN or huge integer makes them garbage):
+    unstorable integers raise :class:`lsc.LscError`.
+    """
     dev = hard[0].device
     lo, hi = [], []
-    for q, g, ng in zip(hard, groups, num_groups):
-        pmin, pmax = q.amin(0), q.amax(0)
+    for t, (q, g, ng) in enumerate(zip(hard, groups, num_groups)):
+        r = ranges[t] if ranges is not None and t < len(ranges) else None
+        pmin, pmax = r if r is not None else (q.amin(0), q.amax(0))
         lo.append(torch.full((ng,), float("inf"), device=dev, dtype=q.dtype).scatter_reduce(0, g, pmin, "amin"))
         hi.append(torch.full((ng,), float("-inf"), device=dev, dtype=q.dtype).scatter_reduce(0, g, pmax, "amax"))
     lo_all = torch.cat(lo).to(torch.int64)  # smallest symbol of each group
     width = torch.cat(hi).to(torch.int64) - lo_all + 1  # alphabet size K of each group
     ends = torch.cumsum(width, 0)
     starts = ends - width
-    bounds = [0] + ends.tolist()  # the host synchronization (sizes the histogram)
+    if flags is None:
+        bounds = [0] + ends.tolist()  # the host synchronization (sizes the histogram)
+    else:
+        synced = torch.cat([ends, flags.to(ends.device)]).tolist()  # the same one synchronization
+        nan = _check_storable(synced[ends.numel():], names)
+        if nan:  # the sizes are garbage: size the NaN tensors as zeros (rare: a second pass)
+            costs, width, _ = _group_costs(*_split_nan(hard, groups, num_groups, ranges, nan), None, names)
+            return costs, width, nan
+        bounds = [0] + synced[:ends.numel()]
     total_bins = bounds[-1]
 
     numel = sum(q.numel() for q in hard)
@@ -397,7 +483,13 @@ def _group_costs(hard: list[torch.Tensor], groups: list[torch.Tensor], num_group
     uniform = group_sizes * torch.log2(width.to(torch.float64))
     # Each group is coded with whichever is cheaper: its own probability table, or a
     # uniform code over [lo, hi] (small groups cannot pay for a table). One flag bit says which.
-    return torch.minimum(entropy + table, uniform) + range_bits + 1
+    return torch.minimum(entropy + table, uniform) + range_bits + 1, width, []
+
+
+def _split_nan(hard, groups, num_groups, ranges, nan):
+    """:func:`_group_costs`' first arguments with the NaN tensors zeroed (see :func:`_without_nan`)."""
+    hard, ranges = _without_nan(hard, list(ranges or [None] * len(hard)), nan)
+    return hard, groups, num_groups, ranges
 
 
 def _class_splits(hard: list[torch.Tensor], units: list[int]) -> list[tuple[int, list[torch.Tensor], torch.Tensor]]:
@@ -422,7 +514,8 @@ def _class_splits(hard: list[torch.Tensor], units: list[int]) -> list[tuple[int,
 @torch.no_grad()
 def exact_bits(coeffs: list[torch.Tensor], steps: list[torch.Tensor], groups: list[torch.Tensor],
                num_groups: list[int], exponents: list[torch.Tensor], scan_orders: list[torch.Tensor],
-               units: list[int] | None = None):
+               units: list[int] | None = None, header_bytes: list[float] | None = None,
+               names: list[str] | None = None):
     """Exact coded size per tensor as (data_bits, side_bits) lists of float64 scalars.
 
     ``coeffs[t]`` has shape (num_blocks, P) and ``steps[t]`` shape (P,); ``groups[t]``
@@ -431,45 +524,68 @@ def exact_bits(coeffs: list[torch.Tensor], steps: list[torch.Tensor], groups: li
     which the exponent table is delta-coded. ``units[t]``: the tensor's block rows when it
     may use row classes (:func:`lsc.rowclasses.row_units`), else 0; with it, each tensor
     costs the cheaper of one class and the proposed classes, as the writer chooses.
+    ``header_bytes[t]``: the tensor's share of the file header, counted in its side bits
+    (default :data:`HEADER_BYTES_PER_TENSOR`). An infinite coefficient or step, or an integer
+    too large to store, raises :class:`lsc.LscError` naming the tensor (``names[t]``), as
+    ``lsc.save`` would, checked in the synchronization the histogram needs anyway; a tensor
+    with a NaN coefficient or step gets a NaN size (as its decoded weight is NaN).
     """
     if not coeffs:
         raise ValueError("no tensors to estimate")
     dev = coeffs[0].device
     hard = [torch.round(c / s) for c, s in zip(coeffs, steps)]
+    ranges = [(q.amin(0), q.amax(0)) for q in hard]
+    flags = _storable_flags(ranges, steps)
+    nan: list[int] = []
+    if units is not None and any(units):
+        # the row-class proposal reads the integers first (and a NaN would break it): check before it.
+        # (It synchronizes anyway: CUDA's bincount sizes its output on the host, and its counts are read.)
+        nan = _check_storable(flags.tolist(), names)
+        hard, ranges = _without_nan(hard, ranges, nan)
+        flags = None
     splits = _class_splits(hard, units) if units is not None else []
     # the class-split tensors go through the same batched pass as pseudo-tensors, after the real ones
     extra = [(q, groups[t], num_groups[t]) for t, parts, _ in splits for q in parts]
     all_hard = hard + [x[0] for x in extra]
     all_groups = list(groups) + [x[1] for x in extra]
     all_ng = list(num_groups) + [x[2] for x in extra]
-    cheapest = _group_costs(all_hard, all_groups, all_ng)
+    cheapest, width, found = _group_costs(all_hard, all_groups, all_ng, ranges, flags, names)
+    nan = nan or found
     gstart = [0]
     for ng in all_ng:
         gstart.append(gstart[-1] + ng)
-
     data_bits, side_bits = [], []
     for t, (e, order, ng) in enumerate(zip(exponents, scan_orders, num_groups)):
         scan = e.to(torch.int64)[order]
         deltas = torch.diff(scan, prepend=torch.zeros(1, device=dev, dtype=torch.int64))
         exp_bits = elias_gamma_bits(zigzag(deltas) + 1).sum()
         data_bits.append(cheapest[gstart[t]: gstart[t + 1]].sum())
-        side_bits.append(exp_bits + 8 * HEADER_BYTES_PER_TENSOR + STREAM_OVERHEAD_BITS)
+        header = HEADER_BYTES_PER_TENSOR if header_bytes is None else header_bytes[t]
+        # the ANS coder's flush is paid by streams with something to code: a group of more than one symbol
+        flush = torch.where((width[gstart[t]: gstart[t + 1]] > 1).any(), float(STREAM_OVERHEAD_BITS),
+                            float(EMPTY_STREAM_BITS))
+        side_bits.append(exp_bits + 8 * header + flush)
     at = len(hard)
     for t, parts, label_bits in splits:
         split = cheapest[gstart[at]: gstart[at + len(parts)]].sum() + label_bits
         data_bits[t] = torch.minimum(data_bits[t], split)
         at += len(parts)
+    for t in nan:  # NaN coefficients have no size: the value says so, as the decoded weights do
+        data_bits[t] = torch.full_like(data_bits[t], float("nan"))
     return data_bits, side_bits
 
 
 def estimate_rate(coeffs: list[torch.Tensor], steps: list[torch.Tensor], groups: list[torch.Tensor],
                   num_groups: list[int], exponents: list[torch.Tensor], scan_orders: list[torch.Tensor],
-                  units: list[int] | None = None) -> RateEstimate:
-    """Exact coded size as the value, the surrogate's gradient (see :func:`exact_bits` for the arguments)."""
+                  units: list[int] | None = None, header_bytes: list[float] | None = None,
+                  overhead_bytes: float = FILE_OVERHEAD_BYTES, names: list[str] | None = None) -> RateEstimate:
+    """Exact coded size as the value, the surrogate's gradient (see :func:`exact_bits` for the arguments;
+    ``overhead_bytes``: the header's fixed part, in ``total``)."""
     data, side = exact_bits([c.detach() for c in coeffs], [s.detach() for s in steps], groups, num_groups,
-                            [e.detach() for e in exponents], scan_orders, units)
+                            [e.detach() for e in exponents], scan_orders, units, header_bytes, names)
     out = []
     for d, c, s in zip(data, coeffs, steps):
         sur = surrogate_bits(c, s)
         out.append(d.to(sur.dtype) + (sur - sur.detach()))
-    return RateEstimate(out, [x.to(coeffs[0].dtype) for x in side])
+    header_bits = None if header_bytes is None else [8.0 * h for h in header_bytes]
+    return RateEstimate(out, [x.to(coeffs[0].dtype) for x in side], header_bits, overhead_bytes)

@@ -16,12 +16,15 @@ percent, so :meth:`RateController.finalize` closes the gap deterministically: it
 shifts every tensor's learned bit allocation by one common offset (the q_net's
 per-tensor offsets), bisecting on the shift until the predicted size is on target.
 The prediction is the codec's exact size for the compressed tensors (see
-:mod:`lsc.rate`), so the saved file lands on target too; ``finalize(measure=...)``
-can also bisect on a real measurement (e.g. the size of ``lsc.save``'s output).
+:mod:`lsc.rate`) plus, for a target in bytes, the tensors the file stores raw,
+measured by encoding them as the writer does (:func:`raw_bytes`), so the saved file
+lands on target too; ``finalize(measure=...)`` can also bisect on a real measurement
+(e.g. the size of ``lsc.save``'s output).
 """
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Callable
 
 import torch
@@ -29,25 +32,89 @@ from torch import nn
 
 from .checks import as_number, is_integer
 from .errors import LscError
-from .loss import compressed_numel, quantization_loss, rate_estimate
-from .rate import HEADER_BYTES_PER_TENSOR
+from .loss import compressed_numel, quantization_loss, rate_estimate, spectral_header
 from .state import QNET_PREFIX, get_state, spectral_root, spectral_state_filter
 
-__all__ = ["RateController", "raw_bytes"]
+__all__ = ["RateController", "raw_bytes", "predicted_file"]
 
 
-def raw_bytes(model: nn.Module) -> int:
-    """Bytes the file spends on everything that is not spectrally compressed (raw params and buffers)."""
-    get_state(model)
+def _raw_stream(key: str, t: torch.Tensor, cache: dict | None) -> tuple[dict, int]:
+    """(header entry, stream bytes) of a tensor stored raw, from the writer's own raw encoder (zlib when it
+    pays). With ``cache``, a tensor still at the version counter of its last measurement is not encoded again."""
+    from .codec.api import _encode_raw
+
+    try:
+        sig = (id(t), t._version, tuple(t.shape), t.dtype, t.device)
+    except RuntimeError:  # an inference tensor keeps no version counter
+        sig = None
+    hit = cache.get(key) if cache is not None and sig is not None else None
+    if hit is not None and hit[0] == sig:
+        return dict(hit[1]), hit[2]
+    meta, data = _encode_raw(key, t.detach())
+    meta.update(len=len(data), crc=zlib.crc32(data))
+    if cache is not None and sig is not None:
+        cache[key] = (sig, dict(meta), len(data))
+    return meta, len(data)
+
+
+def raw_entries(model: nn.Module, cache: dict | None = None) -> list[tuple[dict, int]]:
+    """(header entry, stream bytes) of every tensor the file stores raw (parameters left out of ``spectral``,
+    buffers), in file order, encoded as :func:`lsc.compress_weights` encodes them (a tied tensor once)."""
+    st = get_state(model)
     model = spectral_root(model)
-    lsc_own, seen = spectral_state_filter(model), set()  # a tied tensor is written once
-    total = 0
-    for name, t in model.state_dict(keep_vars=True).items():
-        if not isinstance(t, torch.Tensor) or name.startswith(QNET_PREFIX) or lsc_own(name, t) or id(t) in seen:
+    covered = {n for e in st.entries for n in (e.name, *e.tied_names)}
+    lsc_own = spectral_state_filter(model)
+    first: dict[int, dict] = {}
+    out = []
+    for key, t in model.state_dict(keep_vars=True).items():
+        if not isinstance(t, torch.Tensor) or key.startswith(QNET_PREFIX) or lsc_own(key, t) or key in covered:
             continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size() + HEADER_BYTES_PER_TENSOR
-    return total
+        if id(t) in first:
+            first[id(t)].setdefault("tied", []).append(key)
+            continue
+        meta, size = _raw_stream(key, t, cache)
+        first[id(t)] = meta
+        out.append((meta, size))
+    return out
+
+
+def raw_bytes(model: nn.Module, cache: dict | None = None) -> int:
+    """Bytes the file spends on everything that is not spectrally compressed (raw params and buffers).
+
+    Measured, not estimated: each tensor is encoded with the writer's raw encoder (zlib-coded when that
+    is smaller: a causal-mask buffer of 64 KB takes a few hundred bytes), plus what their entries add
+    to the compressed file header. So ``bits_per_weight(model) * n / 8 + raw_bytes(model)`` predicts the
+    whole file (``n``: the compressed weights). Costs one zlib pass over the raw tensors (with
+    ``cache``, a dict kept between calls, only over those changed since).
+    """
+    raw = raw_entries(model, cache)
+    if not raw:
+        return 0
+    from .codec.api import _header_bytes
+
+    head = spectral_header(get_state(model))
+    return sum(n for _, n in raw) + len(_header_bytes(head["metas"] + [m for m, _ in raw])) - head["bytes"]
+
+
+@torch.no_grad()
+def predicted_file(model: nn.Module, estimate=None) -> dict:
+    """The whole-file prediction part by part, in bytes, as ``lsc.file_info`` splits the real file:
+    ``{"spectral": {name: stream}, "raw": {name: stream}, "header": prefix + compressed header,
+    "total": their sum}``. Spectral streams are the exact rate estimate's (``estimate``, from
+    :func:`lsc.rate_estimate`, when already computed) without the header shares it carries; raw
+    streams are measured by encoding them; the header is that of the predicted file (its entries
+    as the writer builds them, stand-ins where only the encoder knows a field)."""
+    from .codec.api import _header_bytes
+
+    st = get_state(model)
+    est = rate_estimate(model) if estimate is None else estimate
+    spectral = {e.name: float(b) / 8 for e, b in zip(st.entries, est.streams)}
+    raw = raw_entries(model)
+    head = spectral_header(st)
+    header = float(len(_header_bytes(head["metas"] + [m for m, _ in raw]))) if raw else float(head["bytes"])
+    raw_sizes = {m["name"]: float(n) for m, n in raw}
+    return dict(spectral=spectral, raw=raw_sizes, header=header,
+                total=sum(spectral.values()) + sum(raw_sizes.values()) + header)
 
 
 def _check_knobs(*, total_steps, ramp, init_weight, lr, gain, horizon, tolerance, min_weight, max_weight) -> None:
@@ -77,7 +144,9 @@ class RateController:
         model: a spectral model (after :func:`lsc.spectral`).
         target_bits_per_weight: target of :func:`lsc.bits_per_weight` (bits per compressed weight).
         target_bytes: target size of the whole file in bytes (compressed tensors plus raw
-            tensors, as estimated by :func:`raw_bytes`). Give exactly one of the two.
+            tensors, as measured by :func:`raw_bytes`; re-measured at each exact size refresh
+            of :meth:`loss`, since trained raw parameters and running statistics change what
+            zlib makes of them). Give exactly one of the two.
         init_weight: starting lambda (default: the ``rate_weight`` given to ``lsc.spectral``).
         total_steps: number of training steps planned; the reference size then moves geometrically
             from the starting size to the target over the first ``ramp`` fraction of them (a
@@ -101,10 +170,13 @@ class RateController:
         self.model = model
         self.state = get_state(model)
         self.numel = compressed_numel(model)
+        self._raw_cache: dict = {}  # raw tensors' measurements, kept while they do not change
         if target_bytes is not None:
-            spectral_bits = 8.0 * (float(target_bytes) - raw_bytes(model))
+            raw = self._raw_bytes(fresh=True)
+            spectral_bits = 8.0 * (float(target_bytes) - raw)
             if spectral_bits <= 0:
-                raise LscError(f"target of {target_bytes} bytes is below the {raw_bytes(model)} bytes of uncompressed tensors")
+                raise LscError(f"target of {target_bytes} bytes is below the {raw} bytes the file spends on the "
+                               "tensors it stores without spectral compression (raw parameters and buffers)")
             self.target_bpw = spectral_bits / self.numel
         else:
             self.target_bpw = float(target_bits_per_weight)
@@ -144,9 +216,15 @@ class RateController:
 
         The size is :func:`lsc.quantization_loss`'s (the exact size refreshed every
         ``rate_refresh`` steps, tracked by the surrogate in between), not a fresh exact pass
-        per step, which would cost MiniLM 0.3-0.9 s of CPU a step.
+        per step, which would cost MiniLM 0.3-0.9 s of CPU a step. With a target in bytes, the
+        tensors stored raw are measured again at those refreshes only (those changed since:
+        trained raw parameters, running statistics), and the bits per weight left to the
+        compressed tensors follow.
         """
+        refreshed = self.state.rate_cache
         bpw = quantization_loss(self.model, weight=1.0)  # like bits_per_weight: the file overhead included
+        if self.target_bytes is not None and self.state.rate_cache is not refreshed:
+            self._retarget()  # an exact refresh: measure the raw tensors again with it, not every step
         value = float(bpw.detach())
         if update:
             self.step(value)
@@ -202,23 +280,39 @@ class RateController:
         self.history = [tuple(h) for h in state["history"]]
 
     # -- measuring
+    def _raw_bytes(self, fresh: bool = False) -> int:
+        """:func:`raw_bytes`, encoding again only the raw tensors changed since the last measurement
+        (all of them with ``fresh``: an edit through ``.data`` leaves the version counter alone)."""
+        if fresh:
+            self._raw_cache.clear()
+        return raw_bytes(self.model, self._raw_cache)
+
+    def _retarget(self, raw: int | None = None) -> None:
+        """Bits per weight left to the compressed tensors by the byte target, after the raw tensors' measured size."""
+        raw = self._raw_bytes() if raw is None else raw
+        self.target_bpw = max(8.0 * (self.target_bytes - raw), 1e-3 * self.numel) / self.numel
+
     @torch.no_grad()
     def predicted_bits_per_weight(self) -> float:
         return float(rate_estimate(self.model).total) / self.numel
 
-    def predicted_bytes(self) -> float:
-        """Predicted size of the whole file (compressed tensors + raw tensors)."""
-        return self.predicted_bits_per_weight() * self.numel / 8 + raw_bytes(self.model)
+    def predicted_bytes(self, raw: int | None = None) -> float:
+        """Predicted size of the whole file: the compressed tensors' exact size, with their share of the
+        header, plus the raw tensors measured now (``raw``: that measurement, when already made)."""
+        raw = self._raw_bytes(fresh=True) if raw is None else raw
+        return self.predicted_bits_per_weight() * self.numel / 8 + raw
 
-    def relative_error(self, measure: Callable[[nn.Module], float] | None = None) -> float:
+    def relative_error(self, measure: Callable[[nn.Module], float] | None = None, *, raw: int | None = None) -> float:
         """(size - target) / target, on the predicted size or on ``measure(model)`` (bytes)."""
         if measure is None:
             if self.target_bytes is not None:
-                return self.predicted_bytes() / self.target_bytes - 1.0
+                return self.predicted_bytes(raw) / self.target_bytes - 1.0
             return self.predicted_bits_per_weight() / self.target_bpw - 1.0
         size = float(measure(self.model))
-        target = self.target_bytes if self.target_bytes is not None else self.target_bpw * self.numel / 8 + raw_bytes(self.model)
-        return size / target - 1.0
+        if self.target_bytes is not None:
+            return size / self.target_bytes - 1.0
+        raw = self._raw_bytes(fresh=True) if raw is None else raw
+        return size / (self.target_bpw * self.numel / 8 + raw) - 1.0
 
     # -- landing on target
     @torch.no_grad()
@@ -262,7 +356,8 @@ class RateController:
     @torch.no_grad()
     def finalize(self, measure: Callable[[nn.Module], float] | None = None, *, sensitivity=None, max_iter: int = 40,
                  search_bits: float = 12.0) -> float:
-        """Shift the bit allocations until the size is within tolerance.
+        """Shift the bit allocations until the size is on target: bisection on a common shift of up to
+        ``search_bits`` either way, stopped within a quarter of the tolerance or after ``max_iter`` steps.
 
         Without ``sensitivity`` every tensor is shifted by one common amount. With
         ``sensitivity`` (from :func:`lsc.measure_sensitivity` on the original model), each
@@ -270,9 +365,20 @@ class RateController:
         :meth:`_sensitivity_offsets`), then all are shifted together: a cut lands where the
         output cares least. Leaves the model alone if it already is within half the
         tolerance. ``measure`` (``model -> bytes``) replaces the prediction, e.g.
-        ``lambda m: len(lsc.compress(m))``. Returns the final relative size error.
+        ``lambda m: lsc.save(m, io.BytesIO())`` (``save`` returns the number of bytes it wrote;
+        each call encodes the whole model, up to ``max_iter`` + 1 times). The prediction measures
+        the raw tensors once, here, and bisects on the compressed tensors' exact size. Returns
+        the relative size error it ends at (:meth:`relative_error`: of the whole file for a
+        target in bytes or with ``measure``, of ``bits_per_weight`` otherwise), the smallest
+        one seen: outside the tolerance when no shift within ``search_bits`` reaches the target.
+        Raises :class:`lsc.LscError` when every tensor is quantized at exponents loaded from a
+        file (q_net no longer moves them).
         """
-        err = self.relative_error(measure)
+        # measured once: the shifts below move only the compressed tensors
+        raw = self._raw_bytes(fresh=True) if self.target_bytes is not None or measure is not None else None
+        if self.target_bytes is not None:
+            self._retarget(raw)
+        err = self.relative_error(measure, raw=raw)
         if abs(err) <= self.tolerance / 2:
             return err
         if all(e.parametrization.frozen_exponent is not None for e in self.state.entries):
@@ -287,7 +393,7 @@ class RateController:
             mid = (lo + hi) / 2
             self._shift(offsets + mid - applied)
             applied = offsets + mid
-            err = self.relative_error(measure)
+            err = self.relative_error(measure, raw=raw)
             if abs(err) < best[0]:
                 best = (abs(err), offsets + mid, err)
             if abs(err) <= self.tolerance / 4:
