@@ -174,3 +174,27 @@ def test_a_parametrization_stacked_on_lscs_is_refused_by_save_and_to_dense():
                                                 r"\(SpectralParametrization, _Double\)"):
             fn()
     _step(m, torch.optim.SGD(m.parameters(), lr=1e-3))  # training goes on: only storing it is refused
+
+
+def test_quantization_network_gradients_added_up_over_the_models_steps_are_kept():
+    """A loop that steps the model every iteration but q_net every second one, with a no-grad forward
+    in between: only an optimizer step on q_net starts the check that clears its gradients."""
+    xs = [torch.randn(8, 64, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+
+    def grads_of(x):
+        m = _mlp()
+        q = lsc.spectral(m, init_bits=8)
+        (m(x).pow(2).mean() + lsc.quantization_loss(m)).backward()
+        return [p.grad.clone() for p in q.parameters()]
+    want = [a + b for a, b in zip(*(grads_of(x) for x in xs))]
+    m = _mlp()
+    q = lsc.spectral(m, init_bits=8)
+    model_opt = torch.optim.SGD(m.parameters(), lr=0.0)
+    for x in xs:
+        (m(x).pow(2).mean() + lsc.quantization_loss(m)).backward()
+        model_opt.step()
+        m.zero_grad()
+        with torch.no_grad():
+            m(x)
+    for got, ref in zip((p.grad for p in q.parameters()), want):
+        torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-8)

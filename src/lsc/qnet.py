@@ -134,7 +134,8 @@ class QuantizationNetwork(nn.Module):
         if members["features"].device != dev:
             members["features"], members["ids"] = members["features"].to(dev), members["ids"].to(dev)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            self._drop_stale_gradients(params, members.get("entries", ()))
+            if self.__dict__.pop("_stepped", False):  # the first graph after an optimizer stepped this network
+                self._drop_stale_gradients(params, members.get("entries", ()))
             fn = _SharedBitsMLP if self._plain_mlp() else _SharedBits
             e, s = fn.apply(self, members["features"], members["ids"], *params)
         else:
@@ -150,10 +151,12 @@ class QuantizationNetwork(nn.Module):
 
         ``model.zero_grad()`` (what Hugging Face's Trainer calls after every optimizer step) never
         reaches q_net, whose parameters ``model.parameters()`` leaves out, so its gradients would add up
-        over all steps. Run once per q_net update, before the step's first graph: when q_net has
-        gradients but no trainable coefficient has one, the model's were cleared since the last
-        backward, and q_net's are cleared too (to None, as ``zero_grad`` does). Gradient accumulation,
-        and layers a step does not use, leave some coefficient's gradient in place, so they are untouched.
+        over all steps. Run once after each optimizer step that updated q_net (marked by the optimizer
+        hook in :mod:`lsc.parametrization`), before the next graph: when q_net has gradients but no
+        trainable coefficient has one, the model's were cleared since that step, and q_net's are
+        cleared too (to None, as ``zero_grad`` does). Gradient accumulation, and layers a step does
+        not use, leave some coefficient's gradient in place, so they are untouched; so does a loop
+        that adds up q_net's gradients over several of the model's steps before stepping q_net.
         """
         if not entries or all(p.grad is None for p in params):
             return
