@@ -46,6 +46,7 @@ many threads at once, and ``copy.deepcopy`` gives a copy with its own cache.
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import tracemalloc
 import types
@@ -314,7 +315,7 @@ class _FactoredStore(nn.Module):
         self.name = name
         fold = folded_shape({i: tuple(f.shape) for i, f in factors.items()}, name)
         # the model's shape when the numbers fit (conv kernels factored as matrices); else check_fits names it
-        self.shape = tuple(shape) if shape is not None and _numel(shape) == _numel(fold) else fold
+        self.shape = tuple(shape) if shape is not None and math.prod(shape) == math.prod(fold) else fold
         self.index = sorted(factors)
         self.stores = nn.ModuleDict({str(i): f for i, f in factors.items() if isinstance(f, _Store)})
         for i, f in factors.items():
@@ -336,8 +337,8 @@ class _FactoredStore(nn.Module):
     @property
     def decoded_nbytes(self) -> int:
         """Bytes of the decoded weight and of its decoded factors (alive together while they are multiplied)."""
-        factors = sum(_numel(s.shape) * s.file_dtype.itemsize for s in self.stores.values())
-        return _numel(self.shape) * self.dtype.itemsize + factors
+        factors = sum(math.prod(s.shape) * s.file_dtype.itemsize for s in self.stores.values())
+        return math.prod(self.shape) * self.dtype.itemsize + factors
 
     @property
     def compact_nbytes(self) -> int:
@@ -354,27 +355,20 @@ class _FactoredStore(nn.Module):
         return w.reshape(self.shape).to(self.dtype)
 
 
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= int(d)
-    return n
-
-
 def _fold_factored(plan: list, raw: dict, own: dict) -> tuple[list, dict]:
     """``plan`` and ``raw`` with the factors of each weight that the model holds unfactored gathered into one
     :class:`_FactoredStore` under the weight's name, as dense loading folds them
     (:func:`lsc.lowrank.fold_factored_state_dict`). A weight whose factor names the model has (some or all:
     a model factorized the same way, or otherwise) is left as it is, for the usual checks to judge."""
-    from .lowrank import FACTOR_KEY
+    from .lowrank import factor_of
     groups: dict[str, dict[int, tuple[str, Any]]] = {}
     stems: dict[str, str] = {}
     for src in ([(store, names[0]) for store, names in plan if len(names) == 1], [(t, n) for n, t in raw.items()]):
         for f, n in src:
-            m = FACTOR_KEY.match(n)
-            if m is not None:
-                key = f"{m['prefix']}.{m['attr']}" if m["prefix"] else m["attr"]
-                groups.setdefault(key, {})[int(m["idx"])] = (n, f)
+            factor = factor_of(n)
+            if factor is not None:
+                key, idx = factor
+                groups.setdefault(key, {})[idx] = (n, f)
                 stems[key] = n[:n.rindex("original")]  # "X.parametrizations.W."
     groups = {key: fs for key, fs in groups.items() if not any(k.startswith(stems[key]) for k in own)}
     if not groups:
@@ -766,7 +760,7 @@ def lazy_info(model: nn.Module) -> dict[str, Any]:
     largest = max((s.decoded_nbytes for s in rt.stores), default=0)
     return {"mode": rt.mode, "tensors": len(rt.stores), "compact_bytes": compact,
             "other_bytes": other - store_buffers, "resident_bytes": compact + other - store_buffers,
-            "largest_decoded_bytes": largest, "dense_bytes": sum(_numel(s.shape) * s.dtype.itemsize for s in rt.stores),
+            "largest_decoded_bytes": largest, "dense_bytes": sum(math.prod(s.shape) * s.dtype.itemsize for s in rt.stores),
             "decodes": rt.decodes, "cache": rt.capacity}
 
 

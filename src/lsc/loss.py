@@ -57,7 +57,7 @@ def spectral_header(st) -> dict:
     uses them). Cached until a tensor's name, shape or statistics change: the training steps between
     exact size refreshes never compute it.
     """
-    from .codec.api import _dtype_name, _header_bytes, _tensor_bytes
+    from .codec.api import _header_bytes, spectral_meta
 
     min_group = int(st.config.get("min_group_symbols", 1024))
     key = _header_key(st, min_group)
@@ -66,15 +66,9 @@ def spectral_header(st) -> dict:
         return cached
     metas = []
     for e in st.entries:
-        par = e.parametrization
-        meta = {"name": e.name, "kind": "spectral", "shape": list(par.layout.shape), "dtype": _dtype_name(par.orig_dtype),
-                "block": list(par.layout.block_shape), "transform": par.transform, "mean": _tensor_bytes(par.mean).hex(),
-                "std": _tensor_bytes(par.std).hex(), "min_group": min_group, "scan": "morton",
-                "side": max(1, par.layout.block_numel // 4), "len": max(1, par.layout.numel // 2),
-                "crc": zlib.crc32(e.name.encode())}
-        if e.tied_names:
-            meta["tied"] = list(e.tied_names)
-        metas.append(meta)
+        layout = e.parametrization.layout
+        metas.append(dict(spectral_meta(e, min_group, "morton"), side=max(1, layout.block_numel // 4),
+                          len=max(1, layout.numel // 2), crc=zlib.crc32(e.name.encode())))
     overhead = len(_header_bytes([]))
     total = len(_header_bytes(metas)) if metas else overhead
     sizes = [len(json.dumps(m, sort_keys=True, separators=(",", ":"))) for m in metas]

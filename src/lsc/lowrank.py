@@ -38,6 +38,15 @@ __all__ = ["LowRankMatrix", "Tucker2", "factorize", "factor_report", "fold_facto
 FACTOR_KEY = re.compile(r"^(?:(?P<prefix>.*)\.)?parametrizations\.(?P<attr>[^.]+)\.original(?P<idx>\d+)$")
 
 
+def factor_of(key: str) -> tuple[str, int] | None:
+    """(name of the full weight, factor index) of a factor's state-dict key (``X.parametrizations.W.original1``
+    -> ``("X.W", 1)``), or None for any other key."""
+    m = FACTOR_KEY.match(key)
+    if m is None:
+        return None
+    return (f"{m['prefix']}.{m['attr']}" if m["prefix"] else m["attr"]), int(m["idx"])
+
+
 def _rank_for_error(s: torch.Tensor, max_error: float) -> int:
     """Smallest r with sqrt(sum_{i>=r} s_i^2) <= max_error * ||s||."""
     e = s.double().pow(2)
@@ -254,11 +263,11 @@ def fold_factored_state_dict(state_dict: dict, model: nn.Module | None = None) -
     groups: dict[str, dict[int, torch.Tensor]] = {}
     out = {}
     for k, v in state_dict.items():
-        m = FACTOR_KEY.match(k)
-        if m is None:
+        f = factor_of(k)
+        if f is None:
             out[k] = v
             continue
-        groups.setdefault(f"{m['prefix']}.{m['attr']}" if m["prefix"] else m["attr"], {})[int(m["idx"])] = v
+        groups.setdefault(f[0], {})[f[1]] = v
     shapes = {}
     if model is not None:
         for n, t in model.state_dict().items():

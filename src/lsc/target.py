@@ -33,7 +33,7 @@ from torch import nn
 from .checks import as_number, is_integer
 from .errors import LscError
 from .loss import compressed_numel, quantization_loss, rate_estimate, spectral_header
-from .state import QNET_PREFIX, get_state, spectral_root, spectral_state_filter
+from .state import get_state, spectral_root
 
 __all__ = ["RateController", "raw_bytes", "predicted_file"]
 
@@ -60,22 +60,11 @@ def _raw_stream(key: str, t: torch.Tensor, cache: dict | None) -> tuple[dict, in
 def raw_entries(model: nn.Module, cache: dict | None = None) -> list[tuple[dict, int]]:
     """(header entry, stream bytes) of every tensor the file stores raw (parameters left out of ``spectral``,
     buffers), in file order, encoded as :func:`lsc.compress_weights` encodes them (a tied tensor once)."""
+    from .codec.api import raw_entries as walk
+
     st = get_state(model)
-    model = spectral_root(model)
     covered = {n for e in st.entries for n in (e.name, *e.tied_names)}
-    lsc_own = spectral_state_filter(model)
-    first: dict[int, dict] = {}
-    out = []
-    for key, t in model.state_dict(keep_vars=True).items():
-        if not isinstance(t, torch.Tensor) or key.startswith(QNET_PREFIX) or lsc_own(key, t) or key in covered:
-            continue
-        if id(t) in first:
-            first[id(t)].setdefault("tied", []).append(key)
-            continue
-        meta, size = _raw_stream(key, t, cache)
-        first[id(t)] = meta
-        out.append((meta, size))
-    return out
+    return walk(spectral_root(model), covered, lambda key, t: _raw_stream(key, t, cache))
 
 
 def raw_bytes(model: nn.Module, cache: dict | None = None) -> int:

@@ -79,15 +79,23 @@ def _u8(data: bytes) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- encoding
 
-def _encode_spectral(entry, min_group: int, scan: str) -> tuple[dict, bytes]:
+def spectral_meta(entry, min_group: int, scan: str) -> dict:
+    """A spectral tensor's header entry without the coding fields (side, segments, classes, len, crc),
+    which :func:`_encode_integers` and :func:`compress_weights` add; the size prediction reads it too."""
     par = entry.parametrization
-    q, e = par.integer_state(entry.coefficients.detach())
     meta = {"name": entry.name, "kind": "spectral", "shape": list(par.layout.shape), "dtype": _dtype_name(par.orig_dtype),
             "block": list(par.layout.block_shape), "transform": par.transform, "mean": _tensor_bytes(par.mean).hex(),
             "std": _tensor_bytes(par.std).hex(), "min_group": int(min_group), "scan": scan}
     if entry.tied_names:
         meta["tied"] = list(entry.tied_names)
-    return _encode_integers(meta, par.layout, q.to("cpu").reshape(par.layout.num_blocks, par.layout.block_numel), e)
+    return meta
+
+
+def _encode_spectral(entry, min_group: int, scan: str) -> tuple[dict, bytes]:
+    par = entry.parametrization
+    q, e = par.integer_state(entry.coefficients.detach())
+    return _encode_integers(spectral_meta(entry, min_group, scan), par.layout,
+                            q.to("cpu").reshape(par.layout.num_blocks, par.layout.block_numel), e)
 
 
 def _encode_integers(meta: dict, layout: BlockLayout, q: torch.Tensor, e: torch.Tensor) -> tuple[dict, bytes]:
@@ -168,18 +176,7 @@ def compress_weights(model: nn.Module, *, scan: str = "morton", buffer_tolerance
             streams.append(data)
             covered.add(entry.name)
             covered.update(entry.tied_names)
-        lsc_own = spectral_state_filter(model)
-        first: dict[int, dict] = {}  # a tensor tied under several names is written once, the others listed as ``tied``
-        for key, t in model.state_dict(keep_vars=True).items():
-            if key.startswith(QNET_PREFIX) or lsc_own(key, t) or key in covered:
-                continue
-            if key == HEADER_KEY:
-                raise LscError(f"a model tensor is named {HEADER_KEY!r}, which lsc reserves")
-            if id(t) in first:
-                first[id(t)].setdefault("tied", []).append(key)
-                continue
-            meta, data = _encode_raw(key, t.detach())
-            first[id(t)] = meta
+        for meta, data in raw_entries(model, covered, _encode_raw):
             metas.append(meta)
             streams.append(data)
     for meta, data in zip(metas, streams):
@@ -189,6 +186,32 @@ def compress_weights(model: nn.Module, *, scan: str = "morton", buffer_tolerance
     out = {HEADER_KEY: _u8(head)}
     for meta, data in zip(metas, streams):
         out[meta["name"]] = _u8(data)
+    return out
+
+
+def raw_entries(model: nn.Module, covered: set, encode) -> list[tuple[dict, Any]]:
+    """``encode(name, tensor) -> (header entry, result)`` for every state-dict tensor the file stores raw, in
+    file order: neither lsc's own state nor a name in ``covered``; a tensor tied under several names once,
+    its other names listed in the entry's ``tied``."""
+    lsc_own = spectral_state_filter(model)
+    first: dict[int, dict] = {}
+    out = []
+    for key, t in model.state_dict(keep_vars=True).items():
+        if key.startswith(QNET_PREFIX) or key in covered:
+            continue
+        if not isinstance(t, torch.Tensor):
+            raise LscError(f"{key}: the model's state dict holds a {type(t).__name__}, not a tensor (a module's extra "
+                           "state?), which a .lsc file cannot store")
+        if lsc_own(key, t):
+            continue
+        if key == HEADER_KEY:
+            raise LscError(f"a model tensor is named {HEADER_KEY!r}, which lsc reserves")
+        if id(t) in first:
+            first[id(t)].setdefault("tied", []).append(key)
+            continue
+        meta, result = encode(key, t)
+        first[id(t)] = meta
+        out.append((meta, result))
     return out
 
 
@@ -589,13 +612,11 @@ def load(path, model: nn.Module | None = None, *, strict: bool = True, lazy=Fals
 def _factors_where_their_weight_lives(header: dict, devices: dict) -> None:
     """Add to ``devices`` the factors of each weight the model holds unfactored (a file of a
     ``lsc.factorize``d model): rebuilt and multiplied on that weight's device, as a lazy load does."""
-    from ..lowrank import FACTOR_KEY
+    from ..lowrank import factor_of
     for m in header["tensors"]:
-        f = FACTOR_KEY.match(m["name"])
-        if f is not None and m["name"] not in devices:
-            weight = f"{f['prefix']}.{f['attr']}" if f["prefix"] else f["attr"]
-            if weight in devices:
-                devices[m["name"]] = devices[weight]
+        f = factor_of(m["name"])
+        if f is not None and m["name"] not in devices and f[0] in devices:
+            devices[m["name"]] = devices[f[0]]
 
 
 def _load_into_plain(model: nn.Module, header: dict, plain: dict, strict: bool) -> None:
