@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 import zlib
 
@@ -314,3 +315,29 @@ def reconstruct(t: dict) -> np.ndarray:
     x = c.transpose(interleave).reshape([n * b for n, b in zip(grid, block)])
     x = x[tuple(slice(0, s) for s in shape)]
     return np.asarray(x * t["std"] + t["mean"])
+
+
+# ------------------------------------------------------------------ §2.3 factorized weights
+
+FACTOR = re.compile(r"^(?:(?P<prefix>.*)\.)?parametrizations\.(?P<attr>[^.]+)\.original(?P<idx>\d+)$")
+
+
+def fold_factors(values: dict, shapes: dict) -> dict:
+    """§2.3: ``{name: float64 array}`` with every group of factors replaced by the weight it stands for;
+    ``shapes``: the weight shapes of the model loaded into (two factors are reshaped to them)."""
+    groups, out = {}, {}
+    for name, v in values.items():
+        m = FACTOR.match(name)
+        if m is None:
+            out[name] = v
+            continue
+        weight = f"{m['prefix']}.{m['attr']}" if m["prefix"] else m["attr"]
+        groups.setdefault(weight, {})[int(m["idx"])] = v
+    for weight, f in groups.items():
+        if sorted(f) == [0, 1]:
+            out[weight] = (f[0] @ f[1]).reshape(shapes[weight])
+        else:
+            a, b, core = f[0], f[1], f[2]
+            w = np.tensordot(a, core, axes=(1, 0))                      # (O, r_i, k...): A first
+            out[weight] = np.moveaxis(np.tensordot(b, w, axes=(1, 1)), 0, 1)  # (O, I, k...)
+    return out

@@ -271,3 +271,16 @@ def test_a_non_finite_step_written_by_the_first_0_3_writer_still_loads():
     for extra in (float("nan"), float("inf")):
         out = decode_buffers(_blob([_entry("m.mask", [2], kind=2, extra=extra, lo=0, width=1)], payload=b"\x02"))
         assert out["m.mask"].shape == (2,) and not torch.isfinite(out["m.mask"]).any()
+
+
+@pytest.mark.parametrize("dtype,value,decoded", [
+    # just above the float16 tie between 1 and 1 + 2^-10: float32 rounds it onto the tie, which goes to even (1)
+    ("float16", 1 + 2 ** -11 + 2 ** -40, 1.0),
+    ("bfloat16", 1 + 2 ** -8 + 2 ** -40, 1.0),
+    # a value float32 keeps: one rounding, the nearest float16
+    ("float16", 1 + 2 ** -11 + 2 ** -20, 1 + 2 ** -10),
+])
+def test_narrow_buffers_round_through_float32_as_the_spec_says(dtype, value, decoded):
+    """FORMAT.md §2.1b: a float64 value is cast to float32, then to the narrower dtype, each to nearest even."""
+    got = decode_buffers(_blob([_entry(dtype=dtype, extra=value, lo=1)]))["a.x"]
+    assert got.dtype == getattr(torch, dtype) and got.tolist() == [decoded, decoded]

@@ -367,3 +367,33 @@ def test_spec_operation_order_is_bit_exact(files, name):
     for n, t in spec_reader.read(files[name][0]).items():
         if t["kind"] == "spectral":
             assert torch.equal(_spec_order(t).to(plain[n].dtype), plain[n]), n
+
+
+@pytest.mark.parametrize("tucker", [True, False])
+def test_factorized_weights_fold_as_the_spec_says(tucker):
+    """FORMAT.md §2.3: a reader with the spec alone turns a factorized file into the plain model's weights
+    (two-factor products reshaped to the model's shape, Tucker-2 cores), as lsc.load(file, model) does."""
+    torch.manual_seed(0)
+    m = DigitsCNN()
+    infos = lsc.factorize(m, rank=4, min_saving=0.0, tucker=tucker)
+    assert {i.name for i in infos} >= {"conv2.weight", "fc1.weight"}
+    lsc.spectral(m, init_bits=8)
+    m.eval()
+    data = to_bytes(compress_weights(m))
+    spec = spec_reader.read(data)
+    values = {n: (spectral_value(t) if t["kind"] == "spectral" else
+                  t["values"] if t["kind"] == "buffer" else t["array"].astype(np.float64)) for n, t in spec.items()}
+    plain = DigitsCNN()
+    folded = spec_reader.fold_factors(values, {n: tuple(v.shape) for n, v in plain.state_dict().items()})
+    loaded = lsc.load(data, plain).state_dict()
+    assert set(folded) == set(loaded)
+    for n, w in loaded.items():
+        torch.testing.assert_close(w.double(), torch.from_numpy(np.asarray(folded[n], dtype=np.float64)),
+                                   rtol=1e-5, atol=1e-6, msg=n)
+    # the conv kernel really came from three factors (Tucker-2) or two (SVD of the flattened kernel)
+    assert sum(n.startswith("conv2.parametrizations.weight.original") for n in spec) == (3 if tucker else 2)
+
+
+def spectral_value(t: dict) -> np.ndarray:
+    """A spectral tensor's weight per §2.2 (float64), cast to its dtype as the spec's last step does."""
+    return spec_reader.reconstruct(t).astype(np.float32).astype(np.float64)
