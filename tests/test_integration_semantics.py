@@ -1,6 +1,7 @@
 """What a training job around a spectral model relies on: checkpoints that resume the same model,
 gradients that model-level utilities clear, layers that edit their weight in place, and parametrizations
 a user stacks on lsc's."""
+import copy
 import io
 
 import pytest
@@ -100,6 +101,58 @@ def test_model_zero_grad_clears_the_quantization_networks_gradients_too():
         norms.append(q.tensor_offset.grad.norm().item())
         m.zero_grad()
     assert norms[0] > 0 and norms == [norms[0]] * 3
+
+
+def test_zero_grad_without_set_to_none_clears_the_quantization_networks_gradients_too():
+    """``model.zero_grad(set_to_none=False)`` zeroes the coefficients' gradients in place: q_net's are zeroed
+    too (in place, as the model's), not added up over steps."""
+    m = _mlp()
+    q = lsc.spectral(m)
+    opt = torch.optim.SGD(list(m.parameters()) + list(q.parameters()), lr=0.0)
+    norms, objects = [], set()
+    for _ in range(3):
+        _step(m, opt)
+        norms.append(q.tensor_offset.grad.norm().item())
+        objects.add(id(q.tensor_offset.grad))
+        m.zero_grad(set_to_none=False)
+    assert norms[0] > 0 and norms == [norms[0]] * 3
+    assert len(objects) == 1  # the same gradient tensors, zeroed in place as the model's were
+
+
+def test_deep_copy_of_a_deep_copied_model_clears_its_own_quantization_network():
+    """The copy's q_net watches the copy's coefficients, not the original's."""
+    m = copy.deepcopy(_spectral_mlp())
+    q = lsc.quantization_network(m)
+    opt = torch.optim.SGD(list(m.parameters()) + list(q.parameters()), lr=0.0)
+    norms = []
+    for _ in range(3):
+        _step(m, opt)
+        norms.append(q.tensor_offset.grad.norm().item())
+        m.zero_grad()
+    assert norms[0] > 0 and norms == [norms[0]] * 3
+
+
+def _spectral_mlp():
+    m = _mlp()
+    lsc.spectral(m)
+    return m
+
+
+def test_quantization_network_alone_copies_and_saves_without_the_model():
+    """q_net links to the model weakly: copying or saving it (to keep an allocation) takes only q_net."""
+    m = _spectral_mlp()
+    q = lsc.quantization_network(m)
+    before = {id(p) for p in m.parameters()}
+    copied = copy.deepcopy(q)
+    assert not list(copied.__dict__["_members"]["entries"])  # serves no model
+    buf = io.BytesIO()
+    torch.save(q, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for a, b, c in zip(q.parameters(), copied.parameters(), loaded.parameters()):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    assert {id(p) for p in m.parameters()} == before and len(buf.getvalue()) < 64_000
+    assert [e.name for e in q.__dict__["_members"]["entries"]] == [e.name for e in lsc.state.get_state(m).entries]
 
 
 def test_gradient_accumulation_keeps_the_quantization_networks_gradients():

@@ -45,7 +45,9 @@ def _forget_computed(optimizer, args, kwargs) -> None:
     for q_net in list(_SHARED.keys()):
         if any(id(p) in stepped for p in q_net.current_parameters()):
             _SHARED.pop(q_net, None)
-            q_net.__dict__["_stepped"] = True  # see QuantizationNetwork._drop_stale_gradients
+            marks = q_net.coefficient_grad_marks()  # see QuantizationNetwork._drop_stale_gradients
+            if marks is not None:
+                q_net.__dict__["_stepped"] = marks
 
 
 register_optimizer_step_post_hook(_forget_computed)

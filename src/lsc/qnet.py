@@ -92,9 +92,10 @@ class QuantizationNetwork(nn.Module):
 
     # -- one batched call per training step, shared by every tensor's forward and the rate loss
 
-    def attach_members(self, members: list[tuple[int, torch.Tensor]], entries=()) -> None:
-        """Record ``(tensor_id, position features)`` of every tensor this network serves, and the model's
-        ``SpectralEntry`` objects, whose coefficients tell when the model's gradients were cleared."""
+    def attach_members(self, members: list[tuple[int, torch.Tensor]], owner=None) -> None:
+        """Record ``(tensor_id, position features)`` of every tensor this network serves, and a weak link to
+        ``owner`` (the model's :class:`lsc.state.LscState`), whose coefficients tell when the model's
+        gradients were cleared."""
         feats = torch.cat([f for _, f in members])
         ids = torch.cat([torch.full((f.shape[0],), i, dtype=torch.int64, device=f.device) for i, f in members])
         # where forward() finds its weights: read as attributes on every call, because wrappers
@@ -102,7 +103,22 @@ class QuantizationNetwork(nn.Module):
         slots = [(self.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]) for name, _ in self.named_parameters()]
         self.__dict__["_members"] = dict(features=feats, ids=ids, sizes=[f.shape[0] for _, f in members],
                                          index={i: k for k, (i, _) in enumerate(members)}, slots=slots,
-                                         entries=list(entries))
+                                         entries=ModelLink(owner))
+
+    def link_model(self, owner) -> None:
+        """Point the weak link of :meth:`attach_members` at ``owner`` (a deep copy of the model's state)."""
+        members = self.__dict__.get("_members")
+        if members is not None:
+            members["entries"] = ModelLink(owner)
+
+    def coefficient_grad_marks(self) -> list | None:
+        """(id, version) of each served coefficient's gradient (None where it has none), or None when
+        this network serves no model: what :meth:`_drop_stale_gradients` compares against after a step."""
+        members = self.__dict__.get("_members")
+        entries = list(members["entries"]) if members is not None else []
+        if not entries:
+            return None
+        return [None if (g := e.coefficients.grad) is None else (id(g), g._version) for e in entries]
 
     def current_parameters(self) -> tuple[torch.Tensor, ...]:
         """The tensors :meth:`forward` reads now: the attached slots (see :meth:`attach_members`), else ``parameters()``."""
@@ -134,8 +150,9 @@ class QuantizationNetwork(nn.Module):
         if members["features"].device != dev:
             members["features"], members["ids"] = members["features"].to(dev), members["ids"].to(dev)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            if self.__dict__.pop("_stepped", False):  # the first graph after an optimizer stepped this network
-                self._drop_stale_gradients(params, members.get("entries", ()))
+            marks = self.__dict__.pop("_stepped", None)
+            if marks is not None:  # the first graph after an optimizer stepped this network
+                self._drop_stale_gradients(params, list(members["entries"]), marks)
             fn = _SharedBitsMLP if self._plain_mlp() else _SharedBits
             e, s = fn.apply(self, members["features"], members["ids"], *params)
         else:
@@ -146,30 +163,43 @@ class QuantizationNetwork(nn.Module):
         return out
 
     @staticmethod
-    def _drop_stale_gradients(params, entries) -> None:
+    def _drop_stale_gradients(params, entries, marks) -> None:
         """Clear this network's gradients when the model's were cleared without them.
 
         ``model.zero_grad()`` (what Hugging Face's Trainer calls after every optimizer step) never
         reaches q_net, whose parameters ``model.parameters()`` leaves out, so its gradients would add up
-        over all steps. Run once after each optimizer step that updated q_net (marked by the optimizer
-        hook in :mod:`lsc.parametrization`), before the next graph: when q_net has gradients but no
-        trainable coefficient has one, the model's were cleared since that step, and q_net's are
-        cleared too (to None, as ``zero_grad`` does). Gradient accumulation, and layers a step does
-        not use, leave some coefficient's gradient in place, so they are untouched; so does a loop
-        that adds up q_net's gradients over several of the model's steps before stepping q_net.
+        over all steps. Run once after each optimizer step that updated q_net, before the next graph,
+        with ``marks`` (:meth:`coefficient_grad_marks`, taken by the optimizer hook in
+        :mod:`lsc.parametrization` right after that step): when no trainable coefficient still holds the
+        gradient it had then, but one was cleared since (set to None, or zeroed in place by
+        ``zero_grad(set_to_none=False)``, which bumps its version), q_net's are cleared the same way.
+        Gradient accumulation, and layers a step does not use, leave some coefficient's gradient as it
+        was, so they are untouched; so does a loop that adds up q_net's gradients over several of the
+        model's steps before stepping q_net. Versions only: no host synchronization.
         """
-        if not entries or all(p.grad is None for p in params):
+        if not entries or len(entries) != len(marks) or all(p.grad is None for p in params):
             return
-        trainable = False
-        for entry in entries:
+        cleared = None  # how the model's gradients were cleared: "none" or "zero"
+        for entry, mark in zip(entries, marks):
             c = entry.coefficients
-            if c.requires_grad:
-                if c.grad is not None:
-                    return
-                trainable = True
-        if trainable:
+            if not c.requires_grad:
+                continue
+            g = c.grad
+            if g is None:
+                cleared = cleared or ("none" if mark is not None else None)
+            elif mark is None or mark[0] != id(g):
+                return  # a gradient that was not there after the step: not a cleared model
+            elif mark[1] == g._version:
+                return  # kept since the step: accumulating
+            else:
+                cleared = "zero"
+        if cleared == "none":
             for p in params:
                 p.grad = None
+        elif cleared == "zero":
+            for p in params:
+                if p.grad is not None:
+                    p.grad.zero_()
 
     def _plain_mlp(self) -> bool:
         """Whether forward() is exactly Linear-SiLU-Linear-SiLU-Linear plus the offset (hand-differentiable)."""
@@ -183,6 +213,28 @@ class QuantizationNetwork(nn.Module):
         if members is None or tensor_id not in members["index"]:
             return None
         return self.shared_outputs()[1][members["index"][tensor_id]]
+
+
+class ModelLink:
+    """q_net's weak link to the spectral entries of the model it serves (iterating gives them).
+
+    Weak, so that q_net alone never keeps the model alive, nor drags the whole model into
+    ``copy.deepcopy(q_net)`` or ``torch.save(q_net)``: a copy of q_net alone serves no model
+    (:class:`lsc.state.LscState` links the q_net of a copied model to the copy's entries).
+    """
+
+    def __init__(self, owner=None):
+        self._ref = None if owner is None else weakref.ref(owner)
+
+    def __iter__(self):
+        owner = None if self._ref is None else self._ref()
+        return iter(() if owner is None else owner.entries)
+
+    def __deepcopy__(self, memo):
+        return ModelLink()
+
+    def __reduce__(self):
+        return (ModelLink, ())
 
 
 # q_net -> (cache key, outputs); outside the module so deepcopy/pickle never see graph tensors

@@ -114,8 +114,10 @@ class LscState:
 
     def __deepcopy__(self, memo):
         import copy
-        return LscState(copy.deepcopy(self.q_net, memo), copy.deepcopy(self.entries, memo),
-                        copy.deepcopy(self.config, memo), self.rate_weight, self.rate_refresh)
+        new = LscState(copy.deepcopy(self.q_net, memo), copy.deepcopy(self.entries, memo),
+                       copy.deepcopy(self.config, memo), self.rate_weight, self.rate_refresh)
+        new.q_net.link_model(new)  # its weak link was copied empty (see lsc.qnet.ModelLink)
+        return new
 
 
 def spectral_root(model: nn.Module) -> nn.Module:
@@ -271,7 +273,7 @@ def attach_state(model: nn.Module, state: LscState) -> None:
     model._lsc = state
     # q_net learns every tensor's features, so a training step can evaluate it once for all of them
     state.q_net.attach_members([(e.parametrization.tensor_id, e.parametrization.features) for e in state.entries],
-                               state.entries)
+                               state)
     # once per module: the hooks read ``_lsc`` and do nothing without it, so a model made plain by
     # lsc.to_dense and converted again must not get a second pair (the second load hook would find
     # q_net's keys already taken and report them missing)
