@@ -188,10 +188,9 @@ def test_embedding_decodes_only_the_rows_it_looks_up(mode):
     store = lazy.__dict__["_lsc_lazy"].stores[0]
     assert len(store.chunks) > 4
     idx = torch.tensor([[3, 3999, 17], [17, 0, 5]])
+    assert store.chunk_ok[torch.device("cpu")]  # the chunking was checked at load, on the model's device
     with torch.inference_mode():
-        assert torch.equal(lazy(idx), dense(idx))  # first use decodes whole and checks the chunking
-        assert store.chunk_ok[torch.device("cpu")]
-        tracker = track_decode_memory(lazy)
+        tracker = track_decode_memory(lazy)  # from the first forward on
         assert torch.equal(lazy(idx), dense(idx))
     # only the chunks holding the rows are reconstructed, never the whole table ("entropy" still
     # entropy-decodes all integer coefficients, in int16 here: half the bytes of the float table)
@@ -401,3 +400,108 @@ def test_lazy_packed_file_at_24_bits_equals_dense_loading():
     dense = lsc.load(buf.getvalue())
     lazy = lsc.load(buf.getvalue(), nn.Linear(16, 16), lazy="packed")
     assert torch.equal(lazy.state_dict()["weight"], dense["weight"])
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_first_decode_of_a_chunked_weight_holds_no_second_copy(mode):
+    """The chunking check runs at load, so the first forward decodes like every later one (before, it decoded
+    the whole weight and the chunks side by side); a decode on another device checks it there."""
+    make = lambda: nn.Sequential(nn.Linear(64, 4000), nn.ReLU())  # noqa: E731
+    torch.manual_seed(0)
+    data = _file(make())
+    lazy = load_lazy(data, make(), mode=mode, chunk_numel=16384)
+    store = lazy.__dict__["_lsc_lazy"].stores[0]
+    assert len(store.chunks) > 4 and store.chunk_ok == {torch.device("cpu"): True}
+    tracker = track_decode_memory(lazy)
+    x = torch.randn(2, 64)
+    peaks = []
+    for _ in range(2):
+        tracker.reset_peak()
+        with torch.inference_mode():
+            lazy(x)
+        peaks.append(tracker.peak)
+    assert peaks[0] == peaks[1] < 4000 * 64 * 4 * 2
+    store.chunk_ok.clear()  # as on a device not checked yet: the first decode there checks
+    with torch.inference_mode():
+        assert torch.equal(lazy(x), lsc.load(data, make())(x))
+    assert store.chunk_ok == {torch.device("cpu"): True}
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_torch_compile_of_a_lazy_model_with_a_chunked_embedding(mode):
+    """The embedding's row lookup decodes eagerly (a graph break), as every lazy weight does."""
+    dense, lazy = _chunked_embedding(mode)
+    lazy = nn.Sequential(lazy, nn.Linear(64, 3))
+    dense = nn.Sequential(dense, lazy[1])
+    idx = torch.tensor([[3, 3999, 17], [17, 0, 5]])
+    with torch.no_grad():
+        lazy(idx)  # eagerly first, as a server warming up
+    compiled = torch.compile(lazy, backend="aot_eager")
+    with torch.no_grad():
+        assert torch.equal(compiled(idx), dense(idx))
+
+
+def test_weights_cached_under_inference_mode_serve_a_forward_with_a_graph():
+    """``cache=N``: a weight decoded under ``torch.inference_mode()`` is an ordinary tensor, so a later
+    forward that records a graph (an input gradient) can use it."""
+    make = lambda: nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))  # noqa: E731
+    torch.manual_seed(0)
+    data = _file(make())
+    lazy, dense = load_lazy(data, make(), cache=4), lsc.load(data, make())
+    x = torch.randn(3, 16)
+    with torch.inference_mode():
+        lazy(x)
+    grads = []
+    for m in (lazy, dense):
+        xi = x.clone().requires_grad_(True)
+        m(xi).pow(2).sum().backward()
+        grads.append(xi.grad)
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_training_a_lazy_model_is_refused_with_a_clear_error():
+    make = lambda: nn.Sequential(nn.Embedding(50, 8), nn.Linear(8, 4))  # noqa: E731
+    lazy = load_lazy(_file(make()), make()).train()
+    lazy.requires_grad_(True)
+    with pytest.raises(lsc.LscError, match="inference only"):
+        lazy(torch.tensor([1, 2]))
+    lazy.requires_grad_(False)
+    with torch.no_grad():
+        lazy(torch.tensor([1, 2]))
+
+
+def test_lazy_info_counts_the_row_class_arrays_of_an_entropy_store():
+    make = lambda: nn.Sequential(nn.Embedding(30000, 64), nn.Linear(64, 8))  # noqa: E731
+    torch.manual_seed(0)
+    m = make()
+    with torch.no_grad():
+        m[0].weight.mul_(torch.where(torch.rand(30000) < 0.5, 1.0, 1e-3)[:, None])  # rows of two scales
+    buf = io.BytesIO()
+    lsc.compress_posttraining(m, max_error=0.05, path=buf)
+    lazy = load_lazy(buf.getvalue(), make(), mode="entropy")
+    store = lazy.__dict__["_lsc_lazy"].stores[0]
+    gs = store.__dict__["_groups"]
+    assert gs.classes > 1
+    held = (gs.words, gs.counts, gs.los, gs.ks, gs.modes, gs.cols[0].base, gs.inverse, gs.table_start, gs.class_starts)
+    assert store.compact_nbytes >= sum(a.nbytes for a in held) + sum(b.numel() * b.element_size() for b in store.buffers())
+
+
+@pytest.mark.parametrize("mode,bound", [("packed", 4.0), ("entropy", 3.5)])
+def test_lazy_loading_holds_no_wide_copies_of_a_tensor(mode, bound):
+    """Loading decodes the integers in their narrowest dtype and packs them a few rows at a time: the transient
+    NumPy memory stays a small multiple of the dense table (most of it the int64 check against the codec's
+    decoder); it was ~11x (packed) and ~4x (entropy) with int64 and uint64 copies of the whole tensor."""
+    import tracemalloc
+    make = lambda: nn.Sequential(nn.Embedding(40_000, 64), nn.Linear(64, 8))  # noqa: E731
+    torch.manual_seed(0)
+    data = _file(make())
+    target = make()
+    tracemalloc.start()
+    try:
+        lazy = load_lazy(data, target, mode=mode)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < bound * 40_000 * 64 * 4
+    x = torch.tensor([[0, 39_999, 7]])
+    assert torch.equal(lazy(x), lsc.load(data, make())(x))

@@ -92,12 +92,13 @@ def _read_meta(m: dict):
     return dtype, layout, mean, std, order, bounds
 
 
-def _codec_integers(m: dict, data: bytes, layout, order, bounds) -> tuple[np.ndarray, np.ndarray]:
-    """(q (num_blocks, P) int64, exponents (P,) int64) with the codec's own decoder (row-major positions)."""
+def _codec_integers(m: dict, data: bytes, layout, order, bounds, transpose: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """(q (num_blocks, P) int64, exponents (P,) int64) with the codec's own decoder (row-major positions);
+    ``transpose=False``: q as the decoder gives it, (P, num_blocks), without a transposed copy."""
     side, ans = data[:m["side"]], data[m["side"]:]
     q, e = decode_positions(side, ans, layout.block_numel, layout.num_blocks, order, bounds, m["name"],
                             m.get("segments"), classes=m.get("classes", 1), units=row_units(layout))
-    return np.ascontiguousarray(q.T, dtype=np.int64), e
+    return (np.ascontiguousarray(q.T, dtype=np.int64) if transpose else q), e
 
 
 def _stream_integers(gs: GroupStream, layout, order) -> torch.Tensor:
@@ -203,7 +204,7 @@ class _Store(nn.Module):
     def gather_rows(self, idx: torch.Tensor, device) -> torch.Tensor | None:
         """weight[idx] decoding only the chunks that hold the rows (None if chunking is not verified here)."""
         device = torch.device(device)
-        if not self.chunks or not self.chunk_ok.get(device) or len(self.layout.shape) != 2:
+        if len(self.layout.shape) != 2 or not self.check_chunking(device):
             return None
         uniq, inv = torch.unique(idx, return_inverse=True)
         if uniq.numel():
@@ -223,23 +224,33 @@ class _Store(nn.Module):
                 table[i0:i1] = w[uniq[i0:i1] - g0 * b0]
         return torch.nn.functional.embedding(inv, table)
 
+    def check_chunking(self, device) -> bool:
+        """Whether decoding chunk by chunk gives the whole weight bit for bit on ``device`` (the BLAS may
+        round a product of fewer rows differently). Checked once per device, at load for the model's own,
+        chunk by chunk against one whole decode: at most the whole weight and one chunk at a time."""
+        if not self.chunks:
+            return False
+        device = torch.device(device)
+        ok = self.chunk_ok.get(device)
+        if ok is None:
+            L, b0 = self.layout, self.layout.block_shape[0]
+            src = self._source(device)
+            full = self._reconstruct(self._rows(src, 0, L.num_blocks), L, device)
+            ok = all(torch.equal(self.decode_chunk(src, g0, g1, device), full[g0 * b0: min(L.shape[0], g1 * b0)])
+                     for g0, g1 in self.chunks)
+            self.chunk_ok[device] = ok
+        return ok
+
     def decode(self, device) -> torch.Tensor:
         device = torch.device(device)
         L = self.layout
+        if not self.check_chunking(device):  # no chunks, or chunking found inexact on this device
+            return self._reconstruct(self._rows(self._source(device), 0, L.num_blocks), L, device).to(self.dtype)
         src = self._source(device)
-        ok = self.chunk_ok.get(device) if self.chunks else False
-        if not ok:  # no chunks, chunking found inexact on this device, or first decode here (check below)
-            full = self._reconstruct(self._rows(src, 0, L.num_blocks), L, device)
-            if ok is False:
-                return full.to(self.dtype)
-        # chunks are cast as they are copied in; the first decode here is checked in the file's dtype
-        out = torch.empty(L.shape, dtype=self.dtype if ok else self.file_dtype, device=device)
+        out = torch.empty(L.shape, dtype=self.dtype, device=device)  # chunks are cast as they are copied in
         for g0, g1 in self.chunks:
             w = self.decode_chunk(src, g0, g1, device)
             out[g0 * L.block_shape[0]: g0 * L.block_shape[0] + w.shape[0]].copy_(w)
-        if ok is None:  # first decode on this device: chunked must equal whole, bit for bit
-            ok = self.chunk_ok[device] = bool(torch.equal(out, full))
-            return (out if ok else full).to(self.dtype)
         return out
 
 
@@ -260,16 +271,22 @@ class _EntropyStore(_Store):
         self.__dict__["_groups"] = gs  # plain attribute: stays on the CPU
         self.side_nbytes = len(side)
         if verify:
-            q_ref, e_ref = _codec_integers(m, data, layout, order, bounds)
+            q_ref, e_ref = _codec_integers(m, data, layout, order, bounds, transpose=False)
             q = _stream_integers(gs, layout, order).numpy()
-            if not (np.array_equal(q, q_ref) and np.array_equal(e, e_ref)):
+            if not (np.array_equal(q, q_ref.T) and np.array_equal(e, e_ref)):
                 raise LscError(f"{self.name}: lazy entropy decoder disagrees with the codec")
 
     @property
     def compact_nbytes(self) -> int:
         gs = self.__dict__["_groups"]
-        parsed = gs.words.nbytes + gs.counts.nbytes + gs.los.nbytes + gs.ks.nbytes + gs.modes.nbytes
-        return parsed + sum(b.numel() * b.element_size() for b in self.buffers())
+        arrays = [v for v in vars(gs).values() if isinstance(v, np.ndarray)]
+        arrays += [c for c in gs.cols if c is not None] + [np.asarray(self.__dict__["_order"]), self.__dict__["_bounds"]]
+        owners = {}
+        for a in arrays:  # views (a row class's columns) count once, with the array they look into
+            while isinstance(a.base, np.ndarray):
+                a = a.base
+            owners[id(a)] = a
+        return sum(a.nbytes for a in owners.values()) + sum(b.numel() * b.element_size() for b in self.buffers())
 
     def _source(self, device):
         q = _stream_integers(self.__dict__["_groups"], self.layout, self.__dict__["_order"])
@@ -284,11 +301,23 @@ class _PackedStore(_Store):
 
     def __init__(self, m, data: bytes, verify: bool, chunk_numel: int):
         dtype, layout, mean, std, order, bounds = _read_meta(m)
-        q, e = _codec_integers(m, data, layout, order, bounds)
+        # the integers in their narrowest dtype, group by group (no int64 copy of the tensor)
+        gs = GroupStream(data[:m["side"]], data[m["side"]:], layout.block_numel, layout.num_blocks, bounds, m["name"],
+                         m.get("segments"), m.get("classes", 1), row_units(layout))
+        q = _stream_integers(gs, layout, order).numpy()
+        e = np.empty(layout.block_numel, dtype=np.int64)
+        e[order] = gs.exponents
+        del gs
         super().__init__(m, layout, dtype, mean, std, e, chunk_numel)
         self.packed = PackedCoefficients(q, mean.dtype)
-        if verify and not np.array_equal(self.packed.rows(0, layout.num_blocks).numpy(), q):
-            raise LscError(f"{self.name}: bit packing does not round-trip")
+        if verify:  # the codec's own decoder, compared block row range by range (no second unpacked copy)
+            q_ref, e_ref = _codec_integers(m, data, layout, order, bounds, transpose=False)
+            step = max(1, (1 << 20) // max(layout.block_numel, 1))
+            same = np.array_equal(e, e_ref) and all(
+                np.array_equal(self.packed.rows(r, min(r + step, layout.num_blocks)).numpy(), q_ref[:, r:r + step].T)
+                for r in range(0, layout.num_blocks, step))
+            if not same:
+                raise LscError(f"{self.name}: bit packing does not round-trip")
 
     @property
     def compact_nbytes(self) -> int:
@@ -443,7 +472,8 @@ class _Runtime:
         if w is None:
             ctx = (self.tracker.tracking(numpy=self.mode == "entropy") if self.tracker is not None
                    else contextlib.nullcontext())
-            with ctx, torch.no_grad():
+            # out of inference mode: a kept weight must serve later forwards that record a graph (an input gradient)
+            with ctx, torch.inference_mode(False), torch.no_grad():
                 w = store.decode(device)
             store.last = weakref.ref(w)
             with self._lock:
@@ -509,6 +539,7 @@ class LazyParametrization(nn.Module):
     @torch.compiler.disable
     def forward(self, placeholder: torch.Tensor) -> torch.Tensor:
         _refuse_tracing(self.store.name)
+        _refuse_training(self.store.name, placeholder)
         return self.__dict__["runtime"].get(self.store, placeholder.device)
 
     def extra_repr(self) -> str:
@@ -523,9 +554,19 @@ def _refuse_tracing(name: str) -> None:
                        "to export or trace it")
 
 
+def _refuse_training(name: str, placeholder: torch.Tensor) -> None:
+    """A lazy weight has no trainable tensor (its placeholder is empty): an optimizer would silently do nothing."""
+    if placeholder.requires_grad and torch.is_grad_enabled():
+        raise LscError(f"{name}: a model loaded with lazy=... is inference only and its weights cannot be trained "
+                       "(requires_grad was set on its placeholders); to fine-tune, load the file dense with "
+                       "lsc.load(path, model), or into a spectral model")
+
+
+@torch.compiler.disable  # decoded eagerly under torch.compile, as LazyParametrization.forward is
 def _embedding_forward(self, input):
     par = self.parametrizations.weight[0]
     _refuse_tracing(par.store.name)
+    _refuse_training(par.store.name, self.parametrizations.weight.original)
     return par.runtime.embedding(self, par.store, self.parametrizations.weight.original.device, input)
 
 
@@ -673,6 +714,7 @@ def load_lazy(src, model: nn.Module, *, mode: str = "packed", cache: int = 0, st
     owners: dict[int, nn.Module] = {}
     for store, _ in plan:
         store.to(device)
+        store.check_chunking(device)  # now, so that no forward pays for it (nor holds its whole weight)
         runtime.stores.append(store)
     for store, module, attr, old in targets:
         dev = device if old.is_meta else old.device

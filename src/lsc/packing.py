@@ -77,6 +77,24 @@ def _unpack_plane(data: torch.Tensor, p: int, v0: int, v1: int) -> torch.Tensor:
     return vals[v0 - b0 * per: v1 - b0 * per]
 
 
+_PACK_CHUNK = 1 << 20  # values per packing pass: the uint64 temporaries stay small for any tensor
+
+
+def _packed_planes(q: np.ndarray, cols: np.ndarray, lo: np.ndarray, planes: list) -> list[np.ndarray]:
+    """The bytes of each bit plane of columns ``cols`` of ``q`` offset by ``lo`` (row-major values, zero-padded
+    to a multiple of 8), packed a few block rows at a time so loading never holds uint64 copies of the tensor."""
+    nb, k = q.shape[0], cols.size
+    rows = max(8, (_PACK_CHUNK // max(k, 1)) // 8 * 8)  # a multiple of 8 rows: whole bytes in every plane
+    out = [[] for _ in planes]
+    for r0 in range(0, nb, rows):
+        v = (q[r0:r0 + rows, cols].astype(np.int64) - lo).reshape(-1).astype(np.uint64)
+        if v.size % 8:
+            v = np.concatenate([v, np.zeros(8 - v.size % 8, dtype=np.uint64)])
+        for j, (off, pw) in enumerate(planes):
+            out[j].append(_pack_plane((v >> np.uint64(off)) & np.uint64((1 << pw) - 1), pw))
+    return [np.concatenate(parts) if parts else np.zeros(0, dtype=np.uint8) for parts in out]
+
+
 class PackedCoefficients(nn.Module):
     """Integer coefficients (num_blocks, P) packed per column; ``rows(r0, r1)`` unpacks a row range.
 
@@ -93,11 +111,13 @@ class PackedCoefficients(nn.Module):
 
     def __init__(self, q: np.ndarray, float_dtype: torch.dtype = torch.float32):
         super().__init__()
-        q = np.asarray(q, dtype=np.int64)
+        q = np.asarray(q)
+        if not np.issubdtype(q.dtype, np.integer):
+            q = q.astype(np.int64)
         nb, P = q.shape
         self.num_rows, self.num_cols = int(nb), int(P)
-        lo = q.min(0) if nb else np.zeros(P, dtype=np.int64)
-        hi = q.max(0) if nb else np.zeros(P, dtype=np.int64)
+        lo = q.min(0).astype(np.int64) if nb else np.zeros(P, dtype=np.int64)
+        hi = q.max(0).astype(np.int64) if nb else np.zeros(P, dtype=np.int64)
         exact = 1 << {torch.float64: 53}.get(float_dtype, 24)
         # exact in floats: the coefficients, and what the planes sum to before lo is added (hi - lo, up to 2 amax)
         amax = int(max(np.abs(lo).max(), np.abs(hi).max(), (hi - lo).max())) if P else 0
@@ -111,15 +131,11 @@ class PackedCoefficients(nn.Module):
             planes = _planes(int(w)) if w <= _MAX_PACKED_WIDTH else []
             self.groups.append((int(w), planes))
             self.register_buffer(f"cols{i}", torch.from_numpy(cols.astype(np.int64)), persistent=False)
-            v = np.ascontiguousarray(q[:, cols] - lo[cols]).reshape(-1).astype(np.uint64)
             if w > _MAX_PACKED_WIDTH:
-                self.register_buffer(f"raw{i}", torch.from_numpy(np.ascontiguousarray(q[:, cols])), persistent=False)
+                self.register_buffer(f"raw{i}", torch.from_numpy(q[:, cols].astype(np.int64)), persistent=False)
                 continue
-            pad = np.zeros(-(-v.size // 8) * 8, dtype=np.uint64)
-            pad[:v.size] = v
-            for j, (off, pw) in enumerate(planes):
-                plane = (pad >> np.uint64(off)) & np.uint64((1 << pw) - 1)
-                self.register_buffer(f"data{i}_{j}", torch.from_numpy(_pack_plane(plane, pw)), persistent=False)
+            for j, plane in enumerate(_packed_planes(q, cols, lo[cols], planes)):
+                self.register_buffer(f"data{i}_{j}", torch.from_numpy(plane), persistent=False)
 
     @property
     def nbytes(self) -> int:
