@@ -207,6 +207,7 @@ def _load_pre_hook(module, state_dict, prefix, local_metadata, strict, missing_k
     st = module.__dict__.get("_lsc")
     if st is None:
         return
+    st.rate_cache = None  # a checkpoint of another size: the next quantization_loss measures it afresh
     plain = _analyze_dense_weights(module, st, state_dict, prefix)
     _rename_coefficient_keys(st, state_dict, prefix)
     _explain_layout_mismatches(module, st, state_dict, prefix, error_msgs)

@@ -1,6 +1,6 @@
 """A size target: state the file size you want, and training steers the rate term to hit it.
 
-    ctrl = lsc.RateController(model, target_bits_per_weight=1.0)   # or target_bytes=40_000
+    ctrl = lsc.RateController(model, target_bits_per_weight=1.0, total_steps=len(data))   # or target_bytes=40_000
     for x, y in data:
         loss = task_loss(model(x), y) + ctrl.loss()   # lambda * bits_per_weight, lambda adapted
         ...
@@ -137,9 +137,11 @@ class RateController:
             of :meth:`loss`, since trained raw parameters and running statistics change what
             zlib makes of them). Give exactly one of the two.
         init_weight: starting lambda (default: the ``rate_weight`` given to ``lsc.spectral``).
-        total_steps: number of training steps planned; the reference size then moves geometrically
-            from the starting size to the target over the first ``ramp`` fraction of them (a
-            moving target the optimizer can follow, instead of a jump that makes lambda wind up).
+        total_steps: number of training steps planned (optimizer steps: with gradient accumulation,
+            call :meth:`loss` with ``update=False`` on all micro-batches but one); the reference size then
+            moves geometrically from the starting size to the target over the first ``ramp`` fraction of
+            them (a moving target the optimizer can follow, instead of a jump that makes lambda wind up).
+            Without it, the reference falls from the starting size by at most half every 50 steps.
         lr: dual-ascent (integral) step on log lambda per call, times the log size error.
         gain: proportional gain: the loss uses ``lambda * exp(gain * error)``.
         horizon: derivative term: the error is that of the size projected ``horizon`` steps ahead
@@ -194,11 +196,22 @@ class RateController:
                             math.log(self.max_weight)))
 
     def reference(self) -> float:
-        """The bits per weight aimed at now: the target, approached geometrically during the ramp."""
-        if self.start_bpw is None or self.steps >= self.ramp_steps:
+        """The bits per weight aimed at now: the target, approached geometrically during the ramp. Without
+        ``total_steps``, a reference below the starting size falls by at most half every
+        ``HALVING_STEPS`` steps: a target far below the start reached in one jump makes lambda wind up,
+        overshoot and leave the model stuck far below it."""
+        if self.start_bpw is None:
+            return self.target_bpw
+        if not self.ramp_steps:
+            if self.target_bpw >= self.start_bpw:
+                return self.target_bpw
+            return max(self.target_bpw, self.start_bpw * 0.5 ** (self.steps / self.HALVING_STEPS))
+        if self.steps >= self.ramp_steps:
             return self.target_bpw
         frac = self.steps / self.ramp_steps
         return self.target_bpw * (self.start_bpw / self.target_bpw) ** (1.0 - frac)
+
+    HALVING_STEPS = 50
 
     def loss(self, update: bool = True) -> torch.Tensor:
         """``weight * bits_per_weight(model)``; updates the weight from this step's size unless ``update=False``.
@@ -305,11 +318,14 @@ class RateController:
 
     # -- landing on target
     @torch.no_grad()
-    def _shift(self, delta_bits) -> None:
-        """Add ``delta_bits`` (a number, or one value per tensor id) to every tensor's bit allocation."""
+    def _shift(self, base: torch.Tensor, bits) -> None:
+        """Set every tensor's bit allocation to ``bits`` (a number, or one value per tensor id) above the one
+        q_net had at ``base`` (its per-tensor offsets then): set, not added, so that returning to a shift gives
+        the same offsets bit for bit (sums of float32 increments drift across quarter-bit boundaries)."""
         q = self.state.q_net
-        q.tensor_offset.add_(torch.as_tensor(delta_bits, dtype=q.tensor_offset.dtype, device=q.tensor_offset.device)
-                             / q.bits_scale)
+        shift = torch.as_tensor(bits, dtype=torch.float64, device=base.device) / q.bits_scale
+        q.tensor_offset.copy_((base.double() + shift).to(q.tensor_offset.dtype))
+        self.state.rate_cache = None  # the tracked size jumped: the next quantization_loss measures it afresh
 
     @torch.no_grad()
     def _sensitivity_offsets(self, sensitivity) -> torch.Tensor:
@@ -375,13 +391,12 @@ class RateController:
                            "(lsc.load into a spectral model), which q_net no longer moves; resume from the "
                            "training checkpoint (model.state_dict()) to change the size")
         offsets = self._sensitivity_offsets(sensitivity) if sensitivity else 0.0
+        base = self.state.q_net.tensor_offset.detach().clone()
         lo, hi = -search_bits, search_bits  # size grows with the shift
-        applied = 0.0
-        best = (abs(err), 0.0, err)  # 0.0: no change
+        best = (abs(err), None, err)  # None: no change
         for _ in range(max_iter):
             mid = (lo + hi) / 2
-            self._shift(offsets + mid - applied)
-            applied = offsets + mid
+            self._shift(base, offsets + mid)
             err = self.relative_error(measure, raw=raw)
             if abs(err) < best[0]:
                 best = (abs(err), offsets + mid, err)
@@ -391,5 +406,9 @@ class RateController:
                 hi = mid
             else:
                 lo = mid
-        self._shift(best[1] - applied)
+        if best[1] is None:
+            self.state.q_net.tensor_offset.copy_(base)
+            self.state.rate_cache = None
+        else:
+            self._shift(base, best[1])
         return best[2]

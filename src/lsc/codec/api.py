@@ -729,6 +729,7 @@ def _load_into_spectral(model, header, plain, spec, strict):
         par.frozen_exponent = e.to(torch.float32)
     for entry, weight in dense:
         setattr(entry.module, entry.attr, weight.to(entry.coefficients.device))  # right_inverse
+    st.rate_cache = None  # the next quantization_loss measures the loaded model afresh
     if raw:
         root.load_state_dict({k: v for k, v in raw.items() if k in own}, strict=False)
 
