@@ -5,7 +5,9 @@ fixture), so they run concurrently to keep this file fast.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -349,9 +351,10 @@ def test_compress_with_row_counts_for_an_embedding_table(tmp_path, capsys):
     kept = lsc.load(tmp_path / "prior.lsc")["emb.weight"]
     assert float(((kept - sd["emb.weight"]).pow(2).sum(1) / sd["emb.weight"].pow(2).sum(1))[30:].mean()) < 0.5 * float(err[30:].mean())
     capsys.readouterr()
-    assert main(args + ["-o", str(tmp_path / "bad.lsc"), "--hessians", str(tmp_path / "h.safetensors"),
-                        "--row-prior", "0"]) != 0
-    assert "--row-prior 0: must be" in capsys.readouterr().err and not (tmp_path / "bad.lsc").exists()
+    with pytest.raises(SystemExit) as e:  # a usage error, found before anything is read
+        main(args + ["-o", str(tmp_path / "bad.lsc"), "--hessians", str(tmp_path / "h.safetensors"), "--row-prior", "0"])
+    assert e.value.code == 2 and "--row-prior: 0: must be" in capsys.readouterr().err
+    assert not (tmp_path / "bad.lsc").exists()
 
 
 def test_closed_pipe_stops_quietly(files):
@@ -488,3 +491,45 @@ def test_every_plot_command_in_the_docs_names_its_output():
     for doc in (root / "README.md", root / "docs" / "CLI.md"):
         for cmd in re.findall(r"`(lsc plot [^`]*)`", doc.read_text()):
             assert " -o " in f" {cmd} ", f"{doc.name}: `{cmd}` lacks the required -o"
+
+
+@pytest.mark.parametrize("argv", [
+    ["--max-error", "-1"], ["--max-error", "emb.*=nan"], ["--row-prior", "nan"], ["--bits", "nan"], ["--bits", "100"],
+    ["--max-error-1d", "-1"], ["--min-bits", "inf"], ["--bits", "4", "--max-error-1d", "0.001"],
+    ["--bits", "4", "--max-bits", "2"],
+])
+def test_bad_numbers_and_ignored_flags_are_usage_errors_before_loading(tmp_path, capsys, monkeypatch, argv):
+    from lsc import cli, posttraining
+    torch.save({"w": torch.randn(8, 8)}, tmp_path / "m.pt")
+    monkeypatch.setattr(posttraining, "load_checkpoint", lambda *a: pytest.fail("the checkpoint was read"))
+    with pytest.raises(SystemExit) as e:
+        cli.main(["compress", str(tmp_path / "m.pt"), "-o", str(tmp_path / "m.lsc"), *argv])
+    assert e.value.code == 2 and "error: argument" in capsys.readouterr().err
+    assert not (tmp_path / "m.lsc").exists()
+
+
+def test_tied_tensors_count_once_in_compress_and_are_listed_by_info(tmp_path, capsys):
+    from lsc.cli import main
+    torch.manual_seed(0)
+    emb = torch.randn(64, 32)
+    torch.save({"embed.weight": emb, "lm_head.weight": emb, "fc.weight": torch.randn(32, 32)}, tmp_path / "t.pt")
+    assert main(["compress", str(tmp_path / "t.pt"), "-o", str(tmp_path / "t.lsc")]) == 0
+    out = capsys.readouterr().out
+    assert "2 tensors (1 more names tied to them), 3,072 float weights" in out
+    compress_ratio = re.search(r"([0-9.]+)x smaller than fp32", out).group(1)
+    assert main(["info", str(tmp_path / "t.lsc")]) == 0
+    info = capsys.readouterr().out
+    assert re.search(r"^lm_head\.weight +tied += embed\.weight$", info, re.M)
+    assert re.search(r"ratio: ([0-9.]+)x vs fp32", info).group(1) == compress_ratio
+
+
+def test_bounds_that_name_no_tensor_are_refused_or_named(tmp_path, capsys):
+    from lsc.cli import main
+    torch.save({"bert.fc1.weight": torch.randn(32, 32), "bert.fc2.weight": torch.randn(32, 32)}, tmp_path / "m.pt")
+    (tmp_path / "b.json").write_text(json.dumps({"fc1.weight": 0.001, "fc2.weight": 0.001, "default": 0.2}))
+    assert main(["compress", str(tmp_path / "m.pt"), "--bounds", str(tmp_path / "b.json"),
+                 "-o", str(tmp_path / "m.lsc")]) == 1
+    assert "none of its 2 names matches a tensor" in capsys.readouterr().err and not (tmp_path / "m.lsc").exists()
+    (tmp_path / "b.json").write_text(json.dumps({"bert.fc1.weight": 0.01, "fc2.weight": 0.001, "default": 0.2}))
+    with pytest.warns(UserWarning, match=r"no tensor matches max_error\['fc2.weight'\]"):
+        lsc.compress_posttraining(torch.load(tmp_path / "m.pt"), max_error=json.loads((tmp_path / "b.json").read_text()))

@@ -251,6 +251,50 @@ def test_saving_to_a_missing_directory_or_a_directory_names_the_problem(tmp_path
     assert os.listdir(tmp_path) == []  # nothing left behind
 
 
+def test_saving_through_a_symlink_replaces_its_target_and_keeps_the_link(tmp_path):
+    model = nn.Linear(8, 4)
+    lsc.spectral(model)
+    (tmp_path / "real.lsc").write_bytes(b"old")
+    (tmp_path / "link.lsc").symlink_to(tmp_path / "real.lsc")
+    n = lsc.save(model, tmp_path / "link.lsc")
+    assert (tmp_path / "link.lsc").is_symlink() and (tmp_path / "real.lsc").stat().st_size == n
+    assert sorted(os.listdir(tmp_path)) == ["link.lsc", "real.lsc"]
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs here")
+def test_saving_to_a_fifo_writes_into_it_and_leaves_the_node(tmp_path):
+    """A FIFO (or a device such as /dev/null) is written in place: a rename would replace the node."""
+    import stat
+    import threading
+    model = nn.Linear(8, 4)
+    lsc.spectral(model)
+    fifo = tmp_path / "pipe.lsc"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()))
+    reader.start()
+    n = lsc.save(model, fifo)
+    reader.join(30)
+    assert stat.S_ISFIFO(os.lstat(fifo).st_mode) and len(got[0]) == n
+    lsc.load(got[0])
+    assert os.listdir(tmp_path) == ["pipe.lsc"]
+
+
+def test_an_unwritable_directory_is_found_before_the_work_and_named(tmp_path, monkeypatch):
+    """The check creates (and removes) a file there: os.access passes for root on read-only mounts."""
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if flags & os.O_CREAT:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, flags, *args)
+    monkeypatch.setattr(os, "open", read_only)
+    from lsc.atomic import check_writable
+    with pytest.raises(PermissionError, match=r"cannot write .*m\.lsc: Permission denied") as e:
+        check_writable(tmp_path / "m.lsc")
+    assert ".tmp" not in str(e.value)
+
+
 @pytest.fixture(scope="module")
 def good_file():
     torch.manual_seed(0)

@@ -15,15 +15,37 @@ __all__ = ["atomic_path", "atomic_write_bytes"]
 
 
 def check_writable(path) -> str:
-    """``path`` as a string, after checking that a file can be written there (its directory exists and it is no
-    directory): callers that work long before they write check first, so a typo costs no work."""
+    """``path`` as a string, after checking that a file can be written there (its directory exists and takes
+    new files, and it is no directory): callers that work long before they write check first, so a typo or
+    a read-only folder costs no work. Errors name ``path``, never a temporary file."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
+    target = _target(path)
+    folder = os.path.dirname(target)
     if not os.path.isdir(folder):  # name what is missing, not the temporary file
         raise FileNotFoundError(f"cannot write {path}: the directory {folder} does not exist")
-    if os.path.isdir(path):
+    if os.path.isdir(target):
         raise IsADirectoryError(f"cannot write {path}: it is a directory; give a file name")
+    if _is_special(target):
+        if not os.access(target, os.W_OK):
+            raise PermissionError(f"cannot write {path}: permission denied")
+        return path
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_create_temporary(target, path))  # the one sure test: root passes os.access on read-only mounts
     return path
+
+
+def _target(path: str) -> str:
+    """The file a write to ``path`` lands in: through symbolic links (replacing the link itself would cut it)."""
+    return os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
+
+
+def _is_special(path: str) -> bool:
+    """An existing file that is not a regular one (a FIFO, a device such as /dev/null): written in place,
+    since renaming a temporary file over it would replace the node with a regular file."""
+    try:
+        return not stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 @contextlib.contextmanager
@@ -31,24 +53,30 @@ def atomic_path(path):
     """Yield a temporary path next to ``path``; on success it replaces ``path``, on error it is removed.
 
     The temporary name keeps ``path``'s suffix, so writers that pick a format by suffix still work.
+    A symbolic link is followed (its target is replaced, the link stays); a FIFO or device is written
+    directly (nothing to replace atomically there).
     """
     path = check_writable(path)
-    tmp = _create_temporary(path)
+    target = _target(path)
+    if _is_special(target):
+        yield target
+        return
+    tmp = _create_temporary(target, path)
     try:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         with contextlib.suppress(FileNotFoundError):  # replacing a file keeps its permissions
-            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
-        os.replace(tmp, path)
+            os.chmod(tmp, stat.S_IMODE(os.stat(target).st_mode))
+        os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
 
 
-def _create_temporary(path: str) -> str:
-    """Create an empty temporary file beside ``path`` and return its name.
+def _create_temporary(path: str, shown: str | None = None) -> str:
+    """Create an empty temporary file beside ``path`` and return its name (errors name ``shown``).
 
     Created with mode 0o666 less the umask, as ``open()`` would create ``path`` itself (``mkstemp``'s
     0o600 would make a model saved in a shared folder unreadable to others); the name is kept well
@@ -64,7 +92,9 @@ def _create_temporary(path: str) -> str:
             return tmp
         except FileExistsError:
             continue
-    raise FileExistsError(f"cannot create a temporary file beside {path}")
+        except OSError as e:  # a read-only folder or file system: say which output could not be written
+            raise type(e)(e.errno, f"cannot write {shown or path}: {e.strerror}") from None
+    raise FileExistsError(f"cannot create a temporary file beside {shown or path}")
 
 
 def atomic_write_bytes(path, data: bytes) -> None:

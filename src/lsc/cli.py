@@ -105,6 +105,29 @@ def _int_at_least(low: int, high: int | None = None):
     return parse
 
 
+def _number(low: float = -math.inf, high: float = math.inf, *, above: bool = False):
+    """An argparse ``type=``: a finite number in [low, high] (``above``: > low), so that a bad value is a usage
+    error (status 2) before anything is read."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text}: expected a number") from None
+        ok = math.isfinite(value) and (value > low if above else value >= low) and value <= high
+        if not ok:
+            rng = (f"> {low:g}" if above else f">= {low:g}") if high == math.inf else f"in [{low:g}, {high:g}]"
+            raise argparse.ArgumentTypeError(f"{text}: must be a finite number {rng}")
+        return value
+    parse.__name__ = "number"
+    return parse
+
+
+def _max_error_item(text: str) -> str:
+    """``--max-error E`` or ``GLOB=E``, checked as a usage error (the value is parsed by :func:`_parse_max_error`)."""
+    _number(0.0)(text.rpartition("=")[2])
+    return text
+
+
 # ----------------------------------------------------------------- commands
 
 def cmd_demo(args) -> int:
@@ -122,8 +145,13 @@ def cmd_compress(args) -> int:
         raise CliError(f"{src}: no such checkpoint file or directory")
     if args.bits is not None and args.max_error:
         raise CliError("give either --bits or --max-error, not both")
-    if not (0 < args.row_prior < math.inf):
-        raise CliError(f"--row-prior {args.row_prior:g}: must be a finite number > 0")
+    if args.bits is not None:  # they shape the --max-error search, which --bits replaces: a silent no-op otherwise
+        given = [f for f, v in (("--max-error-1d", args.max_error_1d), ("--min-bits", args.min_bits),
+                                ("--max-bits", args.max_bits)) if v is not None]
+        if given:
+            args.usage_error(f"argument {given[0]}: not allowed with argument --bits (it shapes the --max-error search)")
+    args.min_bits = -4.0 if args.min_bits is None else args.min_bits
+    args.max_bits = 16.0 if args.max_bits is None else args.max_bits
     _check_bits_range(args)
     bounds_file = _check_input(args.bounds, "bounds file") if args.bounds else None
     hessians_file = _check_input(args.hessians, "Hessians file") if args.hessians else None
@@ -137,9 +165,11 @@ def cmd_compress(args) -> int:
     t0 = time.perf_counter()
     sd = load_checkpoint(src)
     _check_dtypes(sd)
-    n_float = sum(t.numel() for t in sd.values() if t.is_floating_point())
-    fp32 = sum(4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size() for t in sd.values())
-    _out(args, f"{src}: {len(sd)} tensors, {n_float:,} float weights ({fmt_bytes(fp32)} as fp32)")
+    unique = _unique_tensors(sd)  # tied tensors (one storage under several names) count once, as the file stores them
+    n_float = sum(t.numel() for t in unique if t.is_floating_point())
+    fp32 = sum(4 * t.numel() if t.is_floating_point() else t.numel() * t.element_size() for t in unique)
+    tied = f" ({len(sd) - len(unique)} more names tied to them)" if len(unique) < len(sd) else ""
+    _out(args, f"{src}: {len(unique)} tensors{tied}, {n_float:,} float weights ({fmt_bytes(fp32)} as fp32)")
     if args.bits is not None:
         rule = f"--bits {args.bits:g}"
     elif args.bounds:
@@ -174,6 +204,18 @@ def cmd_compress(args) -> int:
     _out(args, f"wrote {out}: {fmt_bytes(size)} ({8 * size / max(n_float, 1):.3f} bits/weight), "
                f"{fp32 / size:.1f}x smaller than fp32, in {secs:.1f} s")
     return 0
+
+
+def _unique_tensors(sd: dict) -> list:
+    """The tensors of a state dict, each storage view once (a tied embedding and LM head are one tensor)."""
+    seen, out = set(), []
+    for t in sd.values():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
+            if t.numel() else (id(t),)
+        if key not in seen:
+            seen.add(key)
+            out.append(t)
+    return out
 
 
 def _default_lsc_name(src: Path) -> Path:
@@ -267,13 +309,16 @@ def cmd_info(args) -> int:
         import json
         print(json.dumps(info, indent=1, default=_json_default))
         return 0
-    w = max([len(r["name"]) for r in rows] + [4])
-    print(f"{p}: {len(rows)} tensors")
+    w = max([len(n) for r in rows for n in (r["name"], *r.get("tied", ()))] + [4])
+    aliases = sum(len(r.get("tied", ())) for r in rows)
+    print(f"{p}: {len(rows)} tensors" + (f" ({aliases} more names tied to them)" if aliases else ""))
     print(f"{'name':<{w}}  {'kind':<8}  {'shape':<16}  {'dtype':<8}  {'bits/w':>7}  {'bytes':>11}  {'share':>6}")
     order = sorted(rows, key=lambda r: -r["bytes"]) if args.sort == "bytes" else rows
     for r in order:
         print(f"{r['name']:<{w}}  {r.get('kind', ''):<8}  {fmt_shape(r['shape']):<16}  {r.get('dtype', ''):<8}  "
               f"{r['bits_per_weight']:7.3f}  {r['bytes']:>11,}  {100 * r['bytes'] / total:5.1f}%")
+        for alias in r.get("tied", ()):
+            print(f"{alias:<{w}}  {'tied':<8}  = {r['name']}")
     numel = sum(math.prod(r["shape"]) for r in rows)
     fnumel = sum(math.prod(r["shape"]) for r in rows if _is_float(r.get("dtype", "float32")))
     fp32 = 4 * fnumel + sum(_raw_bytes(r) for r in rows if not _is_float(r.get("dtype", "float32")))
@@ -383,6 +428,7 @@ DEFAULT_MAX_ERROR = 0.05
 # ----------------------------------------------------------------- parser
 
 def build_parser() -> argparse.ArgumentParser:
+    from .quantizer import MAX_BITS, MIN_BITS
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="show tracebacks on errors")
@@ -399,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "with the rate loss, save the .lsc file, reload it into a fresh model and compare.")
     d.add_argument("-o", "--output", default="demo.lsc", help="file to write (default: demo.lsc)")
     d.add_argument("--steps", type=_int_at_least(1), default=None, help="fine-tuning steps (default: the demo's tuned value)")
-    d.add_argument("--rate-weight", type=float, default=None, help="fixed weight of the rate loss (instead of a size target)")
+    d.add_argument("--rate-weight", type=_number(0.0), default=None, help="fixed weight of the rate loss (instead of a size target)")
     d.add_argument("--target-bytes", type=float, default=None,
                    help="file size to hit within 5%% (default 8000): the rate weight is steered during fine-tuning")
     d.add_argument("--epochs", type=_int_at_least(1), default=None, help="epochs of plain training before compression")
@@ -414,8 +460,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("checkpoint", help=".pt / .pth (torch.save'd state_dict), .safetensors, or a Hugging Face model directory (or the .index.json of a sharded checkpoint)")
     c.add_argument("-o", "--output", help="output .lsc file (default: CHECKPOINT with suffix .lsc)")
     g = c.add_mutually_exclusive_group()
-    g.add_argument("--bits", type=float, help="bits per frequency for every tensor (quarter-bit steps)")
-    g.add_argument("--max-error", action="append", metavar="E|GLOB=E",
+    g.add_argument("--bits", type=_number(MIN_BITS, MAX_BITS), help="bits per frequency for every tensor (quarter-bit steps)")
+    g.add_argument("--max-error", action="append", metavar="E|GLOB=E", type=_max_error_item,
                    help="per-tensor bound on ||W-W^||/||W||, bits found by binary search (default "
                         f"{DEFAULT_MAX_ERROR}); repeat as GLOB=E to give matching tensors their own bound")
     g.add_argument("--bounds", metavar="JSON",
@@ -425,17 +471,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="X^T X of each layer's inputs, {weight name: tensor} saved from lsc.collect_hessians: "
                         "quantize those layers with error feedback (smaller output error, same size); a vector "
                         "of row lookup counts for an embedding table spends its bits on the rows that are read")
-    c.add_argument("--row-prior", type=float, default=1.0, metavar="N",
+    c.add_argument("--row-prior", type=_number(0.0, above=True), default=1.0, metavar="N",
                    help="lookups credited to every row of an embedding table given as counts in --hessians "
                         "(default 1); larger keeps rarely read rows closer, for a larger file")
-    c.add_argument("--max-error-1d", type=float, default=None, metavar="E1",
+    c.add_argument("--max-error-1d", type=_number(0.0), default=None, metavar="E1",
                    help="bound for biases and norm scales (1-D tensors; default: their --max-error bound / 20); "
                         "a bound --bounds gives a tensor by its exact name is used as given")
     c.add_argument("--block-size", type=_int_at_least(1), default=8, help="DCT block edge per dimension (default 8)")
     c.add_argument("--exclude", action="append", metavar="GLOB", help="keep matching tensors uncompressed (repeatable)")
-    c.add_argument("--min-bits", type=float, default=-4.0, help="search range low end (default -4)")
-    c.add_argument("--max-bits", type=float, default=16.0, help="search range high end (default 16)")
-    c.set_defaults(func=cmd_compress)
+    c.add_argument("--min-bits", type=_number(MIN_BITS, MAX_BITS), default=None,
+                   help="search range low end of --max-error (default -4)")
+    c.add_argument("--max-bits", type=_number(MIN_BITS, MAX_BITS), default=None,
+                   help="search range high end of --max-error (default 16)")
+    c.set_defaults(func=cmd_compress, usage_error=c.error)
 
     i = sub.add_parser("info", parents=[common], help="per-tensor table of a .lsc file",
                        description="Show every tensor of a .lsc file: shape, bits per weight, bytes, share of the file; "
@@ -497,7 +545,7 @@ def main(argv=None) -> int:
         if where and not isinstance(e, CliError) and not msg.startswith(str(where)):
             msg = f"{where}: {msg}"
         return _fail(args, e, msg)
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+    except OSError as e:  # a missing, unwritable or read-only output, named as the user gave it
         where = f"{e.filename}: " if getattr(e, "filename", None) else ""
         return _fail(args, e, f"{where}{e.strerror or e}")
     except MemoryError as e:

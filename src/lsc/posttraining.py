@@ -30,6 +30,7 @@ import functools
 import math
 import os
 import time
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,8 +40,8 @@ import torch
 from torch import nn
 
 from .atomic import check_writable
-from .convert import _per_tensor, selected_parameters, spectral
-from .errors import LscError
+from .convert import _per_tensor, _unmatched_keys, selected_parameters, spectral
+from .errors import LscError, outside_stacklevel
 from .feedback import check_positive_definite, feedback_quantize, output_error, supports_feedback
 from .precision import full_precision
 from .quantizer import EXPONENT_RESOLUTION, MAX_BITS, MIN_BITS, integer_coefficients
@@ -495,6 +496,25 @@ def _error_bound(max_error, name: str, shape: tuple[int, ...]) -> float:
     return value
 
 
+def _check_bound_names(model: nn.Module, max_error) -> None:
+    """A ``max_error`` dict whose keys name no tensor of the model (bounds calibrated under other names, e.g.
+    a ``bert.`` prefix) would silently leave every tensor at the default: refused when no key matches, and
+    the keys that match nothing are named in a warning otherwise."""
+    if not isinstance(max_error, Mapping):
+        return
+    keys = [k for k in max_error if k != "default"]
+    by_name, by_type = _unmatched_keys(model, max_error={k: max_error[k] for k in keys})
+    unmatched = by_name + by_type
+    if keys and len(unmatched) == len(keys):
+        some = sorted(n for n, _ in model.named_parameters())[:3]
+        raise LscError(f"max_error: none of its {len(keys)} names matches a tensor of the model (first: {keys[0]!r}; "
+                       f"the model's names look like {some}); were the bounds made for a model with other names?")
+    if unmatched:
+        warnings.warn(f"lsc.compress_posttraining: no tensor matches {', '.join(unmatched[:5])}"
+                      + (f" and {len(unmatched) - 5} more" if len(unmatched) > 5 else "")
+                      + "; those bounds are not used", stacklevel=outside_stacklevel())
+
+
 def _is_named(max_error, name: str) -> bool:
     """Whether a bound dict names ``name`` exactly (a ``--bounds`` file, a calibrated allocation). A glob is
     written for a group, matrices first: ``embeddings.*=0.08`` must not loosen the group's biases and norm
@@ -697,6 +717,7 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
 
     # detach() keeps the original storage alive: parametrize rebinds the parameter itself to the coefficients
     chosen = selected_parameters(model, include, exclude)
+    _check_bound_names(model, max_error)
     originals = {name: p.detach() for name, _, _, p, _ in chosen}
     hessians = _check_hessians(hessians, model, originals)
     if max_error is not None:  # every tensor's bound resolves, before lsc.spectral changes the model
