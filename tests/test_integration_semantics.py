@@ -3,6 +3,7 @@ gradients that model-level utilities clear, layers that edit their weight in pla
 a user stacks on lsc's."""
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -251,3 +252,83 @@ def test_quantization_network_gradients_added_up_over_the_models_steps_are_kept(
             m(x)
     for got, ref in zip((p.grad for p in q.parameters()), want):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("before,after", [(torch.float32, torch.float16), (torch.float32, torch.bfloat16),
+                                          (torch.float16, torch.float32), (torch.float32, torch.float64)])
+def test_assigning_a_weight_after_a_dtype_cast(before, after):
+    """``layer.weight = W`` keeps the coefficients' form (``original`` / ``original0``) and current dtype after
+    the model was cast, as on a plain cast model; ``functional_call`` with a dense key too."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 8)).to(before)
+    lsc.spectral(m, init_bits=12)
+    m.to(after).eval()
+    plist = m[0].parametrizations.weight
+    form = [n for n, _ in plist.named_parameters(recurse=False)]
+    w = torch.randn(8, 16, dtype=after)
+    m[0].weight = w
+    assert [n for n, _ in plist.named_parameters(recurse=False)] == form
+    assert m[0].weight.dtype == after
+    torch.testing.assert_close(m[0].weight.float(), w.float(), rtol=0.05, atol=0.05)
+    x = torch.randn(2, 16, dtype=after)
+    torch.func.functional_call(m, {"0.weight": w}, (x,))
+
+
+def test_a_checkpoint_of_another_transform_is_refused():
+    """Coefficients of another transform have the same shapes: loading them would give wrong weights silently."""
+    torch.manual_seed(0)
+    dct = nn.Sequential(nn.Linear(16, 16))
+    lsc.spectral(dct)
+    state = dct.state_dict()
+    other = nn.Sequential(nn.Linear(16, 16))
+    lsc.spectral(other, transform="wavelet")
+    with pytest.raises(lsc.LscError, match="'dct' transform, this model's of 'wavelet'"):
+        other.load_state_dict(state)
+    same = nn.Sequential(nn.Linear(16, 16))
+    lsc.spectral(same)
+    same.load_state_dict(state)
+    old = {k: v for k, v in state.items() if not k.endswith("0._extra_state")}  # written before it was saved
+    assert len(old) == len(state) - 2  # the weight's and the bias's
+    same.load_state_dict(old)
+    assert torch.equal(same.eval()(torch.ones(1, 16)), dct.eval()(torch.ones(1, 16)))
+
+
+def test_an_in_place_edit_of_a_kept_weight_is_named_once():
+    """``nn.init`` / ``reset_parameters`` write into a computed weight, which the coefficients overwrite: said once."""
+    m = nn.Linear(8, 4)
+    lsc.spectral(m)
+    m.eval()
+    kept = m.weight.clone()
+    with torch.no_grad():
+        nn.init.zeros_(m.weight)
+    with pytest.warns(UserWarning, match=r"weight was edited in place .*module\.weight = new_weight"):
+        w = m.weight
+    assert torch.equal(w, kept)
+    with torch.no_grad():
+        m.weight.mul_(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(m.weight, kept)  # once per tensor
+    m.weight = torch.zeros(4, 8)  # assigning is the way: it re-analyzes
+    assert torch.equal(m.weight, torch.zeros(4, 8))
+
+
+def test_meta_round_trip_then_checkpoint_restores_the_model():
+    """``to("meta")``, ``to_empty(device=...)``, ``load_state_dict``: as for a plain model, the model comes back
+    (lsc's position tables are rebuilt from the layouts; the values come from the checkpoint)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    q = lsc.spectral(m, init_bits=6)
+    x = torch.randn(3, 16)
+    (m(x).pow(2).mean() + lsc.quantization_loss(m)).backward()  # q_net's shared tables in use
+    state = copy.deepcopy(m.state_dict())
+    want = m.eval()(x)
+    file = lsc.save(m, io.BytesIO())
+    m.to("meta")
+    m.to_empty(device="cpu")
+    m.load_state_dict(state)
+    assert torch.equal(m.eval()(x), want) and lsc.save(m, io.BytesIO()) == file
+    m.train()
+    opt = torch.optim.Adam(list(m.parameters()) + list(q.parameters()), 1e-2)
+    (m(x).pow(2).mean() + lsc.quantization_loss(m)).backward()
+    opt.step()

@@ -409,3 +409,21 @@ def test_finite_weights_whose_float32_sums_overflow_are_standardized_in_float64(
     w64, ref64 = w.double(), ref.double()
     assert float((w64 - ref64).norm() / (ref64 - ref64.mean()).norm()) < 1e-3
     assert torch.equal(lsc.load(_file(m))["weight"], w)
+
+
+@pytest.mark.parametrize("dtype,make,message", [
+    # a finite checkerboard at 2e38: its coefficients times the std overflow float32 in the decoder
+    (torch.float32, lambda: 2e38 * (torch.arange(256) % 2 * 2 - 1).float().reshape(16, 16), "too close to the largest"),
+    (torch.bfloat16, lambda: torch.tensor([3e38, -3e38, 2.9e38, 2.8e38]).repeat(16), "too close to the largest"),
+    (torch.float64, lambda: 1e200 * torch.randn(64, 64, generator=torch.Generator().manual_seed(0), dtype=torch.float64),
+     "too large to standardize"),
+])
+def test_finite_weights_at_the_edge_of_their_float_range_are_refused_by_name(dtype, make, message):
+    """Finite weights that lsc's transforms would overflow (decoding to Inf/NaN silently) raise LscError at conversion."""
+    w = make().to(dtype)
+    m = nn.Module()
+    m.p = nn.Parameter(w.clone())
+    with pytest.raises(lsc.LscError, match=rf"p: .*{message}"):
+        lsc.spectral(m)
+    with pytest.raises(lsc.LscError, match=message):
+        lsc.compress_posttraining({"p": w.clone()}, max_error=0.01)

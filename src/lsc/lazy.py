@@ -374,6 +374,10 @@ class _FactoredStore(nn.Module):
         raw = sum(b.numel() * b.element_size() for b in self.buffers(recurse=False))
         return raw + sum(s.compact_nbytes for s in self.stores.values())
 
+    def check_chunking(self, device) -> bool:
+        """Factors decode whole (see :meth:`_Store.check_chunking`)."""
+        return False
+
     def gather_rows(self, idx: torch.Tensor, device) -> None:
         return None  # rows of a product are not a copy of the stored rows: the whole weight is decoded
 

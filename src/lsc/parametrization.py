@@ -7,6 +7,8 @@ user's module keeps its class, forward, hooks and attribute access.
 """
 from __future__ import annotations
 
+import math
+import warnings
 import weakref
 
 import numpy as np
@@ -16,7 +18,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.autograd.function import once_differentiable
 
 from .blocking import BlockLayout, to_blocks
-from .errors import LscError
+from .errors import LscError, outside_stacklevel
 from .grouping import position_groups
 from .morton import morton_order
 from .precision import full_precision
@@ -73,6 +75,7 @@ class SpectralParametrization(nn.Module):
         cdtype = compute_dtype_for(dtype)
         self.register_buffer("mean", torch.zeros((), dtype=cdtype))
         self.register_buffer("std", torch.ones((), dtype=cdtype))
+        self.num_tensors, self.min_group_symbols = int(num_tensors), int(min_group_symbols)  # to rebuild the tables
         self.register_buffer("features", position_features(tensor_id, num_tensors, self.layout), persistent=False)
         groups = position_groups(self.layout, min_group_symbols)
         self.num_groups = int(groups.max()) + 1
@@ -89,6 +92,9 @@ class SpectralParametrization(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         _CONSTANT.pop(self, None)  # a kept weight of the old device or dtype must not outlive the move
         probe = fn(torch.zeros(0, device=self.features.device, dtype=self.orig_dtype))
+        form = self.__dict__.get("_original_form")
+        if form is not None:  # the coefficients are cast with the model: right_inverse must give their new dtype
+            form[1] = fn(torch.zeros(0, device=self.features.device, dtype=form[1])).dtype
         own = {name: getattr(self, name) for name in ("mean", "std", "features", "frozen_exponent")}
         result = super()._apply(fn, *args, **kwargs)
         if probe.is_floating_point():
@@ -98,23 +104,58 @@ class SpectralParametrization(nn.Module):
             # two modules, so it sees the same cast twice.
             self.orig_dtype = probe.dtype
             cdtype = compute_dtype_for(probe.dtype)
+            if any(t is not None and t.is_meta for t in own.values()) and not probe.is_meta:
+                own = self._rebuilt(own, probe.device)  # to_empty after .to("meta"): the tables are built again
             for name, t in own.items():
                 if t is not None:
                     setattr(self, name, t.to(device=probe.device, dtype=cdtype if name in ("mean", "std") else t.dtype))
         q_net = self.__dict__["q_net"]
-        if next(q_net.parameters()).device != probe.device:
-            q_net.to(probe.device)
+        q_device = next(q_net.parameters()).device
+        if q_device != probe.device:
+            if q_device.type == "meta":  # its values come back with the model's state dict, as the model's do
+                q_net.to_empty(device=probe.device)
+            else:
+                q_net.to(probe.device)
         return result
+
+    def _rebuilt(self, own: dict, device) -> dict:
+        """Own tensors and tables of a parametrization whose tensors were on the meta device: the position tables
+        (features, groups, scan order) rebuilt from the layout, the statistics and frozen exponents as
+        placeholders that ``load_state_dict`` fills, as ``to_empty`` leaves every parameter."""
+        self.features = position_features(self.tensor_id, self.num_tensors, self.layout).to(device)
+        self.groups = torch.from_numpy(position_groups(self.layout, self.min_group_symbols)).to(device)
+        self.scan_order = torch.from_numpy(np.array(morton_order(self.layout.block_shape))).to(device)
+        fe = own["frozen_exponent"]
+        return dict(mean=torch.zeros((), dtype=own["mean"].dtype, device=device),
+                    std=torch.ones((), dtype=own["std"].dtype, device=device), features=self.features,
+                    frozen_exponent=None if fe is None else torch.zeros(fe.shape, dtype=fe.dtype, device=device))
+
+    # The transform is in the state dict: coefficients of another transform have the same shape, and loading
+    # them would give silently wrong weights (a block-shape mismatch already fails on the shapes).
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor(list(self.transform.encode()), dtype=torch.uint8)
+
+    def set_extra_state(self, state) -> None:
+        try:
+            saved = bytes(state.detach().cpu().to(torch.uint8).tolist()).decode()
+        except (AttributeError, TypeError, ValueError, RuntimeError):
+            raise LscError(f"{self.name}: the checkpoint's transform entry is not one lsc wrote: {state!r}") from None
+        if saved != self.transform:
+            raise LscError(f"{self.name}: the checkpoint's coefficients are of the {saved!r} transform, this model's of "
+                           f"{self.transform!r}; call lsc.spectral with transform={saved!r} (the options of the run "
+                           "that wrote it) before load_state_dict")
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         """A checkpoint's ``frozen_exponent`` is adopted even where this model has none (a fresh
         ``lsc.spectral`` model resuming a fine-tune at a file's steps); a checkpoint without one
-        (written before it was saved, or by a model quantizing at q_net's steps) leaves it as it is."""
+        (written before it was saved, or by a model quantizing at q_net's steps) leaves it as it is.
+        A checkpoint without the transform (written before it was saved) is taken to be of this one."""
         key = prefix + "frozen_exponent"
         saved = state_dict.pop(key, None)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-        if key in missing_keys:
-            missing_keys.remove(key)
+        for k in (key, prefix + "_extra_state"):
+            if k in missing_keys:
+                missing_keys.remove(k)
         if saved is None:
             return
         problem = self._exponent_problem(saved)
@@ -268,12 +309,26 @@ class SpectralParametrization(nn.Module):
                 return self._compute(coeffs)
             versions = (self.training,) + tuple((t._version, t.data_ptr()) for t in inputs)
             hit = _CONSTANT.get(self)
-            if (hit is not None and hit[1] == versions and hit[2]._version == hit[3]
-                    and all(a is b for a, b in zip(hit[0], inputs))):
-                return hit[2]
+            if hit is not None and hit[1] == versions and all(a is b for a, b in zip(hit[0], inputs)):
+                if hit[2]._version == hit[3]:
+                    return hit[2]
+                self._warn_edit_lost()
             w = self._compute(coeffs)
             _CONSTANT[self] = (inputs, versions, w, w._version)
             return w
+
+    def _warn_edit_lost(self) -> None:
+        """Say (once per tensor) that an in-place edit of the computed weight was dropped: ``nn.init.*_``,
+        ``reset_parameters()`` or ``weight.copy_(W)`` write into a tensor the coefficients are decoded into
+        again, as with any parametrization. Layers that edit their own weight (``Embedding(max_norm)``) are
+        expected to, and are not warned about."""
+        if self.edited_in_place or self.__dict__.get("_edit_warned"):
+            return
+        self.__dict__["_edit_warned"] = True
+        warnings.warn(f"lsc: {self.name} was edited in place (nn.init, reset_parameters, weight.copy_?), which a "
+                      "spectral weight does not keep: it is decoded from its coefficients at each use. Assign it "
+                      f"instead (module.{self.name.rpartition('.')[2]} = new_weight, which re-analyzes it), or "
+                      "initialize before lsc.spectral", stacklevel=outside_stacklevel())
 
     def _training_weight(self, coeffs: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
         """The training forward: quantized at ``step`` (P,) through the leaky rounding, then synthesized."""
@@ -309,9 +364,17 @@ class SpectralParametrization(nn.Module):
     @torch.no_grad()
     @full_precision
     def right_inverse(self, weight: torch.Tensor):
-        """Weight -> coefficients; a 1-tuple when the dtype changes (fp16/bf16 models keep fp32 coefficients)."""
+        """Weight -> coefficients; a 1-tuple when the dtype changes (fp16/bf16 models keep fp32 coefficients).
+
+        The first call (registration) fixes the form parametrize stores them in (``original`` or
+        ``original0``); later assignments (``layer.weight = W``, ``functional_call`` with a dense key) keep
+        that form and the coefficients' current dtype, also after the model was cast (``model.half()``)."""
         coeffs = self._analyze(weight)
-        return (coeffs,) if coeffs.dtype != weight.dtype else coeffs
+        form = self.__dict__.get("_original_form")
+        if form is None:
+            form = self.__dict__["_original_form"] = [coeffs.dtype != weight.dtype, coeffs.dtype]
+        coeffs = coeffs.to(form[1])
+        return (coeffs,) if form[0] else coeffs
 
     def _analyze(self, weight: torch.Tensor) -> torch.Tensor:
         coeffs, mean, std = self.analysis(weight)
@@ -335,9 +398,18 @@ class SpectralParametrization(nn.Module):
         if not bool(torch.isfinite(mean) & torch.isfinite(std)):  # finite weights whose float32 sums overflow (~1e35)
             w64 = w.double()
             mean, std = w64.mean().to(w.dtype), w64.std(unbiased=False).to(w.dtype)
-        if not bool(std > 0) or not bool(torch.isfinite(std)):
+        if not bool(torch.isfinite(std)):
+            raise LscError(f"{self.name}: the weights are too large to standardize (their standard deviation "
+                           f"overflows {w.dtype}); scale the tensor down before lsc.spectral")
+        if not bool(std > 0):
             std = torch.ones_like(std)
         coeffs = block_transform(to_blocks((w - mean) / std, self.layout), self.layout.block_shape, self.transform)
+        # decoding multiplies coefficients by the step and std before the inverse transform: near the largest
+        # float that product overflows and the decoded weights would be Inf/NaN, silently
+        largest = float(coeffs.abs().max()) if coeffs.numel() else 0.0
+        if not math.isfinite(largest) or 2.0 * largest * float(std) >= torch.finfo(w.dtype).max:
+            raise LscError(f"{self.name}: the weights (up to {float(w.abs().max()):.3g}) are too close to the largest "
+                           f"{w.dtype} for lsc's transforms, which would overflow; scale the tensor down before lsc.spectral")
         return coeffs, mean, std
 
     def extra_repr(self) -> str:

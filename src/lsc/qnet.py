@@ -148,7 +148,13 @@ class QuantizationNetwork(nn.Module):
             return hit[1]
         dev = params[0].device
         if members["features"].device != dev:
-            members["features"], members["ids"] = members["features"].to(dev), members["ids"].to(dev)
+            if members["features"].is_meta:  # the model came back from the meta device: its tables were rebuilt
+                entries = list(members["entries"])
+                members["features"] = torch.cat([e.parametrization.features for e in entries]).to(dev)
+                members["ids"] = torch.cat([torch.full((e.parametrization.features.shape[0],), e.parametrization.tensor_id,
+                                                       dtype=torch.int64) for e in entries]).to(dev)
+            else:
+                members["features"], members["ids"] = members["features"].to(dev), members["ids"].to(dev)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
             marks = self.__dict__.pop("_stepped", None)
             if marks is not None:  # the first graph after an optimizer stepped this network
