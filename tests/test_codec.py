@@ -9,6 +9,7 @@ import zlib
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import lsc
 from lsc.codec import from_bytes, to_bytes
@@ -614,6 +615,35 @@ def test_meta_tensors_the_file_does_not_fill_are_named(tmp_path):
         bigger = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 2))
     with pytest.raises(lsc.LscError, match=r"meta device.*1\.weight"):
         lsc.load(lsc.compress_weights(model), bigger, strict=False)
+
+
+class _WithPositions(nn.Module):
+    """A Hugging Face-like module: a non-persistent buffer no state dict (and so no file) holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.register_buffer("position_ids", torch.arange(8), persistent=False)
+
+    def forward(self, x):
+        return self.fc(x + self.position_ids)
+
+
+@pytest.mark.parametrize("lazy", [False, "packed"])
+def test_non_persistent_meta_buffers_are_named_before_the_model_is_touched(lazy):
+    model = _WithPositions()
+    lsc.spectral(model)
+    data = lsc.compress_weights(model)
+    with torch.device("meta"):
+        empty = _WithPositions()
+    with pytest.raises(lsc.LscError, match=r"no file holds .*position_ids.*init_empty_weights"):
+        lsc.load(data, empty, lazy=lazy)
+    assert empty.fc.weight.is_meta and not parametrize.is_parametrized(empty.fc)  # untouched
+    with torch.device("meta"):
+        empty = _WithPositions()
+    empty.position_ids = torch.arange(8)  # a real buffer, as accelerate.init_empty_weights() leaves them
+    x = torch.randn(2, 8)
+    assert torch.equal(lsc.load(data, empty, lazy=lazy).eval()(x), model.eval()(x))
 
 
 def test_files_can_be_binary_file_objects(tmp_path):

@@ -332,3 +332,34 @@ def test_meta_round_trip_then_checkpoint_restores_the_model():
     opt = torch.optim.Adam(list(m.parameters()) + list(q.parameters()), 1e-2)
     (m(x).pow(2).mean() + lsc.quantization_loss(m)).backward()
     opt.step()
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert-mlm"])
+def test_hugging_face_save_pretrained_of_a_tied_spectral_model(arch, tmp_path):
+    """A tied LM head shares the embedding's coefficients: ``save_pretrained`` (what every Trainer checkpoint
+    calls) writes them once, and the checkpoint restores the model bit for bit."""
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import load_file
+
+    def make():
+        torch.manual_seed(0)
+        if arch == "gpt2":
+            return transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=32,
+                                                                        n_layer=1, n_head=2))
+        return transformers.BertForMaskedLM(transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                                    num_attention_heads=2, intermediate_size=64))
+    m = make()
+    q = lsc.spectral(m, init_bits=6)
+    opt = torch.optim.Adam(list(m.parameters()) + list(q.parameters()), 1e-2)
+    ids = torch.randint(0, 100, (2, 8))
+    m(input_ids=ids).logits.pow(2).mean().backward()
+    opt.step()
+    m.save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    head = "lm_head" if arch == "gpt2" else "cls.predictions.decoder"
+    assert not any(k.startswith(f"{head}.parametrizations.weight.original") for k in saved)
+    fresh = make()
+    lsc.spectral(fresh, init_bits=6)
+    fresh.load_state_dict(saved, strict=False)
+    m.eval(), fresh.eval()
+    assert torch.equal(fresh(input_ids=ids).logits, m(input_ids=ids).logits)

@@ -1,7 +1,9 @@
 """Post-training (data-free) compression: containers, the bit search, the error bound, checkpoints."""
 from __future__ import annotations
 
+import io
 import math
+import warnings
 
 import pytest
 import torch
@@ -462,3 +464,50 @@ def test_buffers_of_a_state_dict_are_stored_exactly_by_name():
     back = lsc.decompress_weights(lsc.compress_weights(res.model))
     for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked", "1.weight_mask"):
         assert torch.equal(back[name], sd[name]), name
+
+
+@pytest.mark.parametrize("rdo", [4.0, 8.0])
+def test_a_fixed_rdo_strength_still_meets_every_bound(rdo):
+    """The dead zone of rate-distortion rounding adds error: with a fixed strength the bit search includes it."""
+    torch.manual_seed(0)
+    sd = {f"w{i}": torch.randn(64, 64) for i in range(4)}
+    res = compress_posttraining(sd, max_error=0.2, rdo=rdo, path=io.BytesIO())
+    plain = lsc.load(lsc.compress_weights(res.model))
+    for name, w in sd.items():
+        stored = float((plain[name] - w).norm() / w.norm())
+        assert stored <= 0.2, (name, stored)
+
+
+@pytest.mark.parametrize("key", ["head.weight", "head.*", nn.Embedding])
+def test_a_bound_given_under_a_tied_tensors_other_name_or_module_type_is_used(key):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(64, 32)
+            self.head = nn.Linear(32, 64, bias=False)
+            self.head.weight = self.emb.weight
+    torch.manual_seed(0)
+    m = Tied()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the key matches: no "not used" warning either
+        res = compress_posttraining(m, max_error={key: 0.01, "default": 0.2})
+    row = next(t for t in res.tensors if t["name"] == "emb.weight")
+    assert row["bound"] == 0.01 and row["rel_error"] <= 0.01
+
+
+def test_hessians_are_collected_from_layers_called_with_keyword_inputs():
+    class Keywords(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(10, 8)
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, ids):
+            return self.fc(input=self.emb(input=ids))
+    torch.manual_seed(0)
+    m = Keywords()
+    ids = torch.randint(0, 10, (3, 5))
+    h = lsc.collect_hessians(m, lambda model: model(ids))
+    x = m.emb(ids).reshape(-1, 8).double()
+    torch.testing.assert_close(h["fc.weight"], x.T @ x)
+    assert torch.equal(h["emb.weight"], torch.bincount(ids.reshape(-1), minlength=10).double())

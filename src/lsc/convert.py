@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import operator
+import re
 import warnings
 from fnmatch import fnmatch
 from typing import Callable, Union
@@ -297,7 +298,38 @@ def spectral(model: nn.Module, *, block_size=8, init_bits: float = 10.0, include
                   init_bits=init_bits, leak=leak, min_group_symbols=min_group_symbols,
                   transform=transform if isinstance(transform, str) else repr(transform))
     attach_state(model, LscState(q_net, entries, config, float(rate_weight)))
+    _declare_tied_state_to_hugging_face(model, entries)
     return q_net
+
+
+def _declare_tied_state_to_hugging_face(model: nn.Module, entries: list) -> None:
+    """Name the tied copies of lsc's state in Hugging Face's ``_tied_weights_keys``, where a module declares some.
+
+    A tied weight (an LM head sharing the input embedding) becomes one set of coefficients and statistics
+    under both modules' ``parametrizations`` keys. ``save_pretrained`` (and so every ``Trainer`` checkpoint)
+    refuses shared tensors its declared patterns do not name, and declared ones it writes once: so wherever
+    a name of the tie matches a declared pattern (``lm_head.weight``), that name's parametrization keys are
+    declared too, as copies of the first name's.
+    """
+    tied = [entry for entry in entries if entry.tied_names]
+    if not tied:
+        return
+    for path, module in model.named_modules():
+        keys = getattr(module, "_tied_weights_keys", None)
+        if not isinstance(keys, dict) or not keys:
+            continue
+        added = {}
+        for entry in tied:
+            for name in entry.tied_names:
+                rel = name if not path else (name[len(path) + 1:] if name.startswith(path + ".") else None)
+                if rel is None or not any(isinstance(k, str) and re.search(k, rel) for k in keys):
+                    continue
+                owner, _, attr = rel.rpartition(".")
+                src_owner, _, src_attr = entry.name.rpartition(".")
+                added["^" + re.escape(f"{owner + '.' if owner else ''}parametrizations.{attr}.")] = \
+                    f"{src_owner + '.' if src_owner else ''}parametrizations.{src_attr}"
+        if added:
+            module._tied_weights_keys = {**keys, **added}
 
 
 def quantization_network(model: nn.Module) -> QuantizationNetwork:

@@ -59,8 +59,8 @@ def collect_hessians(model: nn.Module, run: Callable[[nn.Module], object]) -> di
     dense = {id(mod.weight) for mod in layers}
     lookups = [mod for mod in model.modules()
                if isinstance(mod, nn.Embedding) and id(mod.weight) in names and id(mod.weight) not in dense]
-    hooks = [mod.register_forward_pre_hook(_accumulate(hessians, names[id(mod.weight)])) for mod in layers] + \
-            [mod.register_forward_pre_hook(_count_lookups(hessians, names[id(mod.weight)])) for mod in lookups]
+    hooks = [mod.register_forward_pre_hook(_accumulate(hessians, names[id(mod.weight)]), with_kwargs=True) for mod in layers] + \
+            [mod.register_forward_pre_hook(_count_lookups(hessians, names[id(mod.weight)]), with_kwargs=True) for mod in lookups]
     if not hooks:
         if any(torch.nn.utils.parametrize.is_parametrized(mod) for mod in model.modules()):
             raise LscError("collect_hessians takes the plain model: this one's weights are parametrized (by lsc.spectral "
@@ -76,9 +76,14 @@ def collect_hessians(model: nn.Module, run: Callable[[nn.Module], object]) -> di
     return hessians
 
 
+def _layer_input(args, kwargs) -> torch.Tensor:
+    """The input of a Linear / Conv2d / Embedding call, given by position or by keyword (``layer(input=x)``)."""
+    return args[0] if args else kwargs["input"]
+
+
 def _accumulate(store: dict, name: str):
-    def hook(mod, args):
-        x = args[0].detach()
+    def hook(mod, args, kwargs):
+        x = _layer_input(args, kwargs).detach()
         if isinstance(mod, nn.Conv2d):
             x = F.unfold(x if x.dim() == 4 else x.unsqueeze(0), mod.kernel_size, mod.dilation, mod.padding, mod.stride)
             x = x.transpose(1, 2)
@@ -89,8 +94,8 @@ def _accumulate(store: dict, name: str):
 
 
 def _count_lookups(store: dict, name: str):
-    def hook(mod, args):
-        idx = args[0].detach().reshape(-1).to(torch.int64)
+    def hook(mod, args, kwargs):
+        idx = _layer_input(args, kwargs).detach().reshape(-1).to(torch.int64)
         idx = idx[(idx >= 0) & (idx < mod.num_embeddings)]  # a bad index is the lookup's own error to raise
         counts = torch.bincount(idx, minlength=mod.num_embeddings).to(torch.float64)
         store[name] = counts if name not in store else store[name].add_(counts.to(store[name].device))

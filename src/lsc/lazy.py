@@ -702,6 +702,7 @@ def load_lazy(src, model: nn.Module, *, mode: str = "packed", cache: int = 0, st
     # (a spectral tensor's shape stands in as an empty meta tensor)
     in_file = {**{n: torch.empty(store.shape, device="meta") for store, names in plan for n in names}, **raw}
     _api.check_fits(own_state, in_file, strict)
+    _api.check_no_meta_buffers_outside_state(model, own_state)
     own = set(own_state)
     targets = []
     for store, names in plan:

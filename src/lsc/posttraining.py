@@ -481,9 +481,10 @@ def _guess_exponent(par, weight: torch.Tensor, max_error: float) -> Optional[int
     return int(round(-EXPONENT_RESOLUTION * math.log2(step)))
 
 
-def _error_bound(max_error, name: str, shape: tuple[int, ...]) -> float:
-    """Resolve ``max_error`` (number, ``{glob: E, "default": E}`` or ``callable(name, shape)``) for one tensor."""
-    value = _per_tensor(max_error, name, shape)
+def _error_bound(max_error, name: str, shape: tuple[int, ...], owners=None) -> float:
+    """Resolve ``max_error`` (number, ``{glob: E, "default": E}`` or ``callable(name, shape)``) for one tensor;
+    ``owners``: its ``(name, module)`` pairs (a tied tensor has several), as ``lsc.spectral``'s options take them."""
+    value = _per_tensor(max_error, name, shape, owners, "max_error")
     if value is None and isinstance(max_error, dict):
         raise LscError(f"{name}: max_error has no bound for it (no key matches and no 'default'); "
                        f"keys: {sorted(max_error)[:5]}")
@@ -515,18 +516,18 @@ def _check_bound_names(model: nn.Module, max_error) -> None:
                       + "; those bounds are not used", stacklevel=outside_stacklevel())
 
 
-def _is_named(max_error, name: str) -> bool:
-    """Whether a bound dict names ``name`` exactly (a ``--bounds`` file, a calibrated allocation). A glob is
-    written for a group, matrices first: ``embeddings.*=0.08`` must not loosen the group's biases and norm
-    scales 20-fold (MiniLM's held-out cosine fell from 0.990 to 0.928 when it did)."""
-    return isinstance(max_error, dict) and name != "default" and name in max_error
+def _is_named(max_error, names) -> bool:
+    """Whether a bound dict names the tensor (any of its ``names``) exactly (a ``--bounds`` file, a calibrated
+    allocation). A glob is written for a group, matrices first: ``embeddings.*=0.08`` must not loosen the
+    group's biases and norm scales 20-fold (MiniLM's held-out cosine fell from 0.990 to 0.928 when it did)."""
+    return isinstance(max_error, Mapping) and any(n != "default" and n in max_error for n in names)
 
 
-def _tensor_bound(max_error, name: str, shape: tuple[int, ...], max_error_1d: Optional[float]) -> float:
+def _tensor_bound(max_error, name: str, shape: tuple[int, ...], max_error_1d: Optional[float], owners=None) -> float:
     """A tensor's bound; for 0-D/1-D tensors (biases, norm scales: a tiny share of the file, often sensitive)
     it is tightened (``/ 20``, or ``max_error_1d``) unless a bound dict names the tensor exactly."""
-    bound = _error_bound(max_error, name, shape)
-    if len(shape) < 2 and not _is_named(max_error, name):
+    bound = _error_bound(max_error, name, shape, owners)
+    if len(shape) < 2 and not _is_named(max_error, [n for n, _ in owners or [(name, None)]]):
         bound = bound * VECTOR_ERROR_SCALE if max_error_1d is None else float(max_error_1d)
     return bound
 
@@ -720,9 +721,11 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
     _check_bound_names(model, max_error)
     originals = {name: p.detach() for name, _, _, p, _ in chosen}
     hessians = _check_hessians(hessians, model, originals)
+    # every name and module each chosen tensor is held under (a tied tensor has several): bounds may name any
+    owners = {name: [(name, module)] + [(n, mod) for n, mod, _ in ties] for name, module, _, _, ties in chosen}
     if max_error is not None:  # every tensor's bound resolves, before lsc.spectral changes the model
         for name, w in originals.items():
-            _error_bound(max_error, name, tuple(w.shape))
+            _error_bound(max_error, name, tuple(w.shape), owners[name])
     _check_positive_definite(hessians, chosen, damp)
     row_weighted = {name for name, h in hessians.items() if h.dim() == 1 and name in originals}
     undo = _Undo(model, chosen)
@@ -741,13 +744,16 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
                 coeffs = entry.coefficients.detach()
                 weight = originals[entry.name].detach()
                 if max_error is not None:
-                    bound = _tensor_bound(max_error, entry.name, tuple(par.layout.shape), max_error_1d)
-                    e, err = _search_exponent(lambda x: _error_at(par, coeffs, weight, x, 0.0), lo_e, hi_e, bound,
+                    bound = _tensor_bound(max_error, entry.name, tuple(par.layout.shape), max_error_1d,
+                                          owners.get(entry.name))
+                    # a fixed rdo strength is part of the search (its dead zone adds error); "auto" fills the slack after
+                    t_rdo = 0.0 if rdo == "auto" else float(rdo)
+                    e, err = _search_exponent(lambda x: _error_at(par, coeffs, weight, x, t_rdo), lo_e, hi_e, bound,
                                               _guess_exponent(par, weight, bound))
-                    t_rdo = _fill_slack(lambda r: _error_at(par, coeffs, weight, e, r), err, bound) if rdo == "auto" \
-                        else float(rdo)
-                    if t_rdo > 0:
-                        err = _error_at(par, coeffs, weight, e, t_rdo)
+                    if rdo == "auto":
+                        t_rdo = _fill_slack(lambda r: _error_at(par, coeffs, weight, e, r), err, bound)
+                        if t_rdo > 0:
+                            err = _error_at(par, coeffs, weight, e, t_rdo)
                 else:
                     bound = None
                     e = round(float(bits) * res)

@@ -630,6 +630,7 @@ def _load_into_plain(model: nn.Module, header: dict, plain: dict, strict: bool) 
     groups = tie_groups(own)
     plain = fill_tied_names(plain, groups)
     check_fits(own, plain, strict)
+    check_no_meta_buffers_outside_state(model, own)
     meta = any(t.is_meta for t in own.values())
     # copying into a meta tensor is a no-op: such a model takes the decoded tensors themselves
     model.load_state_dict(plain, strict=strict, assign=meta)
@@ -640,9 +641,20 @@ def _load_into_plain(model: nn.Module, header: dict, plain: dict, strict: bool) 
             owner, attr = resolve(model, name)
             if attr in owner._parameters:
                 owner._parameters[attr] = model.get_parameter(names[0])
-    left = [k for k, t in model.state_dict().items() if t.is_meta]
+    left = [k for k, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise LscError(f"tensors still on the meta device after loading (not in the file): {left[:5]}")
+
+
+def check_no_meta_buffers_outside_state(model: nn.Module, own: dict) -> None:
+    """Refuse, before the model is touched, a model built on the meta device whose non-persistent buffers
+    (Hugging Face's ``position_ids``, rotary ``inv_freq``) are on "meta" too: no file holds them, and a
+    forward would read garbage (NaN outputs) where loading seemed to succeed."""
+    left = [n for n, b in model.named_buffers() if b.is_meta and n not in own]
+    if left:
+        raise LscError(f"buffers on the meta device that no file holds (non-persistent): {left[:5]}; build the model "
+                       "with real buffers, e.g. under accelerate.init_empty_weights() (include_buffers=False keeps "
+                       "buffers on the CPU), or create them on a device before loading")
 
 
 def check_fits(own: dict, state: dict, strict: bool) -> None:
