@@ -91,45 +91,36 @@ def _step(model, opt, rate=True):
     opt.step()
 
 
-def test_model_zero_grad_clears_the_quantization_networks_gradients_too():
-    """Hugging Face's Trainer: backward, optimizer step, model.zero_grad()."""
-    m = _mlp()
-    q = lsc.spectral(m)
-    opt = torch.optim.SGD(list(m.parameters()) + list(q.parameters()), lr=0.0)  # the same point every step
-    norms = []
-    for _ in range(3):
-        _step(m, opt)
-        norms.append(q.tensor_offset.grad.norm().item())
-        m.zero_grad()
-    assert norms[0] > 0 and norms == [norms[0]] * 3
-
-
-def test_zero_grad_without_set_to_none_clears_the_quantization_networks_gradients_too():
-    """``model.zero_grad(set_to_none=False)`` zeroes the coefficients' gradients in place: q_net's are zeroed
-    too (in place, as the model's), not added up over steps."""
-    m = _mlp()
-    q = lsc.spectral(m)
+def _q_net_grad_norms_over_steps(m, set_to_none: bool = True) -> tuple[list[float], set[int]]:
+    """q_net's gradient norm after each of 3 steps at lr 0 (the same point every step) with ``model.zero_grad``
+    between them, as Hugging Face's Trainer does; and the ids of the gradient tensors seen."""
+    q = lsc.quantization_network(m)
     opt = torch.optim.SGD(list(m.parameters()) + list(q.parameters()), lr=0.0)
     norms, objects = [], set()
     for _ in range(3):
         _step(m, opt)
         norms.append(q.tensor_offset.grad.norm().item())
         objects.add(id(q.tensor_offset.grad))
-        m.zero_grad(set_to_none=False)
+        m.zero_grad(set_to_none=set_to_none)
+    return norms, objects
+
+
+def test_model_zero_grad_clears_the_quantization_networks_gradients_too():
+    norms, _ = _q_net_grad_norms_over_steps(_spectral_mlp())
+    assert norms[0] > 0 and norms == [norms[0]] * 3
+
+
+def test_zero_grad_without_set_to_none_clears_the_quantization_networks_gradients_too():
+    """``model.zero_grad(set_to_none=False)`` zeroes the coefficients' gradients in place: q_net's are zeroed
+    too (in place, as the model's), not added up over steps."""
+    norms, objects = _q_net_grad_norms_over_steps(_spectral_mlp(), set_to_none=False)
     assert norms[0] > 0 and norms == [norms[0]] * 3
     assert len(objects) == 1  # the same gradient tensors, zeroed in place as the model's were
 
 
 def test_deep_copy_of_a_deep_copied_model_clears_its_own_quantization_network():
     """The copy's q_net watches the copy's coefficients, not the original's."""
-    m = copy.deepcopy(_spectral_mlp())
-    q = lsc.quantization_network(m)
-    opt = torch.optim.SGD(list(m.parameters()) + list(q.parameters()), lr=0.0)
-    norms = []
-    for _ in range(3):
-        _step(m, opt)
-        norms.append(q.tensor_offset.grad.norm().item())
-        m.zero_grad()
+    norms, _ = _q_net_grad_norms_over_steps(copy.deepcopy(_spectral_mlp()))
     assert norms[0] > 0 and norms == [norms[0]] * 3
 
 
