@@ -54,13 +54,18 @@ def _sync(device):
 def bench(name, make, path, run, device, reps, batch_desc):
     dense = lsc.load(path, make()).to(device).eval()
     models = {"dense fp32": dense}
-    for mode in ("packed", "entropy"):
-        models[f"lazy {mode}"] = lsc.load(path, make().to(device), lazy=mode)
+    first = {}  # peak weight bytes of the first forward after loading (the chunking check runs at load)
     with torch.inference_mode():
         ref = run(dense)
-        for k, m in models.items():
-            out = run(m)  # also the warm-up (first decode on a device checks chunking)
-            assert torch.equal(out, ref), f"{name} {k}: output differs from dense loading"
+    for mode in ("packed", "entropy"):
+        k = f"lazy {mode}"
+        m = models[k] = lsc.load(path, make().to(device), lazy=mode)
+        tracker = track_decode_memory(m)
+        with torch.inference_mode():
+            out = run(m)  # also the warm-up
+        track_decode_memory(m, enable=False)
+        first[k] = lazy_info(m)["resident_bytes"] + tracker.peak + tracker.numpy_peak
+        assert torch.equal(out, ref), f"{name} {k}: output differs from dense loading"
     # latency: interleaved A/B/C, median
     times = {k: [] for k in models}
     with torch.inference_mode():
@@ -97,8 +102,8 @@ def bench(name, make, path, run, device, reps, batch_desc):
                 run(m)
             torch.cuda.synchronize()
             cuda_peak = torch.cuda.max_memory_allocated()
-        rows.append(dict(config=k, resident=resident, peak=peak, ms=ms, ratio=ms / dense_ms, cuda_peak=cuda_peak,
-                         target=file_bytes + 2 * largest))
+        rows.append(dict(config=k, resident=resident, peak=peak, first_peak=first.get(k, peak), ms=ms,
+                         ratio=ms / dense_ms, cuda_peak=cuda_peak, target=file_bytes + 2 * largest))
     return dict(name=name, batch=batch_desc, file_bytes=file_bytes, rows=rows, reps=reps)
 
 
@@ -143,17 +148,18 @@ def to_markdown(results, args, device) -> str:
              "*resident*: weight bytes held between forwards (parameters, buffers, compact stores); "
              "*peak*: resident + the most bytes that decoded weights and decoding temporaries held at once during a "
              "forward (every tensor the decoders allocate, tracked until freed, plus NumPy allocations of the entropy "
-             "decoder); *target*: file bytes + 2 x the largest single tensor (issue 5). Latency: median of "
+             "decoder); *first peak*: the same during the first forward after loading; "
+             "*target*: file bytes + 2 x the largest single tensor (issue 5). Latency: median of "
              f"{args.reps} A/B-interleaved runs.", ""]
     for r in results:
         lines += [f"## {r['name']} ({r['batch']}; file {r['file_bytes'] / MB:.2f} MB)", "",
-                  "| config | resident MB | peak weight MB | target MB | forward ms | vs dense |"
+                  "| config | resident MB | peak weight MB | first peak MB | target MB | forward ms | vs dense |"
                   + (" CUDA max allocated MB |" if device.type == "cuda" else ""),
-                  "|---|---:|---:|---:|---:|---:|" + ("---:|" if device.type == "cuda" else "")]
+                  "|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if device.type == "cuda" else "")]
         for row in r["rows"]:
             tgt = "" if row["config"] == "dense fp32" else f"{row['target'] / MB:.1f}"
-            line = (f"| {row['config']} | {row['resident'] / MB:.2f} | {row['peak'] / MB:.2f} | {tgt} | "
-                    f"{row['ms']:.1f} | {row['ratio']:.2f}x |")
+            line = (f"| {row['config']} | {row['resident'] / MB:.2f} | {row['peak'] / MB:.2f} | "
+                    f"{row['first_peak'] / MB:.2f} | {tgt} | {row['ms']:.1f} | {row['ratio']:.2f}x |")
             if device.type == "cuda":
                 line += f" {row['cuda_peak'] / MB:.1f} |"
             lines.append(line)

@@ -406,6 +406,23 @@ def test_training_benchmark_side_and_table():
     assert "**1.20x**" in table and len(table.splitlines()) == 3
 
 
+def test_lazy_benchmark_rows_and_table(tmp_path):
+    """bench_lazy on the digits CNN, one repetition: every config's row, the first forward's peak, the table."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import argparse
+
+    import bench_lazy as BL
+    device = torch.device("cpu")
+    name, make, path, run, desc = BL.digits_case(str(tmp_path), device)
+    got = BL.bench(name, make, path, run, device, 1, desc)
+    rows = {r["config"]: r for r in got["rows"]}
+    assert set(rows) == {"dense fp32", "lazy packed", "lazy entropy"}
+    for k in ("lazy packed", "lazy entropy"):
+        assert 0 < rows[k]["resident"] < rows["dense fp32"]["resident"] and rows[k]["first_peak"] > rows[k]["resident"]
+    table = BL.to_markdown([got], argparse.Namespace(reps=1, threads=torch.get_num_threads()), device)
+    assert "first peak MB" in table and table.count("| lazy ") == 2
+
+
 def test_error_attribution_shares():
     """Restoring the only corrupted tensor (or its corrupted rows) removes all of the loss; others none."""
     from benchmarks.error_attribution import rows, shares, whole
