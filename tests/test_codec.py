@@ -281,6 +281,36 @@ def test_saving_to_a_fifo_writes_into_it_and_leaves_the_node(tmp_path):
     assert os.listdir(tmp_path) == ["pipe.lsc"]
 
 
+@pytest.mark.skipif(not os.path.isdir("/dev/fd"), reason="no /dev/fd here")
+def test_saving_to_a_pipe_named_by_dev_fd_writes_into_it():
+    """``-o /dev/stdout`` or ``>(...)``: a link to a pipe with no name to resolve, written in place."""
+    import threading
+    model = nn.Linear(8, 4)
+    lsc.spectral(model)
+    r, w = os.pipe()
+    got = []
+    reader = threading.Thread(target=lambda: got.append(os.fdopen(r, "rb").read()))
+    reader.start()
+    try:
+        n = lsc.save(model, f"/dev/fd/{w}")
+    finally:
+        os.close(w)
+    reader.join(30)
+    assert len(got[0]) == n
+    lsc.load(got[0])
+
+
+def test_a_path_through_a_linked_folder_and_dotdot_lands_where_the_kernel_resolves_it(tmp_path):
+    (tmp_path / "real" / "sub").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(tmp_path / "real" / "sub")
+    model = nn.Linear(8, 4)
+    lsc.spectral(model)
+    path = f"{tmp_path}/link/../out.lsc"
+    lsc.save(model, path)
+    assert (tmp_path / "real" / "out.lsc").exists() and not (tmp_path / "out.lsc").exists()
+    lsc.load(path)
+
+
 def test_an_unwritable_directory_is_found_before_the_work_and_named(tmp_path, monkeypatch):
     """The check creates (and removes) a file there: os.access passes for root on read-only mounts."""
     real_open = os.open

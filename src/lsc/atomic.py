@@ -35,16 +35,23 @@ def check_writable(path) -> str:
 
 
 def _target(path: str) -> str:
-    """The file a write to ``path`` lands in: through symbolic links (replacing the link itself would cut it)."""
-    return os.path.realpath(path) if os.path.islink(path) else os.path.abspath(path)
+    """The file a write to ``path`` lands in, resolved as the kernel resolves it: through a symbolic link (replacing
+    the link itself would cut it) and through linked folders before any ``..`` (``link/../x`` is beside the
+    link's target, not beside the link). A FIFO or device is its own path (``/dev/stdout`` links to a pipe
+    that has no name to resolve to)."""
+    if _is_special(path):
+        return path
+    if os.path.islink(path):
+        return os.path.realpath(path)
+    return os.path.join(os.path.realpath(os.path.dirname(path) or "."), os.path.basename(path))
 
 
 def _is_special(path: str) -> bool:
-    """An existing file that is not a regular one (a FIFO, a device such as /dev/null): written in place,
-    since renaming a temporary file over it would replace the node with a regular file."""
+    """An existing file that is not a regular one (a FIFO, a device such as /dev/null), found through any links:
+    written in place, since renaming a temporary file over it would replace the node with a regular file."""
     try:
-        return not stat.S_ISREG(os.stat(path).st_mode)
-    except FileNotFoundError:
+        return not stat.S_ISREG(os.stat(path).st_mode) and not stat.S_ISDIR(os.stat(path).st_mode)
+    except (FileNotFoundError, NotADirectoryError):
         return False
 
 
