@@ -265,6 +265,14 @@ def test_assigning_a_weight_after_a_dtype_cast(before, after):
     torch.func.functional_call(m, {"0.weight": w}, (x,))
 
 
+def test_a_checkpoint_under_another_name_of_the_same_transform_loads():
+    a, b = nn.Sequential(nn.Linear(16, 16)), nn.Sequential(nn.Linear(16, 16))
+    lsc.spectral(a, transform="wavelet")
+    lsc.spectral(b, transform="cdf97")
+    b.load_state_dict(a.state_dict())
+    assert torch.equal(b.eval()(torch.ones(1, 16)), a.eval()(torch.ones(1, 16)))
+
+
 def test_a_checkpoint_of_another_transform_is_refused():
     """Coefficients of another transform have the same shapes: loading them would give wrong weights silently."""
     torch.manual_seed(0)
@@ -304,21 +312,37 @@ def test_an_in_place_edit_of_a_kept_weight_is_named_once():
     assert torch.equal(m.weight, torch.zeros(4, 8))
 
 
-def test_meta_round_trip_then_checkpoint_restores_the_model():
+class _TiedHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(16, 8)
+        self.head = nn.Linear(8, 16, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, x):
+        return self.head(x[:, :8] + self.emb.weight[:1])
+
+
+@pytest.mark.parametrize("make", [lambda: nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)), _TiedHead],
+                         ids=["mlp", "tied"])
+def test_meta_round_trip_then_checkpoint_restores_the_model(make):
     """``to("meta")``, ``to_empty(device=...)``, ``load_state_dict``: as for a plain model, the model comes back
-    (lsc's position tables are rebuilt from the layouts; the values come from the checkpoint)."""
+    (lsc's position tables are rebuilt from the layouts, also for a tied tensor, whose parametrization sees
+    each cast twice; the values come from the checkpoint)."""
     torch.manual_seed(0)
-    m = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    m = make()
     q = lsc.spectral(m, init_bits=6)
     x = torch.randn(3, 16)
     (m(x).pow(2).mean() + lsc.quantization_loss(m)).backward()  # q_net's shared tables in use
     state = copy.deepcopy(m.state_dict())
     want = m.eval()(x)
     file = lsc.save(m, io.BytesIO())
+    bits = float(lsc.bits_per_weight(m))
     m.to("meta")
     m.to_empty(device="cpu")
     m.load_state_dict(state)
     assert torch.equal(m.eval()(x), want) and lsc.save(m, io.BytesIO()) == file
+    assert float(lsc.bits_per_weight(m)) == bits  # the index tables (groups, scan order) are whole again
     m.train()
     opt = torch.optim.Adam(list(m.parameters()) + list(q.parameters()), 1e-2)
     (m(x).pow(2).mean() + lsc.quantization_loss(m)).backward()
@@ -354,3 +378,32 @@ def test_hugging_face_save_pretrained_of_a_tied_spectral_model(arch, tmp_path):
     fresh.load_state_dict(saved, strict=False)
     m.eval(), fresh.eval()
     assert torch.equal(fresh(input_ids=ids).logits, m(input_ids=ids).logits)
+
+
+def test_to_dense_gives_hugging_face_its_own_tie_declarations_back():
+    """lsc declares the tied copies of its state for save_pretrained; a plain model must tie and resize as before."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    m = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=128, n_positions=32, n_embd=32, n_layer=1,
+                                                             n_head=2))
+    before = m._tied_weights_keys
+    lsc.spectral(m)
+    assert len(m._tied_weights_keys) == len(before) + 1
+    lsc.to_dense(m)
+    assert m._tied_weights_keys == before and "_tied_weights_keys" not in m.__dict__
+    m.tie_weights()
+    m.resize_token_embeddings(130)
+    assert m.lm_head.weight is m.transformer.wte.weight and m.lm_head.weight.shape[0] == 130
+
+
+def test_hugging_face_save_pretrained_of_a_nested_tied_spectral_model(tmp_path):
+    """The tie declared on a submodule (an EncoderDecoderModel's GPT-2 decoder): keys relative to it."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    enc = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64)
+    dec = transformers.GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=1, n_head=2,
+                                  add_cross_attention=True, is_decoder=True)
+    m = transformers.EncoderDecoderModel(config=transformers.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec))
+    lsc.spectral(m, init_bits=6)
+    m.save_pretrained(tmp_path)

@@ -325,11 +325,28 @@ def _declare_tied_state_to_hugging_face(model: nn.Module, entries: list) -> None
                 if rel is None or not any(isinstance(k, str) and re.search(k, rel) for k in keys):
                     continue
                 owner, _, attr = rel.rpartition(".")
-                src_owner, _, src_attr = entry.name.rpartition(".")
-                added["^" + re.escape(f"{owner + '.' if owner else ''}parametrizations.{attr}.")] = \
+                src = entry.name[len(path) + 1:] if path and entry.name.startswith(path + ".") else entry.name
+                src_owner, _, src_attr = src.rpartition(".")
+                # unanchored: Hugging Face prefixes a submodule's keys with its path
+                added[re.escape(f"{owner + '.' if owner else ''}parametrizations.{attr}.")] = \
                     f"{src_owner + '.' if src_owner else ''}parametrizations.{src_attr}"
         if added:
+            module.__dict__.setdefault("_lsc_tied_weights_keys", module.__dict__.get("_tied_weights_keys", _CLASS_KEYS))
             module._tied_weights_keys = {**keys, **added}
+
+
+_CLASS_KEYS = object()  # marks a module whose _tied_weights_keys came from its class (see undeclare_tied_state)
+
+
+def undeclare_tied_state(model: nn.Module) -> None:
+    """Undo :func:`_declare_tied_state_to_hugging_face` (``lsc.to_dense``): a plain model's ``tie_weights`` and
+    ``resize_token_embeddings`` would find no parametrization keys to tie."""
+    for module in model.modules():
+        before = module.__dict__.pop("_lsc_tied_weights_keys", None)
+        if before is _CLASS_KEYS:
+            module.__dict__.pop("_tied_weights_keys", None)
+        elif before is not None:
+            module._tied_weights_keys = before
 
 
 def quantization_network(model: nn.Module) -> QuantizationNetwork:

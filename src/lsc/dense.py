@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .convert import undeclare_tied_state
 from .errors import LscError
 from .lazy import LazyParametrization
 from .lowrank import LowRankMatrix, Tucker2
@@ -89,6 +90,7 @@ def to_dense(model: nn.Module, *, keep_factors: bool = False) -> nn.Module:
         for module, attr in locations:
             unparametrize(module, attr, dense)
     del holder._lsc  # its state_dict hooks read this attribute and do nothing without it
+    undeclare_tied_state(holder)
     if not keep_factors:
         _fold_factors(holder)
     return model

@@ -26,7 +26,7 @@ from .qnet import _SHARED, QuantizationNetwork, position_features
 from .quantizer import bits_to_exponent, integer_coefficients, step_size
 from .reconstruct import compute_dtype_for, reconstruct
 from .training import quantized_synthesis, synthesis_gradients
-from .transforms import block_transform, get_transform
+from .transforms import TRANSFORMS, block_transform, get_transform
 
 __all__ = ["SpectralParametrization"]
 
@@ -95,7 +95,9 @@ class SpectralParametrization(nn.Module):
         form = self.__dict__.get("_original_form")
         if form is not None:  # the coefficients are cast with the model: right_inverse must give their new dtype
             form[1] = fn(torch.zeros(0, device=self.features.device, dtype=form[1])).dtype
-        own = {name: getattr(self, name) for name in ("mean", "std", "features", "frozen_exponent")}
+        # a tied tensor's parametrization belongs to two modules and sees every cast twice: all its own tensors,
+        # index tables included, are put back after each (to_empty would otherwise re-empty them the second time)
+        own = {name: getattr(self, name) for name in ("mean", "std", "features", "frozen_exponent", "groups", "scan_order")}
         result = super()._apply(fn, *args, **kwargs)
         if probe.is_floating_point():
             # lsc's own state stays at full precision: half-precision statistics would move every decoded
@@ -122,13 +124,13 @@ class SpectralParametrization(nn.Module):
         """Own tensors and tables of a parametrization whose tensors were on the meta device: the position tables
         (features, groups, scan order) rebuilt from the layout, the statistics and frozen exponents as
         placeholders that ``load_state_dict`` fills, as ``to_empty`` leaves every parameter."""
-        self.features = position_features(self.tensor_id, self.num_tensors, self.layout).to(device)
-        self.groups = torch.from_numpy(position_groups(self.layout, self.min_group_symbols)).to(device)
-        self.scan_order = torch.from_numpy(np.array(morton_order(self.layout.block_shape))).to(device)
         fe = own["frozen_exponent"]
         return dict(mean=torch.zeros((), dtype=own["mean"].dtype, device=device),
-                    std=torch.ones((), dtype=own["std"].dtype, device=device), features=self.features,
-                    frozen_exponent=None if fe is None else torch.zeros(fe.shape, dtype=fe.dtype, device=device))
+                    std=torch.ones((), dtype=own["std"].dtype, device=device),
+                    features=position_features(self.tensor_id, self.num_tensors, self.layout).to(device),
+                    frozen_exponent=None if fe is None else torch.zeros(fe.shape, dtype=fe.dtype, device=device),
+                    groups=torch.from_numpy(position_groups(self.layout, self.min_group_symbols)).to(device),
+                    scan_order=torch.from_numpy(np.array(morton_order(self.layout.block_shape))).to(device))
 
     # The transform is in the state dict: coefficients of another transform have the same shape, and loading
     # them would give silently wrong weights (a block-shape mismatch already fails on the shapes).
@@ -140,7 +142,7 @@ class SpectralParametrization(nn.Module):
             saved = bytes(state.detach().cpu().to(torch.uint8).tolist()).decode()
         except (AttributeError, TypeError, ValueError, RuntimeError):
             raise LscError(f"{self.name}: the checkpoint's transform entry is not one lsc wrote: {state!r}") from None
-        if saved != self.transform:
+        if saved != self.transform and TRANSFORMS.get(saved) != TRANSFORMS[self.transform]:  # aliases are one transform
             raise LscError(f"{self.name}: the checkpoint's coefficients are of the {saved!r} transform, this model's of "
                            f"{self.transform!r}; call lsc.spectral with transform={saved!r} (the options of the run "
                            "that wrote it) before load_state_dict")
