@@ -407,3 +407,25 @@ def test_hugging_face_save_pretrained_of_a_nested_tied_spectral_model(tmp_path):
     m = transformers.EncoderDecoderModel(config=transformers.EncoderDecoderConfig.from_encoder_decoder_configs(enc, dec))
     lsc.spectral(m, init_bits=6)
     m.save_pretrained(tmp_path)
+
+
+def test_a_step_the_grad_scaler_skips_does_not_leave_q_net_stuck():
+    """Mixed precision with ``model.zero_grad()`` (Hugging Face's Trainer): a step a GradScaler skips (inf gradients,
+    usual in the first fp16 steps) must not keep q_net's inf gradients, or every later step is skipped too."""
+    def run(clear):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        q_net = lsc.spectral(model, rate_weight=0.1)
+        opt = torch.optim.Adam(list(model.parameters()) + list(q_net.parameters()), lr=1e-3)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 120)  # the first steps overflow
+        x = torch.randn(8, 16)
+        ran = 0
+        for _ in range(40):
+            scaler.scale(model(x).pow(2).mean() + lsc.quantization_loss(model)).backward()
+            before = scaler.get_scale()
+            scaler.step(opt)
+            scaler.update()
+            ran += scaler.get_scale() >= before  # the scale is cut only when the step was skipped
+            clear(model, opt)
+        return ran
+    assert run(lambda m, o: m.zero_grad()) == run(lambda m, o: o.zero_grad()) > 20

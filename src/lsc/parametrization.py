@@ -44,12 +44,12 @@ def _forget_computed(optimizer, args, kwargs) -> None:
     for par, hit in list(_CONSTANT.items()):
         if any(id(t) in stepped for t in hit[0]):
             _CONSTANT.pop(par, None)
-    for q_net in list(_SHARED.keys()):
+    for q_net in list(_SHARED.keys()):  # see QuantizationNetwork._drop_stale_gradients for the marks
         if any(id(p) in stepped for p in q_net.current_parameters()):
             _SHARED.pop(q_net, None)
-            marks = q_net.coefficient_grad_marks()  # see QuantizationNetwork._drop_stale_gradients
-            if marks is not None:
-                q_net.__dict__["_stepped"] = marks
+            q_net.mark_gradients()
+        elif q_net.steps_coefficients(stepped):  # the model stepped without q_net: q_net adds up over several steps
+            q_net.__dict__.pop("_marks", None)
 
 
 register_optimizer_step_post_hook(_forget_computed)

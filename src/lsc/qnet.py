@@ -111,6 +111,18 @@ class QuantizationNetwork(nn.Module):
         if members is not None:
             members["entries"] = ModelLink(owner)
 
+    def mark_gradients(self) -> None:
+        """Record :meth:`coefficient_grad_marks` for the next graph's :meth:`_drop_stale_gradients` check: called
+        at the end of every backward pass that reached this network and after every optimizer step of it."""
+        marks = self.coefficient_grad_marks()
+        if marks is not None:
+            self.__dict__["_marks"] = marks
+
+    def steps_coefficients(self, stepped: set) -> bool:
+        """Whether an optimizer step over the parameters ``stepped`` (ids) stepped a coefficient this network serves."""
+        members = self.__dict__.get("_members")
+        return members is not None and any(id(e.coefficients) in stepped for e in members["entries"])
+
     def coefficient_grad_marks(self) -> list | None:
         """(id, version) of each served coefficient's gradient (None where it has none), or None when
         this network serves no model: what :meth:`_drop_stale_gradients` compares against after a step."""
@@ -141,6 +153,8 @@ class QuantizationNetwork(nn.Module):
         if members is None:
             return None
         params = self.current_parameters()
+        if "_marks" in self.__dict__ and torch.is_grad_enabled():  # the first graph since a backward or a step
+            self._drop_stale_gradients(params, list(members["entries"]), self.__dict__.pop("_marks"))
         key = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
                tuple((id(p), p._version, p.data_ptr(), p.requires_grad) for p in params))
         hit = _SHARED.get(self)
@@ -156,9 +170,6 @@ class QuantizationNetwork(nn.Module):
             else:
                 members["features"], members["ids"] = members["features"].to(dev), members["ids"].to(dev)
         if torch.is_grad_enabled() and any(p.requires_grad for p in params):
-            marks = self.__dict__.pop("_stepped", None)
-            if marks is not None:  # the first graph after an optimizer stepped this network
-                self._drop_stale_gradients(params, list(members["entries"]), marks)
             fn = _SharedBitsMLP if self._plain_mlp() else _SharedBits
             e, s = fn.apply(self, members["features"], members["ids"], *params)
         else:
@@ -174,14 +185,17 @@ class QuantizationNetwork(nn.Module):
 
         ``model.zero_grad()`` (what Hugging Face's Trainer calls after every optimizer step) never
         reaches q_net, whose parameters ``model.parameters()`` leaves out, so its gradients would add up
-        over all steps. Run once after each optimizer step that updated q_net, before the next graph,
-        with ``marks`` (:meth:`coefficient_grad_marks`, taken by the optimizer hook in
-        :mod:`lsc.parametrization` right after that step): when no trainable coefficient still holds the
-        gradient it had then, but one was cleared since (set to None, or zeroed in place by
-        ``zero_grad(set_to_none=False)``, which bumps its version), q_net's are cleared the same way.
-        Gradient accumulation, and layers a step does not use, leave some coefficient's gradient as it
-        was, so they are untouched; so does a loop that adds up q_net's gradients over several of the
-        model's steps before stepping q_net. Versions only: no host synchronization.
+        over all steps. Run once before the next graph, with ``marks`` (:meth:`coefficient_grad_marks`)
+        taken at the end of the last backward pass that reached q_net, or after the last optimizer step
+        that updated it: when no trainable coefficient still holds the gradient it had then, but one was
+        cleared since (set to None, or zeroed in place by ``zero_grad(set_to_none=False)``, which bumps
+        its version), q_net's are cleared the same way. So they are also cleared after a step a
+        ``GradScaler`` skipped (no optimizer step ran; its inf gradients would otherwise stay and make
+        it skip every later step). Gradient accumulation, and layers a step does not use, leave some
+        coefficient's gradient as it was, so they are untouched; an optimizer step of the model's
+        coefficients without q_net drops the marks, so a loop that adds up q_net's gradients over
+        several of the model's steps before stepping q_net is untouched too. Versions only: no host
+        synchronization.
         """
         if not entries or len(entries) != len(marks) or all(p.grad is None for p in params):
             return
@@ -262,7 +276,7 @@ class _SharedBits(torch.autograd.Function):
         with torch.enable_grad():
             e = bits_to_exponent(q_net(features, ids))
             s = step_size(e)
-        ctx.inner, ctx.params = (e, s), params
+        ctx.inner, ctx.params, ctx.q_net = (e, s), params, weakref.ref(q_net)
         return e.detach(), s.detach()
 
     @staticmethod
@@ -276,6 +290,7 @@ class _SharedBits(torch.autograd.Function):
                                       retain_graph=True, allow_unused=True)
         for i, g in zip(need, got):
             grads[i] = g
+        _mark_after_backward(ctx.q_net)
         return (None, None, None, *grads)
 
 
@@ -301,6 +316,7 @@ class _SharedBitsMLP(torch.autograd.Function):
         ctx.saved = (features, ids, offset.shape[0], w1, w2, w3, z1, h1, z2, h2, below, above, s, q_net.bits_scale)
         ctx.versions = [t._version for t in (offset, w1, b1, w2, b2, w3, b3)]
         ctx.inputs = (offset, w1, b1, w2, b2, w3, b3)
+        ctx.q_net = weakref.ref(q_net)
         return e, s
 
     @staticmethod
@@ -321,7 +337,18 @@ class _SharedBitsMLP(torch.autograd.Function):
         g_w2, g_b2 = g_z2.t() @ h1, g_z2.sum(0)
         g_z1 = _silu_backward(g_z2 @ w2, z1)
         g_w1, g_b1 = g_z1.t() @ features, g_z1.sum(0)
+        _mark_after_backward(ctx.q_net)
         return None, None, None, g_off, g_w1, g_b1, g_w2, g_b2, g_w3, g_b3
+
+
+def _mark_after_backward(q_net_ref) -> None:
+    """Once this backward pass has accumulated every gradient, record the coefficients' marks
+    (:meth:`QuantizationNetwork.mark_gradients`): the point a ``model.zero_grad()`` is measured from."""
+    def mark():
+        q_net = q_net_ref()
+        if q_net is not None:
+            q_net.mark_gradients()
+    torch.autograd.Variable._execution_engine.queue_callback(mark)
 
 
 def _silu_backward(grad: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
