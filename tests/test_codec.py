@@ -705,3 +705,40 @@ def test_files_can_be_binary_file_objects(tmp_path):
         lsc.save(model, f)
     with open(tmp_path / "ref.lsc", "r", encoding="latin-1") as f, pytest.raises(lsc.LscError, match="binary mode"):
         lsc.load(f)
+
+
+def test_a_file_of_another_transform_is_refused_by_a_spectral_model():
+    torch.manual_seed(0)
+    src = nn.Sequential(nn.Linear(16, 16))
+    lsc.spectral(src, transform="wavelet")
+    data = lsc.compress_weights(src)
+    dst = nn.Sequential(nn.Linear(16, 16))
+    lsc.spectral(dst)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(lsc.LscError, match="file holds 'wavelet' coefficients, the model's transform is 'dct'"):
+        lsc.load(data, dst)
+    assert all(torch.equal(v, before[k]) for k, v in dst.state_dict().items())  # untouched
+    alias = nn.Sequential(nn.Linear(16, 16))
+    lsc.spectral(alias, transform="cdf97")  # another name of the same transform
+    x = torch.randn(2, 16)
+    assert torch.equal(lsc.load(data, alias).eval()(x), src.eval()(x))
+
+
+def test_saving_to_a_stream_that_takes_part_of_each_write_writes_everything():
+    class Trickle(io.RawIOBase):
+        def __init__(self):
+            self.got = bytearray()
+
+        def writable(self):
+            return True
+
+        def write(self, b):
+            n = min(len(b), 1000)
+            self.got += bytes(b[:n])
+            return n
+    model = nn.Linear(64, 64)
+    lsc.spectral(model)
+    out = Trickle()
+    n = lsc.save(model, out)
+    assert n == len(out.got) > 1000
+    lsc.load(bytes(out.got))

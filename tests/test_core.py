@@ -408,8 +408,9 @@ def test_weight_without_gradient_is_computed_once_and_invalidated_by_any_change(
         q_net.mlp[-1].bias.add_(2.0)  # the steps change
         w3 = layer.weight
         assert not torch.equal(w3, w2) and torch.equal(w3, _decoded_now(par, original))
-        w3.mul_(0)  # an in-place edit of the returned weight is never handed out again
-        assert torch.equal(layer.weight, _decoded_now(par, original))
+        w3.mul_(0)  # an in-place edit of the returned weight is never handed out again (and is named)
+        with pytest.warns(UserWarning, match="edited in place"):
+            assert torch.equal(layer.weight, _decoded_now(par, original))
         other = nn.Sequential(nn.Linear(12, 20), nn.Linear(20, 3))
         lsc.spectral(other, init_bits=6)
         model.load_state_dict(other.state_dict())

@@ -505,3 +505,16 @@ def test_lazy_loading_holds_no_wide_copies_of_a_tensor(mode, bound):
     assert peak < bound * 40_000 * 64 * 4
     x = torch.tensor([[0, 39_999, 7]])
     assert torch.equal(lazy(x), lsc.load(data, make())(x))
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_lazy_loading_into_a_cast_model_gives_its_dtype(mode):
+    """As dense loading: weights decoded at the file's precision, then cast to the model's dtype."""
+    make = lambda: nn.Sequential(nn.Embedding(50, 16), nn.Linear(16, 4))  # noqa: E731
+    torch.manual_seed(0)
+    data = _file(make())
+    lazy = load_lazy(data, make().to(torch.bfloat16), mode=mode)
+    dense = lsc.load(data, make().to(torch.bfloat16))
+    assert lazy[1].weight.dtype == torch.bfloat16
+    x = torch.tensor([[1, 2, 3]])
+    assert torch.equal(lazy(x), dense(x))

@@ -723,6 +723,8 @@ def load_lazy(src, model: nn.Module, *, mode: str = "packed", cache: int = 0, st
         runtime.stores.append(store)
     for store, module, attr, old in targets:
         dev = device if old.is_meta else old.device
+        if not old.is_meta and old.is_floating_point() and old.dtype != store.dtype:
+            store.dtype = old.dtype  # a cast model (.half()): decoded at the file's precision, then cast, as dense loading
         module._parameters[attr] = nn.Parameter(torch.empty(0, dtype=store.dtype, device=dev), requires_grad=False)
         parametrize.register_parametrization(module, attr, LazyParametrization(store, runtime), unsafe=True)
         owners[id(module)] = module

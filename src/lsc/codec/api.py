@@ -402,7 +402,7 @@ def _rebuild_spectral(m: dict, q_positions: np.ndarray, e: np.ndarray, device: t
         w = reconstruct(q, e_t, layout, mean, std, dtype, m["transform"])
     else:
         w = reconstruct(q.T.to(device).T, e_t.to(device), layout, mean.to(device), std.to(device), dtype, m["transform"])
-    return {"weight": w, "q": q, "exponent": e_t, "mean": mean, "std": std, "layout": layout}
+    return {"weight": w, "q": q, "exponent": e_t, "mean": mean, "std": std, "layout": layout, "transform": m["transform"]}
 
 
 def _decode_raw(m: dict, data) -> torch.Tensor:
@@ -526,8 +526,21 @@ def save(model: nn.Module, path, *, buffer_tolerance: float | None = None) -> in
     if not stream:
         check_writable(path)  # before the encoding work (seconds on a large model), not after
     data = to_bytes(compress_weights(model, buffer_tolerance=buffer_tolerance))
-    path.write(data) if stream else atomic_write_bytes(path, data)
+    _write_all(path, data) if stream else atomic_write_bytes(path, data)
     return len(data)
+
+
+def _write_all(stream, data: bytes) -> None:
+    """Write every byte to a binary stream: an unbuffered one (a socket's file with a timeout) may take part
+    of it per call, and a short write must not pass for a whole file."""
+    view = memoryview(data)
+    while view:
+        n = stream.write(view)
+        if n is None:  # a non-blocking raw stream that took nothing now: wait and retry would hide a dead peer
+            raise OSError(f"the stream took none of the {len(view)} bytes left to write (a non-blocking stream?)")
+        if n <= 0:
+            raise OSError(f"the stream accepted no bytes, {len(view)} left to write")
+        view = view[n:]
 
 
 def recode(src) -> bytes:
@@ -715,6 +728,10 @@ def _load_into_spectral(model, header, plain, spec, strict):
             if d["layout"] != par.layout:
                 raise LscError(f"{entry.name}: file has shape {d['layout'].shape} block {d['layout'].block_shape}, "
                                f"model has {par.layout.shape} block {par.layout.block_shape}")
+            if TRANSFORMS.get(d["transform"]) != TRANSFORMS.get(par.transform):  # aliases are one transform
+                raise LscError(f"{entry.name}: file holds {d['transform']!r} coefficients, the model's transform is "
+                               f"{par.transform!r}; call lsc.spectral with transform={d['transform']!r} (or load the "
+                               "file into a plain model)")
             if d["weight"].dtype != par.orig_dtype:  # the file's weight is rounded to its own dtype
                 raise LscError(f"{entry.name}: file holds it as {d['weight'].dtype}, the model as {par.orig_dtype}, so the "
                                f"model's eval weights could not equal the file's; cast the model first (model.to("
