@@ -223,3 +223,51 @@ def test_a_factored_rnn_loads_lazily_with_a_cache_into_a_model_built_on_the_meta
         ref = dense(x)[0]
         assert torch.equal(lazy(x)[0], ref) and torch.equal(lazy(x)[0], ref)
     assert torch.equal(lazy.weight_hh_l0, dense.weight_hh_l0)
+
+
+def test_type_selectors_reach_weights_a_parametrization_holds():
+    """lsc.factorize (or weight_norm) moves a Linear's weight into parametrization originals: a type key still
+    means every parameter of the Linear."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    lsc.factorize(m, rank=4, min_saving=0.0)
+    lsc.spectral(m, include=nn.Linear, block_size={nn.Linear: 2})
+    names = [e.name for e in lsc.state.get_state(m).entries]
+    assert "0.parametrizations.weight.original0" in names and "0.parametrizations.weight.original1" in names
+    assert all(e.parametrization.layout.block_shape in ((2,), (2, 2)) for e in lsc.state.get_state(m).entries)
+
+
+def test_a_module_used_at_two_places_is_matched_under_both_names():
+    shared = nn.Linear(8, 8)
+    m = nn.Sequential(shared, nn.ReLU(), shared, nn.Linear(8, 2))
+    lsc.spectral(m, exclude="2.weight", block_size={"2.bias": 4})
+    entries = {e.name: e for e in lsc.state.get_state(m).entries}
+    assert "0.weight" not in entries and entries["0.bias"].parametrization.layout.block_shape == (4,)
+    m2 = nn.Sequential(nn.Linear(8, 8))
+    m2 = nn.Sequential(m2[0], nn.ReLU(), m2[0])
+    lsc.spectral(m2, include="2.weight")
+    assert [e.name for e in lsc.state.get_state(m2).entries] == ["0.weight"]
+
+
+def test_exact_names_with_glob_characters_select_themselves():
+    m = nn.Module()
+    m.blocks = nn.ModuleDict({"attn[0]": nn.Linear(8, 8), "attn[1]": nn.Linear(8, 8)})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lsc.spectral(m, exclude="blocks.attn[0].weight")
+    names = [e.name for e in lsc.state.get_state(m).entries]
+    assert "blocks.attn[0].weight" not in names and "blocks.attn[1].weight" in names
+
+
+def test_float8_parameters_are_left_raw():
+    m = nn.Module()
+    m.w = nn.Parameter(torch.randn(16, 16))
+    m.f8 = nn.Parameter(torch.randn(16, 16).to(torch.float8_e4m3fn), requires_grad=False)
+    lsc.spectral(m)
+    assert [e.name for e in lsc.state.get_state(m).entries] == ["w"]
+    assert torch.equal(lsc.load(lsc.compress_weights(m))["f8"].view(torch.uint8), m.f8.view(torch.uint8))
+
+
+def test_min_group_symbols_beyond_what_a_file_holds_is_refused():
+    with pytest.raises(lsc.LscError, match="at most 2\\*\\*62"):
+        lsc.spectral(nn.Linear(4, 4), min_group_symbols=2 ** 63)

@@ -29,8 +29,8 @@ Selector = Union[str, type, Callable[[str, torch.Tensor], bool]]
 
 
 def _matches(selector: Selector, name: str, module: nn.Module, tensor: torch.Tensor) -> bool:
-    if isinstance(selector, str):
-        return fnmatch(name, selector) or fnmatch(name.rsplit(".", 1)[-1], selector)
+    if isinstance(selector, str):  # an exact name first: names may hold characters special to fnmatch ("attn[0]")
+        return name == selector or fnmatch(name, selector) or fnmatch(name.rsplit(".", 1)[-1], selector)
     if isinstance(selector, type):
         return isinstance(module, selector)
     return bool(selector(name, tensor))
@@ -65,12 +65,13 @@ def selected_parameters(model: nn.Module, include=None, exclude=None):
                 order.append(id(p))
             if all(o[1] is not module or o[2] != attr for o in owners[id(p)]):
                 owners[id(p)].append((name, module, attr, p))
+    every_name = names_by_tensor(model)
     chosen = []
     for pid in order:
         (name, module, attr, p), *ties = owners[pid]
-        if not p.is_floating_point() or p.numel() == 0:
+        if not p.is_floating_point() or p.numel() == 0 or p.element_size() == 1:  # float8: stored raw
             continue
-        names = [(n, m) for n, m, _, _ in owners[pid]]
+        names = every_name[pid]
         if include and not any(_matches(s, n, m, p) for s in include for n, m in names):
             continue
         if any(_matches(s, n, m, p) for s in exclude for n, m in names):
@@ -80,10 +81,24 @@ def selected_parameters(model: nn.Module, include=None, exclude=None):
 
 
 def _owners(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(name, module that holds it) for every parameter name of the model, tied names included."""
-    return [(f"{mod_name}.{attr}" if mod_name else attr, module)
-            for mod_name, module in model.named_modules(remove_duplicate=False)
-            for attr, p in module._parameters.items() if p is not None]
+    """(name, module of its type) for every parameter name of the model, tied and repeated names included."""
+    return [pair for pairs in names_by_tensor(model).values() for pair in pairs]
+
+
+def names_by_tensor(model: nn.Module) -> dict[int, list[tuple[str, nn.Module]]]:
+    """Every name each parameter (by id) has in the model, with the module whose type a type selector tests:
+    a tied tensor and a module reused at two places have several; a parameter that a parametrization (lsc.factorize,
+    weight_norm) holds is tested as the parametrized module's (a factored Linear's factors are nn.Linear's)."""
+    out: dict[int, list] = {}
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        kind = module
+        if isinstance(module, parametrize.ParametrizationList) and ".parametrizations." in f".{mod_name}":
+            owner = mod_name.rsplit("parametrizations.", 1)[0].rstrip(".")
+            kind = model.get_submodule(owner) if owner else model
+        for attr, p in module._parameters.items():
+            if p is not None:
+                out.setdefault(id(p), []).append((f"{mod_name}.{attr}" if mod_name else attr, kind))
+    return out
 
 
 def _type_name(t: type) -> str:
@@ -204,6 +219,8 @@ def _check_options(*, init_bits, rate_weight, leak, min_group_symbols, q_net_hid
     for name, value in (("min_group_symbols", min_group_symbols), ("q_net_hidden", q_net_hidden)):
         if not is_integer(value) or value < 1:
             raise LscError(f"{name} must be a positive integer, got {value!r}")
+    if min_group_symbols > 1 << 62:  # the file format's bound (docs/FORMAT.md: min_group)
+        raise LscError(f"min_group_symbols must be at most 2**62 (what a file can hold), got {min_group_symbols!r}")
 
 
 @full_precision
@@ -273,7 +290,8 @@ def spectral(model: nn.Module, *, block_size=8, init_bits: float = 10.0, include
     q_net.to(chosen[0][3].device)
     # every parametrization is built (and every per-tensor option checked) before the model is touched:
     # a bad option for the last tensor must not leave the first ones converted
-    owners = [[(name, module), *((n, m) for n, m, _ in ties)] for name, module, _, _, ties in chosen]  # every tie name
+    every_name = names_by_tensor(model)
+    owners = [every_name[id(p)] for _, _, _, p, _ in chosen]  # every name of each tensor, for its options
     pars = [SpectralParametrization(name, tuple(p.shape), p.dtype, _block_for(name, tuple(p.shape), block_size, own),
                                     tid, len(chosen), q_net, leak=leak, min_group_symbols=min_group_symbols,
                                     transform=_per_tensor(_with_default(transform, "dct"), name, tuple(p.shape), own,

@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 from .atomic import check_writable
-from .convert import _per_tensor, _unmatched_keys, selected_parameters, spectral
+from .convert import _per_tensor, _unmatched_keys, names_by_tensor, selected_parameters, spectral
 from .errors import LscError, outside_stacklevel
 from .feedback import check_positive_definite, feedback_quantize, output_error, supports_feedback
 from .precision import full_precision
@@ -722,7 +722,8 @@ def compress_posttraining(model_or_state_dict: Union[nn.Module, Mapping[str, tor
     originals = {name: p.detach() for name, _, _, p, _ in chosen}
     hessians = _check_hessians(hessians, model, originals)
     # every name and module each chosen tensor is held under (a tied tensor has several): bounds may name any
-    owners = {name: [(name, module)] + [(n, mod) for n, mod, _ in ties] for name, module, _, _, ties in chosen}
+    every_name = names_by_tensor(model)
+    owners = {name: every_name[id(p)] for name, _, _, p, _ in chosen}
     if max_error is not None:  # every tensor's bound resolves, before lsc.spectral changes the model
         for name, w in originals.items():
             _error_bound(max_error, name, tuple(w.shape), owners[name])
