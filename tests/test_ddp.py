@@ -297,3 +297,45 @@ def test_fsdp_single_unit_matches_single_process(ddp_run, variant):
         assert torch.equal(dec[0][k], dec[1][k]), k
     for k, v in ref.items():
         torch.testing.assert_close(dec[0][k], v, rtol=1e-4, atol=1e-5)
+
+
+def _accumulate_worker(port: int, outdir: str) -> None:
+    """One process, DDP over gloo: two micro-batches' backward passes without no_sync, nothing stepped between."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        q_net = lsc.spectral(model, rate_weight=0.05)
+        ddp = torch.nn.parallel.DistributedDataParallel(SpectralTrainingModule(model, q_net))
+        xs = torch.randn(8, 16), torch.randn(8, 16)
+
+        def micro(x):
+            out, rate = ddp(x)
+            (out.pow(2).mean() + rate).backward()
+        grads = []
+        for x in xs:  # each micro-batch alone
+            for p in ddp.parameters():
+                p.grad = None
+            micro(x)
+            grads.append([p.grad.clone() for p in q_net.parameters()])
+        for p in ddp.parameters():
+            p.grad = None
+        for x in xs:  # accumulated: DDP copies the all-reduced gradients back in place after each backward
+            micro(x)
+        torch.save(dict(alone=grads, both=[p.grad.clone() for p in q_net.parameters()]), os.path.join(outdir, "acc.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_accumulation_keeps_every_micro_batchs_q_net_gradient(tmp_path):
+    """DDP's in-place gradient copy after a backward is no clearing of the model's gradients."""
+    import torch.nn.parallel  # noqa: F401  (before forking, as ddp_run does)
+    import torch._dynamo  # noqa: F401
+    fork = "fork" in mp.get_all_start_methods() and not torch.cuda.is_available()
+    proc = mp.get_context("fork" if fork else "spawn").Process(target=_accumulate_worker, args=(_free_port(), str(tmp_path)))
+    proc.start()
+    proc.join(120)
+    assert proc.exitcode == 0
+    got = torch.load(tmp_path / "acc.pt")
+    for both, a, b in zip(got["both"], *got["alone"]):
+        torch.testing.assert_close(both, a + b)

@@ -389,11 +389,13 @@ def test_to_dense_gives_hugging_face_its_own_tie_declarations_back():
     before = m._tied_weights_keys
     lsc.spectral(m)
     assert len(m._tied_weights_keys) == len(before) + 1
-    lsc.to_dense(m)
-    assert m._tied_weights_keys == before and "_tied_weights_keys" not in m.__dict__
-    m.tie_weights()
-    m.resize_token_embeddings(130)
-    assert m.lm_head.weight is m.transformer.wte.weight and m.lm_head.weight.shape[0] == 130
+    copied = copy.deepcopy(m)
+    for model in (m, copied):  # a copy gives them back too
+        lsc.to_dense(model)
+        assert model._tied_weights_keys == before and "_tied_weights_keys" not in model.__dict__
+        model.tie_weights()
+        model.resize_token_embeddings(130)
+        assert model.lm_head.weight is model.transformer.wte.weight and model.lm_head.weight.shape[0] == 130
 
 
 def test_hugging_face_save_pretrained_of_a_nested_tied_spectral_model(tmp_path):

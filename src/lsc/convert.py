@@ -349,21 +349,21 @@ def _declare_tied_state_to_hugging_face(model: nn.Module, entries: list) -> None
                 added[re.escape(f"{owner + '.' if owner else ''}parametrizations.{attr}.")] = \
                     f"{src_owner + '.' if src_owner else ''}parametrizations.{src_attr}"
         if added:
-            module.__dict__.setdefault("_lsc_tied_weights_keys", module.__dict__.get("_tied_weights_keys", _CLASS_KEYS))
+            # what to give back (None: the class's declaration); a plain value, so that copies keep it
+            module.__dict__.setdefault("_lsc_tied_weights_keys", module.__dict__.get("_tied_weights_keys"))
             module._tied_weights_keys = {**keys, **added}
-
-
-_CLASS_KEYS = object()  # marks a module whose _tied_weights_keys came from its class (see undeclare_tied_state)
 
 
 def undeclare_tied_state(model: nn.Module) -> None:
     """Undo :func:`_declare_tied_state_to_hugging_face` (``lsc.to_dense``): a plain model's ``tie_weights`` and
     ``resize_token_embeddings`` would find no parametrization keys to tie."""
     for module in model.modules():
-        before = module.__dict__.pop("_lsc_tied_weights_keys", None)
-        if before is _CLASS_KEYS:
+        if "_lsc_tied_weights_keys" not in module.__dict__:
+            continue
+        before = module.__dict__.pop("_lsc_tied_weights_keys")
+        if before is None:
             module.__dict__.pop("_tied_weights_keys", None)
-        elif before is not None:
+        else:
             module._tied_weights_keys = before
 
 

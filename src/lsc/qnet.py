@@ -111,12 +111,13 @@ class QuantizationNetwork(nn.Module):
         if members is not None:
             members["entries"] = ModelLink(owner)
 
-    def mark_gradients(self) -> None:
+    def mark_gradients(self, after_step: bool = True) -> None:
         """Record :meth:`coefficient_grad_marks` for the next graph's :meth:`_drop_stale_gradients` check: called
-        at the end of every backward pass that reached this network and after every optimizer step of it."""
+        after every optimizer step of this network, and at the end of every backward pass that reached it
+        (``after_step=False``; a step's marks are kept over those)."""
         marks = self.coefficient_grad_marks()
-        if marks is not None:
-            self.__dict__["_marks"] = marks
+        if marks is not None and (after_step or self.__dict__.get("_marks", (False,))[0] is False):
+            self.__dict__["_marks"] = (after_step, marks)
 
     def steps_coefficients(self, stepped: set) -> bool:
         """Whether an optimizer step over the parameters ``stepped`` (ids) stepped a coefficient this network serves."""
@@ -154,7 +155,8 @@ class QuantizationNetwork(nn.Module):
             return None
         params = self.current_parameters()
         if "_marks" in self.__dict__ and torch.is_grad_enabled():  # the first graph since a backward or a step
-            self._drop_stale_gradients(params, list(members["entries"]), self.__dict__.pop("_marks"))
+            after_step, marks = self.__dict__.pop("_marks")
+            self._drop_stale_gradients(params, list(members["entries"]), marks, after_step)
         key = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
                tuple((id(p), p._version, p.data_ptr(), p.requires_grad) for p in params))
         hit = _SHARED.get(self)
@@ -180,18 +182,19 @@ class QuantizationNetwork(nn.Module):
         return out
 
     @staticmethod
-    def _drop_stale_gradients(params, entries, marks) -> None:
+    def _drop_stale_gradients(params, entries, marks, after_step: bool = True) -> None:
         """Clear this network's gradients when the model's were cleared without them.
 
         ``model.zero_grad()`` (what Hugging Face's Trainer calls after every optimizer step) never
         reaches q_net, whose parameters ``model.parameters()`` leaves out, so its gradients would add up
         over all steps. Run once before the next graph, with ``marks`` (:meth:`coefficient_grad_marks`)
-        taken at the end of the last backward pass that reached q_net, or after the last optimizer step
-        that updated it: when no trainable coefficient still holds the gradient it had then, but one was
-        cleared since (set to None, or zeroed in place by ``zero_grad(set_to_none=False)``, which bumps
-        its version), q_net's are cleared the same way. So they are also cleared after a step a
-        ``GradScaler`` skipped (no optimizer step ran; its inf gradients would otherwise stay and make
-        it skip every later step). Gradient accumulation, and layers a step does not use, leave some
+        taken after the last optimizer step that updated q_net: when no trainable coefficient still holds
+        the gradient it had then, but one was cleared since (set to None, or zeroed in place by
+        ``zero_grad(set_to_none=False)``, which bumps its version), q_net's are cleared the same way.
+        Marks taken at the end of a backward pass instead (``after_step=False``: no step ran since, e.g.
+        one a ``GradScaler`` skipped, whose inf gradients would otherwise stay and make it skip every
+        later step) count only gradients set to None as cleared: between a backward and the next one,
+        DDP's all-reduce or per-micro-batch clipping edit gradients in place without clearing them. Gradient accumulation, and layers a step does not use, leave some
         coefficient's gradient as it was, so they are untouched; an optimizer step of the model's
         coefficients without q_net drops the marks, so a loop that adds up q_net's gradients over
         several of the model's steps before stepping q_net is untouched too. Versions only: no host
@@ -209,8 +212,8 @@ class QuantizationNetwork(nn.Module):
                 cleared = cleared or ("none" if mark is not None else None)
             elif mark is None or mark[0] != id(g):
                 return  # a gradient that was not there after the step: not a cleared model
-            elif mark[1] == g._version:
-                return  # kept since the step: accumulating
+            elif mark[1] == g._version or not after_step:
+                return  # kept since the step (accumulating), or edited in place since a backward
             else:
                 cleared = "zero"
         if cleared == "none":
@@ -347,7 +350,7 @@ def _mark_after_backward(q_net_ref) -> None:
     def mark():
         q_net = q_net_ref()
         if q_net is not None:
-            q_net.mark_gradients()
+            q_net.mark_gradients(after_step=False)
     torch.autograd.Variable._execution_engine.queue_callback(mark)
 
 

@@ -536,8 +536,10 @@ def _write_all(stream, data: bytes) -> None:
     view = memoryview(data)
     while view:
         n = stream.write(view)
-        if n is None:  # a non-blocking raw stream that took nothing now: wait and retry would hide a dead peer
-            raise OSError(f"the stream took none of the {len(view)} bytes left to write (a non-blocking stream?)")
+        if n is None:
+            if isinstance(stream, io.RawIOBase):  # a non-blocking raw stream that took nothing now
+                raise OSError(f"the stream took none of the {len(view)} bytes left to write (a non-blocking stream?)")
+            return  # a duck-typed writer that returns nothing takes everything
         if n <= 0:
             raise OSError(f"the stream accepted no bytes, {len(view)} left to write")
         view = view[n:]
