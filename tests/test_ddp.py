@@ -301,6 +301,7 @@ def test_fsdp_single_unit_matches_single_process(ddp_run, variant):
 
 def _accumulate_worker(port: int, outdir: str) -> None:
     """One process, DDP over gloo: two micro-batches' backward passes without no_sync, nothing stepped between."""
+    torch.set_num_threads(1)  # a forked child must not enter the parent's OpenMP pool (it would hang)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
@@ -335,6 +336,9 @@ def test_ddp_accumulation_keeps_every_micro_batchs_q_net_gradient(tmp_path):
     proc = mp.get_context("fork" if fork else "spawn").Process(target=_accumulate_worker, args=(_free_port(), str(tmp_path)))
     proc.start()
     proc.join(120)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
     assert proc.exitcode == 0
     got = torch.load(tmp_path / "acc.pt")
     for both, a, b in zip(got["both"], *got["alone"]):
