@@ -316,7 +316,7 @@ def test_rate_term_measures_afresh_after_finalize_and_checkpoint_loads():
     lsc.quantization_loss(m)  # an exact refresh of the big model, then tracked
 
     def tracked_error():
-        return float(lsc.quantization_loss(m, weight=1.0)) / float(lsc.bits_per_weight(m)) - 1
+        return lsc.quantization_loss(m, weight=1.0).item() / lsc.bits_per_weight(m).item() - 1
 
     lsc.RateController(m, target_bytes=3000).finalize()
     assert abs(tracked_error()) < 1e-6
