@@ -118,6 +118,24 @@ def test_zero_grad_without_set_to_none_clears_the_quantization_networks_gradient
     assert len(objects) == 1  # the same gradient tensors, zeroed in place as the model's were
 
 
+@pytest.mark.parametrize("set_to_none", [True, False])
+def test_a_metric_logged_between_the_step_and_zero_grad_does_not_stop_the_clearing(set_to_none):
+    """``bits_per_weight`` (or a metric forward) with gradients on, right after ``optimizer.step()`` and before
+    ``model.zero_grad()``, is a graph before the clearing: it must not use up the check."""
+    m = _spectral_mlp()
+    q = lsc.quantization_network(m)
+    opt = torch.optim.SGD(list(m.parameters()) + list(q.parameters()), lr=0.0)
+    left = []
+    for _ in range(3):
+        m.zero_grad(set_to_none=set_to_none)
+        m(X)  # the forward that clears q_net's gradients (if the model's were cleared)
+        left.append(0.0 if q.tensor_offset.grad is None else q.tensor_offset.grad.abs().sum().item())
+        (nn.functional.cross_entropy(m(X), Y) + lsc.quantization_loss(m)).backward()
+        opt.step()
+        lsc.bits_per_weight(m).item()  # logging, gradients on
+    assert left == [0.0, 0.0, 0.0]
+
+
 def test_deep_copy_of_a_deep_copied_model_clears_its_own_quantization_network():
     """The copy's q_net watches the copy's coefficients, not the original's."""
     norms, _ = _q_net_grad_norms_over_steps(copy.deepcopy(_spectral_mlp()))

@@ -112,12 +112,13 @@ class QuantizationNetwork(nn.Module):
             members["entries"] = ModelLink(owner)
 
     def mark_gradients(self, after_step: bool = True) -> None:
-        """Record :meth:`coefficient_grad_marks` for the next graph's :meth:`_drop_stale_gradients` check: called
-        after every optimizer step of this network, and at the end of every backward pass that reached it
-        (``after_step=False``; a step's marks are kept over those)."""
+        """Record :meth:`coefficient_grad_marks` for the :meth:`_drop_stale_gradients` check of the next graphs:
+        called after every optimizer step of this network, and at the end of every backward pass that reached
+        it (``after_step=False``), whose marks replace all but a step's marks not yet checked by a forward."""
         marks = self.coefficient_grad_marks()
-        if marks is not None and (after_step or self.__dict__.get("_marks", (False,))[0] is False):
-            self.__dict__["_marks"] = (after_step, marks)
+        held = self.__dict__.get("_marks")
+        if marks is not None and (after_step or held is None or not held[0] or held[2]):
+            self.__dict__["_marks"] = (after_step, marks, False)  # (after a step, marks, checked by a forward)
 
     def steps_coefficients(self, stepped: set) -> bool:
         """Whether an optimizer step over the parameters ``stepped`` (ids) stepped a coefficient this network serves."""
@@ -154,9 +155,12 @@ class QuantizationNetwork(nn.Module):
         if members is None:
             return None
         params = self.current_parameters()
-        if "_marks" in self.__dict__ and torch.is_grad_enabled():  # the first graph since a backward or a step
-            after_step, marks = self.__dict__.pop("_marks")
-            self._drop_stale_gradients(params, list(members["entries"]), marks, after_step)
+        if "_marks" in self.__dict__ and torch.is_grad_enabled():  # a graph since a backward or a step
+            after_step, marks, _ = self.__dict__.pop("_marks")
+            if self._drop_stale_gradients(params, list(members["entries"]), marks, after_step):
+                # nothing cleared yet (a metric logged between optimizer.step() and model.zero_grad()): the
+                # marks stay for the forward after the clearing
+                self.__dict__["_marks"] = (after_step, marks, True)
         key = (torch.is_grad_enabled(), torch.is_inference_mode_enabled(),
                tuple((id(p), p._version, p.data_ptr(), p.requires_grad) for p in params))
         hit = _SHARED.get(self)
@@ -182,7 +186,7 @@ class QuantizationNetwork(nn.Module):
         return out
 
     @staticmethod
-    def _drop_stale_gradients(params, entries, marks, after_step: bool = True) -> None:
+    def _drop_stale_gradients(params, entries, marks, after_step: bool = True) -> bool:
         """Clear this network's gradients when the model's were cleared without them.
 
         ``model.zero_grad()`` (what Hugging Face's Trainer calls after every optimizer step) never
@@ -198,10 +202,10 @@ class QuantizationNetwork(nn.Module):
         coefficient's gradient as it was, so they are untouched; an optimizer step of the model's
         coefficients without q_net drops the marks, so a loop that adds up q_net's gradients over
         several of the model's steps before stepping q_net is untouched too. Versions only: no host
-        synchronization.
+        synchronization. Returns True when the model's gradients are still as marked (nothing decided yet).
         """
         if not entries or len(entries) != len(marks) or all(p.grad is None for p in params):
-            return
+            return False
         cleared = None  # how the model's gradients were cleared: "none" or "zero"
         for entry, mark in zip(entries, marks):
             c = entry.coefficients
@@ -211,9 +215,11 @@ class QuantizationNetwork(nn.Module):
             if g is None:
                 cleared = cleared or ("none" if mark is not None else None)
             elif mark is None or mark[0] != id(g):
-                return  # a gradient that was not there after the step: not a cleared model
-            elif mark[1] == g._version or not after_step:
-                return  # kept since the step (accumulating), or edited in place since a backward
+                return False  # a gradient that was not there after the step: not a cleared model
+            elif mark[1] == g._version:
+                return True  # kept as marked: accumulating, or not cleared yet
+            elif not after_step:
+                return False  # edited in place since a backward (DDP's all-reduce copy, clipping): not cleared
             else:
                 cleared = "zero"
         if cleared == "none":
@@ -223,6 +229,7 @@ class QuantizationNetwork(nn.Module):
             for p in params:
                 if p.grad is not None:
                     p.grad.zero_()
+        return cleared is None and any(m is not None for m in marks)
 
     def _plain_mlp(self) -> bool:
         """Whether forward() is exactly Linear-SiLU-Linear-SiLU-Linear plus the offset (hand-differentiable)."""
