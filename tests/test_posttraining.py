@@ -480,12 +480,6 @@ def test_a_fixed_rdo_strength_still_meets_every_bound(rdo):
 
 @pytest.mark.parametrize("key", ["head.weight", "head.*", nn.Embedding])
 def test_a_bound_given_under_a_tied_tensors_other_name_or_module_type_is_used(key):
-    class Tied(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.emb = nn.Embedding(64, 32)
-            self.head = nn.Linear(32, 64, bias=False)
-            self.head.weight = self.emb.weight
     torch.manual_seed(0)
     m = Tied()
     with warnings.catch_warnings():

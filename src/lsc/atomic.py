@@ -50,9 +50,10 @@ def _is_special(path: str) -> bool:
     """An existing file that is not a regular one (a FIFO, a device such as /dev/null), found through any links:
     written in place, since renaming a temporary file over it would replace the node with a regular file."""
     try:
-        return not stat.S_ISREG(os.stat(path).st_mode) and not stat.S_ISDIR(os.stat(path).st_mode)
+        mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
         return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
 
 
 @contextlib.contextmanager

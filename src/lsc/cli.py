@@ -208,10 +208,10 @@ def cmd_compress(args) -> int:
 
 def _unique_tensors(sd: dict) -> list:
     """The tensors of a state dict, each storage view once (a tied embedding and LM head are one tensor)."""
+    from .posttraining import view_key
     seen, out = set(), []
     for t in sd.values():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
-            if t.numel() else (id(t),)
+        key = view_key(t) or (id(t),)
         if key not in seen:
             seen.add(key)
             out.append(t)

@@ -227,6 +227,13 @@ def is_checkpoint_buffer(leaf: str) -> bool:
     return leaf in CHECKPOINT_BUFFER_NAMES or leaf.endswith(CHECKPOINT_BUFFER_SUFFIXES)
 
 
+def view_key(t: torch.Tensor) -> tuple | None:
+    """What makes two checkpoint tensors one tied tensor: the same view of the same storage (``torch.load`` gives
+    a tied embedding and LM head as two tensor objects over one storage); None for an empty tensor."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
+        if t.numel() else None
+
+
 def module_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
     """Container whose ``state_dict()`` has exactly the keys of ``state_dict``.
 
@@ -254,8 +261,7 @@ def module_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> nn.Module:
                 mod = child
             leaf = parts[-1]
             if t.is_floating_point() and not is_checkpoint_buffer(leaf):
-                key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype) \
-                    if t.numel() else None
+                key = view_key(t)
                 param = shared.get(key) if key is not None else None
                 if param is None:
                     param = nn.Parameter(t.detach(), requires_grad=False)
